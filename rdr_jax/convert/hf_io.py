@@ -1,0 +1,148 @@
+"""Reading and writing Hugging Face checkpoint files as numpy arrays.
+
+Safetensors are read with the ``safetensors`` numpy API (no torch needed); bf16 tensors come back as
+``ml_dtypes.bfloat16``. ``pytorch_model.bin`` needs torch and is read with ``weights_only=True``.
+Sharded checkpoints are found through their ``*.index.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterator, Mapping
+
+import numpy as np
+
+SAFETENSORS_SINGLE = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+TORCH_SINGLE = "pytorch_model.bin"
+TORCH_INDEX = "pytorch_model.bin.index.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, unreadable or does not fit the model. The message names the file or key."""
+
+
+def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
+    """A local directory, or a hub name already in the local huggingface_hub cache (never downloads)."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise CheckpointError(f"{path}: expected a model directory, got a file")
+    name = str(name_or_path)
+    if name.count("/") <= 1 and not name.startswith((".", "/")):
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(name, local_files_only=True))
+        except Exception:  # not cached: say so plainly instead of a hub stack trace
+            pass
+    raise CheckpointError(
+        f"{name}: no such directory, and not found in the local Hugging Face cache "
+        f"(this tool never downloads; fetch it with `huggingface-cli download {name}` first)")
+
+
+def checkpoint_files(model_dir: Path) -> list[Path]:
+    """The weight files of a checkpoint directory, safetensors preferred."""
+    for index_name in (SAFETENSORS_INDEX, TORCH_INDEX):
+        index = model_dir / index_name
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise CheckpointError(f"{index}: not a valid shard index ({e})") from None
+            files = [model_dir / name for name in sorted(set(weight_map.values()))]
+            for f in files:
+                if not f.is_file():
+                    raise CheckpointError(f"{f}: shard listed in {index.name} is missing")
+            return files
+    for single in (SAFETENSORS_SINGLE, TORCH_SINGLE):
+        if (model_dir / single).is_file():
+            return [model_dir / single]
+    raise CheckpointError(
+        f"{model_dir}: no weights found (looked for {SAFETENSORS_SINGLE}, {SAFETENSORS_INDEX}, "
+        f"{TORCH_SINGLE}, {TORCH_INDEX})")
+
+
+def _read_safetensors(path: Path) -> Iterator[tuple[str, np.ndarray]]:
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot read safetensors file ({e}); is it truncated?") from None
+    yield from tensors.items()
+
+
+def _read_torch_bin(path: Path) -> Iterator[tuple[str, np.ndarray]]:
+    try:
+        import torch
+    except ImportError:
+        raise CheckpointError(f"{path}: reading pytorch_model.bin needs torch (pip install torch), "
+                              "or convert the checkpoint to safetensors") from None
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for a damaged zip/pickle
+        raise CheckpointError(f"{path}: cannot read PyTorch checkpoint ({type(e).__name__}: {e})") from None
+    for name, tensor in state.items():
+        yield name, torch_to_numpy(tensor)
+
+
+def torch_to_numpy(tensor) -> np.ndarray:
+    """Exact conversion, including bfloat16 (which numpy lacks natively)."""
+    import torch
+    import ml_dtypes
+
+    tensor = tensor.detach().cpu().contiguous()
+    if tensor.dtype == torch.bfloat16:
+        return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return tensor.numpy()
+
+
+def read_state_dict(model_dir: str | os.PathLike) -> dict[str, np.ndarray]:
+    """All tensors of a checkpoint directory by their Hugging Face names."""
+    model_dir = Path(model_dir)
+    state: dict[str, np.ndarray] = {}
+    for f in checkpoint_files(model_dir):
+        reader = _read_safetensors if f.name.endswith(".safetensors") else _read_torch_bin
+        for name, array in reader(f):
+            state[name] = array
+    return state
+
+
+def write_safetensors(state: Mapping[str, np.ndarray], out_dir: str | os.PathLike,
+                      max_shard_bytes: int | None = None) -> list[Path]:
+    """Writes ``model.safetensors`` (or shards plus an index past ``max_shard_bytes``) atomically."""
+    from safetensors.numpy import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for name, array in state.items():
+        nbytes = array.nbytes
+        if max_shard_bytes and shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = np.ascontiguousarray(array)
+        size += nbytes
+    metadata = {"format": "pt"}  # transformers checks for this key
+    if len(shards) == 1:
+        names = [SAFETENSORS_SINGLE]
+    else:
+        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    written = []
+    for name, shard in zip(names, shards):
+        target = out_dir / name
+        tmp = target.with_suffix(".tmp")
+        save_file(shard, str(tmp), metadata=metadata)
+        os.replace(tmp, target)
+        written.append(target)
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": int(sum(a.nbytes for a in state.values()))},
+                 "weight_map": {k: n for n, shard in zip(names, shards) for k in shard}}
+        (out_dir / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2))
+    return written

@@ -1,0 +1,117 @@
+"""Name maps between Hugging Face tensor names and NNX parameter paths, and the exact transforms between them.
+
+A family declares its map as a list of :class:`Rule` (one per tensor); the generic code here applies it
+both ways, checks coverage and shapes, and reports missing/unexpected keys by name. Transforms are only
+transposes and reshapes, so HF -> JAX -> HF is bit-exact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from typing import Iterable, Mapping
+
+import numpy as np
+
+from rdr_jax.convert.hf_io import CheckpointError
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    hf: str            # Hugging Face tensor name
+    jax: str           # NNX parameter path, dot-joined ("encoder.layer.0.attention.query.kernel")
+    kind: str = "copy"  # "copy" | "linear" (transpose [out,in] -> [in,out], reshaped) | "reshape"
+    n_in: int = 1      # for "linear": how many leading kernel axes are inputs (2 for [heads, kv, embed])
+    hf_shape: tuple[int, ...] | None = None  # for "reshape"/"linear" back to HF when it is not recoverable
+
+
+def linear(hf_prefix: str, jax_prefix: str, *, n_in: int = 1, bias: bool = True) -> list[Rule]:
+    """An ``nn.Linear`` (weight [out, in], bias [out]) onto a :class:`~rdr_jax.models.layers.Dense`."""
+    rules = [Rule(f"{hf_prefix}.weight", f"{jax_prefix}.kernel", "linear", n_in)]
+    if bias:
+        rules.append(Rule(f"{hf_prefix}.bias", f"{jax_prefix}.bias", "reshape"))
+    return rules
+
+
+def layer_norm(hf_prefix: str, jax_prefix: str, bias: bool = True) -> list[Rule]:
+    rules = [Rule(f"{hf_prefix}.weight", f"{jax_prefix}.scale")]
+    if bias:
+        rules.append(Rule(f"{hf_prefix}.bias", f"{jax_prefix}.bias"))
+    return rules
+
+
+def embedding(hf_name: str, jax_prefix: str) -> list[Rule]:
+    return [Rule(hf_name, f"{jax_prefix}.embedding")]
+
+
+def hf_to_jax(rule: Rule, array: np.ndarray, target_shape: tuple[int, ...]) -> np.ndarray:
+    if rule.kind == "linear":
+        if array.ndim != 2:
+            raise CheckpointError(f"{rule.hf}: expected a 2-D weight, got shape {array.shape}")
+        array = array.T
+    if array.size != int(np.prod(target_shape)) or (rule.kind == "copy" and array.shape != target_shape):
+        raise CheckpointError(
+            f"{rule.hf}: checkpoint shape {tuple(array.shape)} does not fit the model parameter "
+            f"{rule.jax} of shape {tuple(target_shape)} (check config.json against the weights)")
+    return array.reshape(target_shape)
+
+
+def jax_to_hf(rule: Rule, array: np.ndarray) -> np.ndarray:
+    if rule.kind == "linear":
+        n_in = int(np.prod(array.shape[:rule.n_in]))
+        return np.ascontiguousarray(array.reshape(n_in, -1).T)
+    if rule.kind == "reshape":
+        return array.reshape(rule.hf_shape if rule.hf_shape else (-1,))
+    return array
+
+
+def normalize_legacy_names(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Old TF-converted BERT checkpoints name LayerNorm parameters gamma/beta."""
+    out = {}
+    for name, array in state.items():
+        if name.endswith(".gamma"):
+            name = name[: -len(".gamma")] + ".weight"
+        elif name.endswith(".beta"):
+            name = name[: -len(".beta")] + ".bias"
+        out[name] = array
+    return out
+
+
+def _short_list(names: Iterable[str], limit: int = 20) -> str:
+    names = sorted(names)
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
+
+
+def apply_rules_to_jax(rules: list[Rule], state: Mapping[str, np.ndarray], target_shapes: Mapping[str, tuple],
+                       *, source: str, ignore_unexpected: Iterable[str] = (),
+                       allow_missing: Iterable[str] = ()) -> dict[str, np.ndarray]:
+    """HF tensors -> {jax_path: array}. Raises CheckpointError listing missing/unexpected keys.
+
+    ``allow_missing`` are glob patterns of JAX paths that may stay at their initial value (a new head on a
+    pretrained body); the caller reports them.
+    """
+    allow_missing, ignore_unexpected = tuple(allow_missing), tuple(ignore_unexpected)
+    by_jax = {r.jax: r for r in rules}
+    unmapped = set(target_shapes) - set(by_jax)
+    if unmapped:  # a bug in a family's name map, not in the user's checkpoint
+        raise AssertionError(f"name map does not cover parameters: {_short_list(unmapped)}")
+    missing = [r.hf for r in rules if r.hf not in state
+               and not any(fnmatch.fnmatch(r.jax, p) for p in allow_missing)]
+    used = {r.hf for r in rules}
+    unexpected = [k for k in state if k not in used and not any(fnmatch.fnmatch(k, p) for p in ignore_unexpected)]
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {_short_list(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {_short_list(unexpected)}")
+    if problems:
+        raise CheckpointError(f"{source}: checkpoint does not match the model; " + "; ".join(problems))
+    return {r.jax: hf_to_jax(r, state[r.hf], tuple(target_shapes[r.jax])) for r in rules if r.hf in state}
+
+
+def apply_rules_to_hf(rules: list[Rule], params: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    missing = [r.jax for r in rules if r.jax not in params]
+    if missing:
+        raise AssertionError(f"model has no parameters {_short_list(missing)}")
+    return {r.hf: jax_to_hf(r, np.asarray(params[r.jax])) for r in rules}

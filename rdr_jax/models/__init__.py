@@ -1,0 +1,11 @@
+"""Model families. Importing this module registers every class for :func:`rdr_jax.from_pretrained`."""
+
+from rdr_jax.models.base import MODEL_CLASSES, PretrainedModel, from_pretrained
+from rdr_jax.models.bert import BertConfig, BertForSequenceClassification, BertModel
+from rdr_jax.models.dpr import DPRConfig, DPRContextEncoder, DPRQuestionEncoder, DPRReader
+
+__all__ = [
+    "MODEL_CLASSES", "PretrainedModel", "from_pretrained",
+    "BertConfig", "BertModel", "BertForSequenceClassification",
+    "DPRConfig", "DPRQuestionEncoder", "DPRContextEncoder", "DPRReader",
+]

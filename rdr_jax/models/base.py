@@ -1,0 +1,201 @@
+"""Loading and saving for every model family: Hugging Face directories and native orbax checkpoints.
+
+A model class declares ``config_class``, ``hf_architecture`` and ``hf_rules(config)`` (its name map);
+everything else — building the module without random init, checking keys and shapes, writing
+safetensors that transformers loads — is here once.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from rdr_jax.convert import mapping
+from rdr_jax.convert.hf_io import CheckpointError, read_state_dict, resolve_model_dir, write_safetensors
+from rdr_jax.models.config import ModelConfig, read_config_json
+
+log = logging.getLogger(__name__)
+
+ORBAX_SUBDIR = "orbax"
+# Every loadable class, by its transformers architecture name.
+MODEL_CLASSES: dict[str, type["PretrainedModel"]] = {}
+# The class used when config.json names no architecture we know, by model_type.
+DEFAULT_CLASS_FOR_MODEL_TYPE: dict[str, str] = {}
+
+
+def register(cls=None, *, default_for_model_type: bool = False):
+    def wrap(cls):
+        MODEL_CLASSES[cls.hf_architecture] = cls
+        if default_for_model_type:
+            DEFAULT_CLASS_FOR_MODEL_TYPE[cls.config_class.model_type] = cls.hf_architecture
+        return cls
+
+    return wrap(cls) if cls is not None else wrap
+
+
+def flat_params(model: nnx.Module) -> dict[str, Any]:
+    """{dot.joined.path: array} of a module's parameters."""
+    state = nnx.state(model, nnx.Param)
+    return {".".join(str(p) for p in path): leaf for path, leaf in nnx.to_flat_state(state)}
+
+
+class PretrainedModel(nnx.Module):
+    config_class: ClassVar[type[ModelConfig]]
+    hf_architecture: ClassVar[str]
+    # Glob patterns of HF keys that may be in a checkpoint and are not parameters of this class.
+    hf_ignore_unexpected: ClassVar[tuple[str, ...]] = ("*position_ids",)
+    # Glob patterns of JAX paths that keep their fresh initialisation when the checkpoint lacks them
+    # (a task head on a pretrained body).
+    initializable_heads: ClassVar[tuple[str, ...]] = ()
+
+    config: ModelConfig
+
+    @classmethod
+    def hf_rules(cls, config: ModelConfig) -> list[mapping.Rule]:
+        raise NotImplementedError
+
+    # ---- loading -------------------------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, config: ModelConfig | dict, *, seed: int = 0, **kwargs) -> "PretrainedModel":
+        """A randomly initialised model."""
+        if isinstance(config, dict):
+            config = cls.config_class.from_dict(config)
+        return cls(config, rngs=nnx.Rngs(seed), **kwargs)
+
+    @classmethod
+    def adapt_state_dict(cls, state: dict[str, np.ndarray], config: ModelConfig,
+                         source_config: dict) -> dict[str, np.ndarray]:
+        """Hook for classes that accept another class's checkpoint (a DPR encoder from a BertModel)."""
+        return state
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=jnp.float32,
+                        seed: int = 0, **kwargs) -> "PretrainedModel":
+        """Load an HF directory (safetensors / pytorch_model.bin, sharded or not) or a directory saved with
+        ``save_pretrained(..., format="orbax")``. ``dtype`` is the compute dtype, ``param_dtype`` the
+        storage dtype of the parameters."""
+        model_dir = resolve_model_dir(name_or_path)
+        raw_config = read_config_json(model_dir)
+        config = cls.config_class.from_dict(cls.config_dict_for(raw_config))
+        model = _abstract_model(cls, config, dtype=dtype, param_dtype=param_dtype, **kwargs)
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        flat = {".".join(str(p) for p in path): v for path, v in nnx.to_flat_state(params)}
+        if (model_dir / ORBAX_SUBDIR).is_dir():
+            values = _restore_orbax(model_dir / ORBAX_SUBDIR, params, param_dtype)
+            return nnx.merge(graphdef, values, rest)
+        state = mapping.normalize_legacy_names(read_state_dict(model_dir))
+        state = cls.adapt_state_dict(state, config, raw_config)
+        target_shapes = {k: tuple(v.get_value().shape) for k, v in flat.items()}
+        arrays = mapping.apply_rules_to_jax(
+            cls.hf_rules(config), state, target_shapes, source=str(model_dir),
+            ignore_unexpected=cls.hf_ignore_unexpected, allow_missing=cls.initializable_heads)
+        fresh = [k for k in flat if k not in arrays]
+        if fresh:  # heads the checkpoint lacks: initialise them for real
+            log.warning("%s: initialising %s freshly (not in the checkpoint)", model_dir, ", ".join(sorted(fresh)))
+            init_params = nnx.state(cls(config, rngs=nnx.Rngs(seed), dtype=dtype, param_dtype=param_dtype,
+                                        **kwargs), nnx.Param)
+            init_flat = {".".join(str(p) for p in path): v for path, v in nnx.to_flat_state(init_params)}
+            for k in fresh:
+                arrays[k] = np.asarray(init_flat[k].get_value())
+        for k, var in flat.items():
+            var.set_value(jnp.asarray(arrays[k], dtype=param_dtype))
+        params = nnx.from_flat_state([(tuple(_path_key(p) for p in k.split(".")), v) for k, v in flat.items()])
+        return nnx.merge(graphdef, params, rest)
+
+    @classmethod
+    def config_dict_for(cls, raw_config: dict) -> dict:
+        """The config dict this class reads from a checkpoint's config.json (a hook for cross-class loading)."""
+        return raw_config
+
+    # ---- saving --------------------------------------------------------------------------------------------
+    def hf_config_dict(self) -> dict:
+        config = self.config.to_dict()
+        config["architectures"] = [self.hf_architecture]
+        return config
+
+    def to_hf_state_dict(self, dtype=None) -> dict[str, np.ndarray]:
+        params = {k: np.asarray(jax.device_get(v.get_value() if hasattr(v, "get_value") else v))
+                  for k, v in flat_params(self).items()}
+        if dtype is not None:
+            params = {k: v.astype(dtype) for k, v in params.items()}
+        return mapping.apply_rules_to_hf(self.hf_rules(self.config), params)
+
+    def save_pretrained(self, out_dir: str | os.PathLike, *, format: str = "hf", dtype=None,
+                        max_shard_bytes: int | None = None) -> Path:
+        """``format="hf"``: config.json + model.safetensors for transformers. ``format="orbax"``: config.json
+        + a native orbax checkpoint that :meth:`from_pretrained` reads back."""
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if format == "hf":
+            write_safetensors(self.to_hf_state_dict(dtype), out_dir, max_shard_bytes)
+        elif format == "orbax":
+            _save_orbax(self, out_dir / ORBAX_SUBDIR)
+        else:
+            raise ValueError(f"format must be 'hf' or 'orbax', got {format!r}")
+        tmp = out_dir / "config.json.tmp"
+        tmp.write_text(json.dumps(self.hf_config_dict(), indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, out_dir / "config.json")
+        return out_dir
+
+
+def _path_key(part: str):
+    return int(part) if part.isdigit() else part
+
+
+def _abstract_model(cls, config, **kwargs):
+    """The module with shape-only parameters: nothing random is computed for weights about to be loaded."""
+    return nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0), **kwargs))
+
+
+def _save_orbax(model: nnx.Module, path: Path) -> None:
+    import orbax.checkpoint as ocp
+
+    params = nnx.state(model, nnx.Param)
+    path = path.absolute()
+    if path.exists():
+        import shutil
+        shutil.rmtree(path)
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(path, nnx.to_pure_dict(params))
+
+
+def _restore_orbax(path: Path, abstract_params, param_dtype):
+    import orbax.checkpoint as ocp
+
+    target = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, param_dtype), nnx.to_pure_dict(abstract_params))
+    with ocp.StandardCheckpointer() as checkpointer:
+        try:
+            restored = checkpointer.restore(path.absolute(), target)
+        except Exception as e:
+            raise CheckpointError(f"{path}: cannot restore orbax checkpoint ({type(e).__name__}: {e})") from None
+    nnx.replace_by_pure_dict(abstract_params, restored)
+    return abstract_params
+
+
+def from_pretrained(name_or_path: str | os.PathLike, **kwargs) -> PretrainedModel:
+    """Load any supported model, picking the class from config.json (``architectures``, then ``model_type``)."""
+    model_dir = resolve_model_dir(name_or_path)
+    raw = read_config_json(model_dir)
+    cls = model_class_for_config(raw, source=str(model_dir / "config.json"))
+    return cls.from_pretrained(model_dir, **kwargs)
+
+
+def model_class_for_config(raw: dict, source: str = "config.json") -> type[PretrainedModel]:
+    for arch in raw.get("architectures") or []:
+        if arch in MODEL_CLASSES:
+            return MODEL_CLASSES[arch]
+    model_type = raw.get("model_type")
+    if model_type in DEFAULT_CLASS_FOR_MODEL_TYPE:
+        return MODEL_CLASSES[DEFAULT_CLASS_FOR_MODEL_TYPE[model_type]]
+    raise CheckpointError(
+        f"{source}: unsupported architecture {raw.get('architectures')} (model_type {model_type!r}); "
+        f"supported architectures: {', '.join(sorted(MODEL_CLASSES))}")

@@ -1,0 +1,165 @@
+"""Layers shared by every model family: parameters with logical axes, dense, embeddings, norms, attention.
+
+Every parameter carries logical axis names (``vocab``, ``embed``, ``heads``, ``kv``, ``mlp``, ...). The
+training engine maps them onto mesh axes with one rules table (``rdr_jax.training.partitioning``), so no
+model knows anything about devices.
+
+Projections into attention heads keep the head axis explicit (kernel ``[embed, heads, kv]``), as in
+MaxText, so tensor parallelism shards heads without reshapes; conversion reshapes Hugging Face's
+``[heads * kv, embed]`` matrices exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Axes = tuple[str | None, ...]
+
+# Logical axis names used by the models. The sharding rules table refers to these.
+BATCH, LENGTH, KV_LENGTH = "batch", "length", "kv_length"
+EMBED, HEADS, KV, MLP, VOCAB = "embed", "heads", "kv", "mlp", "vocab"
+NORM, CLASSES, POSITIONS = "norm", "classes", "positions"
+
+
+def param(rngs: nnx.Rngs | None, init: Callable, shape: Sequence[int], axes: Axes, param_dtype) -> nnx.Param:
+    """A parameter with logical axis names. Without rngs the value is zeros (used for shape-only builds)."""
+    if len(axes) != len(shape):
+        raise ValueError(f"axes {axes} do not match shape {tuple(shape)}")
+    value = init(rngs.params(), tuple(shape), param_dtype) if rngs is not None else jnp.zeros(shape, param_dtype)
+    # Sharding is applied by the training engine from these names, not eagerly at creation.
+    return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
+
+
+def normal_init(stddev: float) -> Callable:
+    return jax.nn.initializers.normal(stddev=stddev)
+
+
+zeros_init = jax.nn.initializers.zeros
+ones_init = jax.nn.initializers.ones
+
+
+class Dense(nnx.Module):
+    """y = x @ kernel + bias, contracting the trailing ``len(in_shape)`` axes of x.
+
+    ``in_shape``/``out_shape`` may be multi-dimensional (e.g. out ``(heads, kv)``), the kernel being
+    ``[*in_shape, *out_shape]`` with logical axes ``in_axes + out_axes``.
+    """
+
+    def __init__(self, in_shape, out_shape, in_axes: Axes, out_axes: Axes, *, use_bias: bool = True,
+                 dtype=jnp.float32, param_dtype=jnp.float32, init_std: float = 0.02, rngs: nnx.Rngs):
+        self.in_shape = tuple(in_shape) if isinstance(in_shape, Sequence) else (in_shape,)
+        self.out_shape = tuple(out_shape) if isinstance(out_shape, Sequence) else (out_shape,)
+        in_axes, out_axes = tuple(in_axes), tuple(out_axes)
+        self.dtype = dtype
+        self.kernel = param(rngs, normal_init(init_std), self.in_shape + self.out_shape, in_axes + out_axes, param_dtype)
+        self.bias = param(rngs, zeros_init, self.out_shape, out_axes, param_dtype) if use_bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        n_in = len(self.in_shape)
+        kernel = self.kernel[...].astype(self.dtype)
+        y = jax.lax.dot_general(x.astype(self.dtype), kernel,
+                                (((tuple(range(x.ndim - n_in, x.ndim))), tuple(range(n_in))), ((), ())))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class Embed(nnx.Module):
+    """Token/position embedding table ``[num, features]``."""
+
+    def __init__(self, num_embeddings: int, features: int, axes: Axes = (VOCAB, EMBED), *, dtype=jnp.float32,
+                 param_dtype=jnp.float32, init_std: float = 0.02, rngs: nnx.Rngs):
+        self.dtype = dtype
+        self.embedding = param(rngs, normal_init(init_std), (num_embeddings, features), axes, param_dtype)
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        """Logits against the table (tied output projection)."""
+        return jnp.einsum("...d,vd->...v", x, self.embedding[...].astype(self.dtype))
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm with the config's epsilon; statistics in float32 whatever the compute dtype."""
+
+    def __init__(self, features: int, eps: float, *, use_bias: bool = True, dtype=jnp.float32,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+        self.eps, self.dtype = eps, dtype
+        self.scale = nnx.Param(jnp.ones((features,), param_dtype), out_sharding=(NORM,), eager_sharding=False)
+        self.bias = (nnx.Param(jnp.zeros((features,), param_dtype), out_sharding=(NORM,), eager_sharding=False)
+                     if use_bias else None)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...].astype(jnp.float32)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+def _gelu_exact(x):
+    return jax.nn.gelu(x, approximate=False)
+
+
+def _gelu_tanh(x):
+    return jax.nn.gelu(x, approximate=True)
+
+
+# Names as in transformers' ACT2FN. "gelu" there is the exact erf form.
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu": _gelu_exact,
+    "gelu_new": _gelu_tanh,
+    "gelu_pytorch_tanh": _gelu_tanh,
+    "gelu_fast": _gelu_tanh,
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "tanh": jnp.tanh,
+}
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(f"unsupported activation {name!r}; supported: {sorted(ACTIVATIONS)}") from None
+
+
+def padding_mask(attention_mask: jax.Array) -> jax.Array:
+    """[batch, kv_len] 0/1 mask -> boolean [batch, 1, 1, kv_len] for broadcasting over heads and queries."""
+    return attention_mask.astype(bool)[:, None, None, :]
+
+
+def masked_softmax(scores: jax.Array, mask: jax.Array | None, dtype) -> jax.Array:
+    """Softmax over the last axis in float32 with masked entries set to the float32 minimum.
+
+    ``jnp.where`` instead of adding a large negative number keeps bf16 scores from overflowing to -inf
+    (and NaN rows), whatever the compute dtype.
+    """
+    scores = scores.astype(jnp.float32)
+    if mask is not None:
+        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    return jax.nn.softmax(scores, axis=-1).astype(dtype)
+
+
+def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array, *, mask: jax.Array | None = None,
+                          bias: jax.Array | None = None, scale: float | None = None,
+                          dropout: nnx.Dropout | None = None, dtype=jnp.float32) -> jax.Array:
+    """Attention over ``[batch, len, heads, kv]`` inputs; ``bias`` is added to the scaled scores."""
+    if scale is None:
+        scale = 1.0 / math.sqrt(query.shape[-1])
+    scores = jnp.einsum("bqhd,bkhd->bhqk", query, key) * jnp.asarray(scale, query.dtype)
+    if bias is not None:
+        scores = scores + bias
+    probs = masked_softmax(scores, mask, dtype)
+    if dropout is not None:
+        probs = dropout(probs)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, value)

@@ -45,14 +45,16 @@ def embedding(hf_name: str, jax_prefix: str) -> list[Rule]:
 
 
 def hf_to_jax(rule: Rule, array: np.ndarray, target_shape: tuple[int, ...]) -> np.ndarray:
+    source_shape = tuple(array.shape)
     if rule.kind == "linear":
         if array.ndim != 2:
-            raise CheckpointError(f"{rule.hf}: expected a 2-D weight, got shape {array.shape}")
+            raise CheckpointError(f"{rule.hf}: expected a 2-D weight, got shape {source_shape}")
         array = array.T
     if array.size != int(np.prod(target_shape)) or (rule.kind == "copy" and array.shape != target_shape):
+        expected = jax_to_hf(rule, np.empty(target_shape, np.uint8)).shape
         raise CheckpointError(
-            f"{rule.hf}: checkpoint shape {tuple(array.shape)} does not fit the model parameter "
-            f"{rule.jax} of shape {tuple(target_shape)} (check config.json against the weights)")
+            f"{rule.hf}: checkpoint shape {source_shape} does not match the shape {tuple(expected)} the config "
+            f"implies (model parameter {rule.jax} {tuple(target_shape)}); check config.json against the weights")
     return array.reshape(target_shape)
 
 

@@ -84,18 +84,19 @@ class _DPRBiEncoderHalf(_DPRBase):
     def adapt_state_dict(cls, state, config, source_config):
         """Accept a plain BertModel checkpoint (``embeddings.*``, ``encoder.*``, optional ``bert.`` prefix),
         or the other DPR encoder's checkpoint, as the start of DPR training."""
-        prefix = f"{cls.hf_prefix}.bert_model."
-        if any(k.startswith(f"{cls.hf_prefix}.") for k in state):
+        own = f"{cls.hf_prefix}."
+        if any(k.startswith(own) for k in state):
             return state
         out = {}
         for k, v in state.items():
-            for other in ("ctx_encoder.bert_model.", "question_encoder.bert_model.", "bert."):
+            for other in ("ctx_encoder.", "question_encoder."):  # the other DPR encoder: same layout
                 if k.startswith(other):
-                    k = k[len(other):]
+                    out[own + k[len(other):]] = v
                     break
-            if k.startswith("pooler.") or k.startswith("cls."):  # BERT's pooler / MLM head: not part of DPR
-                continue
-            out[prefix + k] = v
+            else:
+                k = k[len("bert."):] if k.startswith("bert.") else k
+                if not k.startswith(("pooler.", "cls.")):  # BERT's pooler / MLM head are not part of DPR
+                    out[f"{own}bert_model.{k}"] = v
         return out
 
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, **kw) -> BaseModelOutputWithPooling:

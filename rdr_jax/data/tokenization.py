@@ -1,0 +1,79 @@
+"""DPR's exact model inputs from transformers' fast tokenizers, padded to static shapes for jit.
+
+- question encoder: ``[CLS] question [SEP]``
+- context encoder:  ``[CLS] title [SEP] text [SEP]`` (DPR's BertTensorizer with a title)
+- reader:           ``[CLS] question [SEP] title [SEP] text`` with no trailing [SEP] (transformers'
+  DPRReaderTokenizer), truncated to ``max_length``.
+
+Token types are all zero, as DPR's training code feeds them (``segments = zeros_like(ids)``) and as
+DPRReaderTokenizer returns them.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import numpy as np
+
+
+def load_tokenizer(model_dir: str | os.PathLike):
+    """The fast tokenizer saved with a checkpoint (tokenizer.json / vocab.txt); never downloads."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{model_dir}: no tokenizer files found (tokenizer.json or vocab.txt): {e}") from None
+
+
+def _to_arrays(input_ids: list[list[int]], pad_id: int, length: int) -> dict[str, np.ndarray]:
+    ids = np.full((len(input_ids), length), pad_id, np.int32)
+    mask = np.zeros((len(input_ids), length), np.int32)
+    for row, seq in enumerate(input_ids):
+        seq = seq[:length]
+        ids[row, :len(seq)] = seq
+        mask[row, :len(seq)] = 1
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+
+
+def bucket_length(lengths: Sequence[int], buckets: Sequence[int]) -> int:
+    """The smallest bucket that holds the longest sequence (the largest bucket truncates)."""
+    longest = max(lengths, default=1)
+    for b in sorted(buckets):
+        if longest <= b:
+            return b
+    return max(buckets)
+
+
+def encode_questions(tokenizer, questions: Sequence[str], max_length: int,
+                     buckets: Sequence[int] | None = None) -> dict[str, np.ndarray]:
+    """``[CLS] question [SEP]`` rows padded to ``max_length`` (or the smallest fitting bucket)."""
+    ids = tokenizer(list(questions), truncation=True, max_length=max_length)["input_ids"]
+    length = bucket_length([len(x) for x in ids], buckets) if buckets else max_length
+    return _to_arrays(ids, tokenizer.pad_token_id, length)
+
+
+def encode_passages(tokenizer, titles: Sequence[str] | None, texts: Sequence[str], max_length: int,
+                    buckets: Sequence[int] | None = None) -> dict[str, np.ndarray]:
+    """``[CLS] title [SEP] text [SEP]`` rows (``[CLS] text [SEP]`` without titles); truncation keeps the
+    final [SEP] as DPR does."""
+    texts = list(texts)
+    if titles is None:
+        ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+    else:
+        ids = tokenizer(list(titles), texts, truncation="only_second", max_length=max_length)["input_ids"]
+    length = bucket_length([len(x) for x in ids], buckets) if buckets else max_length
+    return _to_arrays(ids, tokenizer.pad_token_id, length)
+
+
+def encode_reader_inputs(tokenizer, question: str, titles: Sequence[str], texts: Sequence[str],
+                         max_length: int) -> dict[str, np.ndarray]:
+    """Reader inputs for one question over its passages, exactly as transformers' DPRReaderTokenizer builds
+    them, plus ``passage_start`` [n_passages]: the index of the first text token (spans start there)."""
+    question_and_titles = tokenizer([question] * len(titles), list(titles))["input_ids"]
+    text_ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    ids = [(qt + t)[:max_length] for qt, t in zip(question_and_titles, text_ids)]
+    out = _to_arrays(ids, tokenizer.pad_token_id, max_length)
+    out["passage_start"] = np.array([min(len(qt), max_length) for qt in question_and_titles], np.int32)
+    return out

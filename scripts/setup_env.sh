@@ -16,7 +16,9 @@ if [ ! -f "$STAMP" ] || [ "$ROOT/pyproject.toml" -nt "$STAMP" ]; then
   # The CPU torch wheel lies on this machine's disk; point pip at it when present.
   if [ -d /opt/wheels ]; then PIP_ARGS+=(--find-links /opt/wheels); fi
   echo "[setup] installing rdr_jax[test] into $VENV (first run takes a few minutes)"
-  "$VENV/bin/python" -m pip install "${PIP_ARGS[@]}" -e "$ROOT[test]"
+  # (grep drops pip's warnings about this machine's optional local index folders)
+  "$VENV/bin/python" -m pip install "${PIP_ARGS[@]}" -e "$ROOT[test]" 2>&1 | { grep -v "is ignored: it is neither" || true; }
+  [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "[setup] pip install failed" >&2; exit 1; }
   touch "$STAMP"
 fi
 export PATH="$VENV/bin:$PATH"

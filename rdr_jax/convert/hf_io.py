@@ -32,16 +32,17 @@ def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
     if path.exists():
         raise CheckpointError(f"{path}: expected a model directory, got a file")
     name = str(name_or_path)
-    if name.count("/") <= 1 and not name.startswith((".", "/")):
-        try:
-            from huggingface_hub import snapshot_download
+    looks_like_hub_name = name.count("/") == 1 and not name.startswith((".", "/", "~"))
+    if not looks_like_hub_name:
+        raise CheckpointError(f"{name}: no such model directory")
+    try:
+        from huggingface_hub import snapshot_download
 
-            return Path(snapshot_download(name, local_files_only=True))
-        except Exception:  # not cached: say so plainly instead of a hub stack trace
-            pass
-    raise CheckpointError(
-        f"{name}: no such directory, and not found in the local Hugging Face cache "
-        f"(this tool never downloads; fetch it with `huggingface-cli download {name}` first)")
+        return Path(snapshot_download(name, local_files_only=True))
+    except Exception:  # not cached: say so plainly instead of a hub stack trace
+        raise CheckpointError(
+            f"{name}: no such directory, and not found in the local Hugging Face cache "
+            f"(this tool never downloads; fetch it with `huggingface-cli download {name}` first)") from None
 
 
 def checkpoint_files(model_dir: Path) -> list[Path]:
@@ -146,3 +147,18 @@ def write_safetensors(state: Mapping[str, np.ndarray], out_dir: str | os.PathLik
                  "weight_map": {k: n for n, shard in zip(names, shards) for k in shard}}
         (out_dir / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2))
     return written
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json",
+                   "spm.model", "sentencepiece.bpe.model", "spiece.model", "merges.txt", "vocab.json")
+
+
+def copy_tokenizer_files(src: Path, dst: Path) -> None:
+    """Keep the tokenizer beside converted weights so the output directory is self-contained."""
+    import shutil
+
+    src, dst = Path(src), Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file() and src.resolve() != dst.resolve():
+            shutil.copy2(src / name, dst / name)

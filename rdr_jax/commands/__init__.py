@@ -1,0 +1,12 @@
+"""Subcommand registry: name -> (help, add_arguments(parser), run(args) -> exit code)."""
+
+from rdr_jax.commands import convert, demo, pipeline
+
+COMMANDS = {
+    "convert": (convert.HELP, convert.add_arguments, convert.run),
+    "encode": (pipeline.ENCODE_HELP, pipeline.add_encode_arguments, pipeline.run_encode),
+    "index": (pipeline.INDEX_HELP, pipeline.add_index_arguments, pipeline.run_index),
+    "retrieve": (pipeline.RETRIEVE_HELP, pipeline.add_retrieve_arguments, pipeline.run_retrieve),
+    "evaluate": (pipeline.EVALUATE_HELP, pipeline.add_evaluate_arguments, pipeline.run_evaluate),
+    "demo": (demo.HELP, demo.add_arguments, demo.run),
+}

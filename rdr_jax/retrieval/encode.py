@@ -1,0 +1,187 @@
+"""Corpus and question encoding with a DPR encoder: jit-compiled, static shapes, sharded over all devices.
+
+The corpus is written in shards (``embeddings-00000.npy`` + ``ids-00000.json``) so an interrupted run
+resumes at the first missing shard; each shard is written to a temporary name and renamed.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import time
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from tqdm import tqdm
+
+from rdr_jax.data import tokenization as tk
+
+DEFAULT_BUCKETS = (32, 64, 128, 256)
+META = "meta.json"
+
+
+class Encoder:
+    """Embeds tokenised batches with a DPR encoder's ``pooler_output``, data-parallel over every device.
+
+    The batch is padded to a multiple of the device count and to a bucketed length, so jit compiles once
+    per bucket; parameters are replicated, rows sharded over a 1-D ``data`` mesh.
+    """
+
+    def __init__(self, model: nnx.Module, batch_size: int, devices: Sequence | None = None):
+        devices = list(devices or jax.devices())
+        self.mesh = Mesh(np.array(devices), ("data",))
+        n = len(devices)
+        self.batch_size = max(n, (batch_size + n - 1) // n * n)
+        self.row_sharding = NamedSharding(self.mesh, P("data"))
+        replicated = NamedSharding(self.mesh, P())
+        graphdef, params = nnx.split(model)
+        self.params = jax.device_put(params, replicated)
+
+        @jax.jit
+        def embed(params, input_ids, attention_mask, token_type_ids):
+            out = nnx.merge(graphdef, params)(input_ids, attention_mask, token_type_ids)
+            return out.pooler_output.astype(jnp.float32)
+
+        self._embed = embed
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        rows = batch["input_ids"].shape[0]
+        if rows > self.batch_size:
+            return np.concatenate([self({k: v[i:i + self.batch_size] for k, v in batch.items()})
+                                   for i in range(0, rows, self.batch_size)])
+        padded = {k: np.zeros((self.batch_size,) + v.shape[1:], v.dtype) for k, v in batch.items()
+                  if k in ("input_ids", "attention_mask", "token_type_ids")}
+        for k in padded:
+            padded[k][:rows] = batch[k]
+        padded["attention_mask"][rows:, 0] = 1  # keep padding rows well-defined
+        arrays = [jax.device_put(padded[k], self.row_sharding) for k in ("input_ids", "attention_mask",
+                                                                         "token_type_ids")]
+        return np.asarray(self._embed(self.params, *arrays))[:rows]
+
+
+def encode_texts(encoder: Encoder, tokenizer, texts: Sequence[str], *, titles: Sequence[str] | None = None,
+                 max_length: int = 256, as_questions: bool = False, buckets=DEFAULT_BUCKETS,
+                 progress: bool = True, desc: str = "encoding") -> np.ndarray:
+    """Embeddings ``[len(texts), dim]`` float32 for questions or passages."""
+    out = []
+    bar = tqdm(total=len(texts), desc=desc, unit="txt", disable=not progress)
+    for start in range(0, len(texts), encoder.batch_size):
+        chunk = list(texts[start:start + encoder.batch_size])
+        b = [x for x in buckets if x <= max_length] + [max_length]
+        if as_questions:
+            batch = tk.encode_questions(tokenizer, chunk, max_length, buckets=b)
+        else:
+            chunk_titles = None if titles is None else list(titles[start:start + encoder.batch_size])
+            batch = tk.encode_passages(tokenizer, chunk_titles, chunk, max_length, buckets=b)
+        out.append(encoder(batch))
+        bar.update(len(chunk))
+    bar.close()
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+def _shard_paths(out_dir: Path, index: int) -> tuple[Path, Path]:
+    return out_dir / f"embeddings-{index:05d}.npy", out_dir / f"ids-{index:05d}.json"
+
+
+def completed_shards(out_dir: Path) -> int:
+    n = 0
+    while all(p.is_file() for p in _shard_paths(out_dir, n)):
+        n += 1
+    return n
+
+
+def encode_corpus(encoder: Encoder, tokenizer, passages: Iterable[dict], out_dir: str | os.PathLike, *,
+                  max_length: int = 256, shard_size: int = 50_000, fp16: bool = False, total: int | None = None,
+                  model_name: str = "", buckets=DEFAULT_BUCKETS, progress: bool = True) -> Path:
+    """Encode ``passages`` (dicts with id, title, text) into shards under ``out_dir``; resumable.
+
+    A rerun skips the passages of the shards already on disk (the input must be the same stream).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    settings = {"model": model_name, "max_length": max_length, "shard_size": shard_size,
+                "dtype": "float16" if fp16 else "float32"}
+    meta_path = out_dir / META
+    if meta_path.is_file():
+        previous = json.loads(meta_path.read_text())
+        changed = {k: (previous.get(k), v) for k, v in settings.items() if previous.get(k) != v}
+        if changed:
+            raise ValueError(f"{out_dir}: holds an encoding made with other settings {changed}; "
+                             "use another output directory")
+    done = completed_shards(out_dir)
+    passages = iter(passages)
+    skipped = sum(1 for _ in itertools.islice(passages, done * shard_size))
+    if done:
+        print(f"[encode] resuming: {done} shard(s) ({skipped} passages) already in {out_dir}")
+    meta_path.write_text(json.dumps({**settings, "complete": False}, indent=2))
+    bar = tqdm(total=total, initial=skipped, desc="encoding passages", unit="psg", disable=not progress,
+               smoothing=0.1)
+    shard_index, count, t0 = done, skipped, time.time()
+    dim = None
+    while True:
+        rows = list(itertools.islice(passages, shard_size))
+        if not rows:
+            break
+        embs = []
+        for start in range(0, len(rows), encoder.batch_size):
+            chunk = rows[start:start + encoder.batch_size]
+            b = [x for x in buckets if x <= max_length] + [max_length]
+            batch = tk.encode_passages(tokenizer, [r["title"] for r in chunk], [r["text"] for r in chunk],
+                                       max_length, buckets=b)
+            embs.append(encoder(batch))
+            bar.update(len(chunk))
+        emb = np.concatenate(embs).astype(np.float16 if fp16 else np.float32)
+        dim = emb.shape[1]
+        emb_path, ids_path = _shard_paths(out_dir, shard_index)
+        _atomic_save_npy(emb_path, emb)
+        _atomic_write(ids_path, json.dumps([r["id"] for r in rows]))
+        shard_index += 1
+        count += len(rows)
+    bar.close()
+    elapsed = max(time.time() - t0, 1e-9)
+    meta = {**settings, "complete": True, "num_passages": count, "num_shards": shard_index, "dim": dim,
+            "passages_per_sec_last_run": round((count - skipped) / elapsed, 1)}
+    _atomic_write(meta_path, json.dumps(meta, indent=2))
+    return out_dir
+
+
+def load_encoded(out_dir: str | os.PathLike) -> tuple[np.ndarray, list[str]]:
+    """All shards of an encoding: (embeddings [N, dim] float32, passage ids)."""
+    out_dir = Path(out_dir)
+    meta_path = out_dir / META
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{out_dir}: no {META}; not an encoding directory (run `rdr-jax encode`)")
+    meta = json.loads(meta_path.read_text())
+    if not meta.get("complete"):
+        raise ValueError(f"{out_dir}: encoding is incomplete; rerun `rdr-jax encode` to finish it")
+    embs, ids = [], []
+    for i in range(meta["num_shards"]):
+        emb_path, ids_path = _shard_paths(out_dir, i)
+        embs.append(np.load(emb_path).astype(np.float32))
+        ids.extend(json.loads(ids_path.read_text()))
+    return np.concatenate(embs), ids
+
+
+def iter_shards(out_dir: Path) -> Iterator[tuple[np.ndarray, list[str]]]:
+    for i in range(completed_shards(out_dir)):
+        emb_path, ids_path = _shard_paths(out_dir, i)
+        yield np.load(emb_path).astype(np.float32), json.loads(ids_path.read_text())
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, array)
+    os.replace(tmp, path)

@@ -1,0 +1,132 @@
+"""FAISS indexes over encoded passages: exact inner product (flat), HNSW and IVF-PQ.
+
+An index directory holds ``index.faiss``, ``passage_ids.json`` (row -> passage id) and ``index.json``
+(kind, dim, count). The id mapping is checked against the corpus so a stale index is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from rdr_jax.retrieval.encode import META, iter_shards
+
+KINDS = ("flat", "hnsw", "ivfpq")
+
+
+def _faiss():
+    import faiss
+
+    return faiss
+
+
+def new_index(kind: str, dim: int, *, hnsw_m: int = 32, ef_construction: int = 200, nlist: int = 1024,
+              pq_m: int = 16, pq_bits: int = 8):
+    faiss = _faiss()
+    if kind == "flat":
+        return faiss.IndexFlatIP(dim)
+    if kind == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = ef_construction
+        return index
+    if kind == "ivfpq":
+        if dim % pq_m:
+            raise ValueError(f"ivfpq: embedding dim {dim} must be divisible by pq_m={pq_m}")
+        quantizer = faiss.IndexFlatIP(dim)
+        return faiss.IndexIVFPQ(quantizer, dim, nlist, pq_m, pq_bits, faiss.METRIC_INNER_PRODUCT)
+    raise ValueError(f"index kind must be one of {KINDS}, got {kind!r}")
+
+
+class PassageIndex:
+    def __init__(self, index, passage_ids: Sequence[str], kind: str):
+        if index.ntotal != len(passage_ids):
+            raise ValueError(f"index has {index.ntotal} vectors but {len(passage_ids)} passage ids")
+        self.index, self.passage_ids, self.kind = index, list(passage_ids), kind
+
+    @classmethod
+    def build(cls, encoding_dir: str | os.PathLike, kind: str = "flat", *, train_size: int = 100_000,
+              progress: bool = True, **options) -> "PassageIndex":
+        encoding_dir = Path(encoding_dir)
+        meta_path = encoding_dir / META
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"{encoding_dir}: no {META}; run `rdr-jax encode` first")
+        meta = json.loads(meta_path.read_text())
+        if not meta.get("complete"):
+            raise ValueError(f"{encoding_dir}: encoding is incomplete; rerun `rdr-jax encode` to finish it")
+        index = new_index(kind, meta["dim"], **options)
+        if kind == "ivfpq":  # IVF-PQ needs a training sample; the first shards are a fair one for DPR's order
+            sample = []
+            for emb, _ in iter_shards(encoding_dir):
+                sample.append(emb)
+                if sum(len(s) for s in sample) >= train_size:
+                    break
+            sample = np.concatenate(sample)[:train_size]
+            if len(sample) < index.nlist:
+                raise ValueError(f"ivfpq: {len(sample)} training vectors < nlist={index.nlist}; lower --nlist")
+            index.train(sample)
+        ids: list[str] = []
+        for emb, shard_ids in tqdm(iter_shards(encoding_dir), total=meta["num_shards"], desc=f"indexing ({kind})",
+                                   unit="shard", disable=not progress):
+            index.add(np.ascontiguousarray(emb, np.float32))
+            ids.extend(shard_ids)
+        return cls(index, ids, kind)
+
+    def save(self, out_dir: str | os.PathLike) -> Path:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        faiss = _faiss()
+        tmp = out_dir / "index.faiss.tmp"
+        faiss.write_index(self.index, str(tmp))
+        os.replace(tmp, out_dir / "index.faiss")
+        (out_dir / "passage_ids.json").write_text(json.dumps(self.passage_ids))
+        (out_dir / "index.json").write_text(json.dumps({"kind": self.kind, "dim": self.index.d,
+                                                         "count": len(self.passage_ids)}, indent=2))
+        return out_dir
+
+    @classmethod
+    def load(cls, index_dir: str | os.PathLike) -> "PassageIndex":
+        index_dir = Path(index_dir)
+        for name in ("index.faiss", "passage_ids.json", "index.json"):
+            if not (index_dir / name).is_file():
+                raise FileNotFoundError(f"{index_dir}: missing {name}; build it with `rdr-jax index`")
+        info = json.loads((index_dir / "index.json").read_text())
+        index = _faiss().read_index(str(index_dir / "index.faiss"))
+        return cls(index, json.loads((index_dir / "passage_ids.json").read_text()), info["kind"])
+
+    def check_against_corpus(self, corpus_ids: Iterable[str], source: str = "corpus") -> None:
+        """Refuse an index whose rows are not the corpus's passages in the corpus's order."""
+        n = 0
+        for n, pid in enumerate(corpus_ids, start=1):
+            if n > len(self.passage_ids):
+                raise ValueError(f"{source}: has more passages than the index ({len(self.passage_ids)}); "
+                                 "the index is stale, rebuild it")
+            if self.passage_ids[n - 1] != pid:
+                raise ValueError(f"{source}: passage {n} has id {pid!r} but index row {n - 1} is "
+                                 f"{self.passage_ids[n - 1]!r}; the index was built from another corpus")
+        if n != len(self.passage_ids):
+            raise ValueError(f"{source}: has {n} passages but the index has {len(self.passage_ids)}")
+
+    def search(self, queries: np.ndarray, k: int, *, batch_size: int = 512, ef_search: int = 128,
+               nprobe: int = 32, progress: bool = False) -> tuple[np.ndarray, list[list[str]]]:
+        """Top-k (scores [n, k], passage ids) by inner product, searched in batches."""
+        if self.kind == "hnsw":
+            self.index.hnsw.efSearch = max(ef_search, k)
+        elif self.kind == "ivfpq":
+            self.index.nprobe = nprobe
+        queries = np.ascontiguousarray(queries, np.float32)
+        k = min(k, self.index.ntotal)
+        all_scores, all_rows = [], []
+        for start in tqdm(range(0, len(queries), batch_size), desc="searching", unit="batch",
+                          disable=not progress):
+            scores, rows = self.index.search(queries[start:start + batch_size], k)
+            all_scores.append(scores)
+            all_rows.append(rows)
+        scores = np.concatenate(all_scores) if all_scores else np.zeros((0, k), np.float32)
+        rows = np.concatenate(all_rows) if all_rows else np.zeros((0, k), np.int64)
+        ids = [[self.passage_ids[r] for r in row if r >= 0] for row in rows]
+        return scores, ids

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Sets up .venv if missing (installs rdr_jax[test]), then runs the whole test suite.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$ROOT/scripts/setup_env.sh"
+cd "$ROOT"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+# Two workers on the 2-core CI machine; every test is independent.
+exec python -m pytest -n "${PYTEST_WORKERS:-2}" --dist loadfile "$@"

@@ -236,37 +236,8 @@ def test_build_is_deterministic(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# Loader errors name the file and line.
+# Loader errors (the readers' malformed-row errors are tested in test_builders.py).
 
-def test_loader_rejects_malformed_rows(tmp_path):
-    tsv = tmp_path / "passages.tsv"
-    tsv.write_text("id\ttext\ttitle\n1\tsome text\tT\n2\tno title here\n", encoding="utf-8")
-    with pytest.raises(EmbeddedDataError, match=r"passages\.tsv:3: 2 tab-separated fields"):
-        embedded_data.read_passages_tsv(tsv)
-    tsv.write_text("id\ttitle\ttext\n", encoding="utf-8")
-    with pytest.raises(EmbeddedDataError, match=r"passages\.tsv:1: header"):
-        embedded_data.read_passages_tsv(tsv)
-
-    qa = tmp_path / "x.qa.csv"
-    qa.write_text("Good question?\t['a', 'b']\nBad question?\t[\"unclosed\"\n", encoding="utf-8")
-    with pytest.raises(EmbeddedDataError, match=r"x\.qa\.csv:2: answers"):
-        embedded_data.read_qa_csv(qa)
-    qa.write_text("Good question?\t['a', 'b']\n", encoding="utf-8")
-    assert embedded_data.read_qa_csv(qa) == [{"question": "Good question?", "answers": ["a", "b"]}]
-    qa.write_text("no tab here\n", encoding="utf-8")
-    with pytest.raises(EmbeddedDataError, match=r"x\.qa\.csv:1: expected"):
-        embedded_data.read_qa_csv(qa)
-
-    bi = tmp_path / "x.biencoder.json"
-    entry = {"question": "q?", "answers": ["a"], "positive_ctxs": [{"title": "t", "text": "a"}],
-             "negative_ctxs": [], "hard_negative_ctxs": []}
-    broken = dict(entry, positive_ctxs=[])
-    bi.write_text("[\n" + json.dumps(entry) + ",\n" + json.dumps(broken) + "\n]\n", encoding="utf-8")
-    with pytest.raises(EmbeddedDataError, match=r"x\.biencoder\.json:3: positive_ctxs is empty"):
-        embedded_data.read_biencoder_json(bi)
-    bi.write_text("[{]", encoding="utf-8")
-    with pytest.raises(EmbeddedDataError, match=r"x\.biencoder\.json:1: invalid JSON"):
-        embedded_data.read_biencoder_json(bi)
-
+def test_loader_rejects_unknown_splits():
     with pytest.raises(EmbeddedDataError, match="unknown split 'test'"):
         embedded_data.load_biencoder("test")

@@ -1,6 +1,6 @@
 """Subcommand registry: name -> (help, add_arguments(parser), run(args) -> exit code)."""
 
-from rdr_jax.commands import convert, demo, pipeline
+from rdr_jax.commands import convert, demo, pipeline, reader
 
 COMMANDS = {
     "convert": (convert.HELP, convert.add_arguments, convert.run),
@@ -8,5 +8,7 @@ COMMANDS = {
     "index": (pipeline.INDEX_HELP, pipeline.add_index_arguments, pipeline.run_index),
     "retrieve": (pipeline.RETRIEVE_HELP, pipeline.add_retrieve_arguments, pipeline.run_retrieve),
     "evaluate": (pipeline.EVALUATE_HELP, pipeline.add_evaluate_arguments, pipeline.run_evaluate),
+    "read": (reader.READ_HELP, reader.add_read_arguments, reader.run_read),
+    "teacher-scores": (reader.TEACHER_HELP, reader.add_teacher_arguments, reader.run_teacher_scores),
     "demo": (demo.HELP, demo.add_arguments, demo.run),
 }

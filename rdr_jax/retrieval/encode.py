@@ -26,43 +26,50 @@ DEFAULT_BUCKETS = (32, 64, 128, 256)
 META = "meta.json"
 
 
-class Encoder:
-    """Embeds tokenised batches with a DPR encoder's ``pooler_output``, data-parallel over every device.
+class ShardedRunner:
+    """Applies a model to fixed-size batches, data-parallel over every device, and returns numpy arrays.
 
-    The batch is padded to a multiple of the device count and to a bucketed length, so jit compiles once
-    per bucket; parameters are replicated, rows sharded over a 1-D ``data`` mesh.
+    The batch is padded to a multiple of the device count (and callers bucket the length), so jit compiles
+    once per shape; parameters are replicated, rows sharded over a 1-D ``data`` mesh. ``output_fn`` picks the
+    arrays to return from the model output (a pytree of ``[rows, ...]`` arrays).
     """
 
-    def __init__(self, model: nnx.Module, batch_size: int, devices: Sequence | None = None):
+    INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+    def __init__(self, model: nnx.Module, output_fn, batch_size: int, devices: Sequence | None = None):
         devices = list(devices or jax.devices())
         self.mesh = Mesh(np.array(devices), ("data",))
         n = len(devices)
         self.batch_size = max(n, (batch_size + n - 1) // n * n)
         self.row_sharding = NamedSharding(self.mesh, P("data"))
-        replicated = NamedSharding(self.mesh, P())
         graphdef, params = nnx.split(model)
-        self.params = jax.device_put(params, replicated)
+        self.params = jax.device_put(params, NamedSharding(self.mesh, P()))
 
         @jax.jit
-        def embed(params, input_ids, attention_mask, token_type_ids):
-            out = nnx.merge(graphdef, params)(input_ids, attention_mask, token_type_ids)
-            return out.pooler_output.astype(jnp.float32)
+        def apply(params, input_ids, attention_mask, token_type_ids):
+            return output_fn(nnx.merge(graphdef, params)(input_ids, attention_mask, token_type_ids))
 
-        self._embed = embed
+        self._apply = apply
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+    def __call__(self, batch: dict[str, np.ndarray]):
         rows = batch["input_ids"].shape[0]
         if rows > self.batch_size:
-            return np.concatenate([self({k: v[i:i + self.batch_size] for k, v in batch.items()})
-                                   for i in range(0, rows, self.batch_size)])
-        padded = {k: np.zeros((self.batch_size,) + v.shape[1:], v.dtype) for k, v in batch.items()
-                  if k in ("input_ids", "attention_mask", "token_type_ids")}
+            parts = [self({k: v[i:i + self.batch_size] for k, v in batch.items()})
+                     for i in range(0, rows, self.batch_size)]
+            return jax.tree.map(lambda *xs: np.concatenate(xs), *parts)
+        padded = {k: np.zeros((self.batch_size,) + batch[k].shape[1:], batch[k].dtype) for k in self.INPUTS}
         for k in padded:
             padded[k][:rows] = batch[k]
         padded["attention_mask"][rows:, 0] = 1  # keep padding rows well-defined
-        arrays = [jax.device_put(padded[k], self.row_sharding) for k in ("input_ids", "attention_mask",
-                                                                         "token_type_ids")]
-        return np.asarray(self._embed(self.params, *arrays))[:rows]
+        arrays = [jax.device_put(padded[k], self.row_sharding) for k in self.INPUTS]
+        return jax.tree.map(lambda x: np.asarray(x)[:rows], self._apply(self.params, *arrays))
+
+
+class Encoder(ShardedRunner):
+    """Embeds tokenised batches with a DPR encoder's ``pooler_output`` (float32 ``[rows, dim]``)."""
+
+    def __init__(self, model: nnx.Module, batch_size: int, devices: Sequence | None = None):
+        super().__init__(model, lambda out: out.pooler_output.astype(jnp.float32), batch_size, devices)
 
 
 def encode_texts(encoder: Encoder, tokenizer, texts: Sequence[str], *, titles: Sequence[str] | None = None,

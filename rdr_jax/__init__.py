@@ -8,10 +8,12 @@
 """
 
 from rdr_jax import models
-from rdr_jax.models import (BertForSequenceClassification, BertModel, DPRContextEncoder, DPRQuestionEncoder,
-                            DPRReader, from_pretrained)
+from rdr_jax.models import (BartForConditionalGeneration, BertForSequenceClassification, BertModel,
+                            DPRContextEncoder, DPRQuestionEncoder, DPRReader, T5ForConditionalGeneration,
+                            from_pretrained)
 
 __version__ = "0.1.0"
 
 __all__ = ["from_pretrained", "models", "BertModel", "BertForSequenceClassification", "DPRQuestionEncoder",
-           "DPRContextEncoder", "DPRReader", "__version__"]
+           "DPRContextEncoder", "DPRReader", "T5ForConditionalGeneration", "BartForConditionalGeneration",
+           "__version__"]

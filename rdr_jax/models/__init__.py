@@ -3,9 +3,12 @@
 from rdr_jax.models.base import MODEL_CLASSES, PretrainedModel, from_pretrained
 from rdr_jax.models.bert import BertConfig, BertForSequenceClassification, BertModel
 from rdr_jax.models.dpr import DPRConfig, DPRContextEncoder, DPRQuestionEncoder, DPRReader
+from rdr_jax.models.t5 import T5Config, T5ForConditionalGeneration
+from rdr_jax.models.bart import BartConfig, BartForConditionalGeneration
 
 __all__ = [
     "MODEL_CLASSES", "PretrainedModel", "from_pretrained",
     "BertConfig", "BertModel", "BertForSequenceClassification",
     "DPRConfig", "DPRQuestionEncoder", "DPRContextEncoder", "DPRReader",
+    "T5Config", "T5ForConditionalGeneration", "BartConfig", "BartForConditionalGeneration",
 ]

@@ -22,6 +22,7 @@ from flax import nnx
 from rdr_jax.convert import mapping
 from rdr_jax.convert.hf_io import CheckpointError, read_state_dict, resolve_model_dir, write_safetensors
 from rdr_jax.models.config import ModelConfig, read_config_json
+from rdr_jax.models.layers import CHECKPOINTED
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +44,8 @@ def register(cls=None, *, default_for_model_type: bool = False):
 
 
 def flat_params(model: nnx.Module) -> dict[str, Any]:
-    """{dot.joined.path: array} of a module's parameters."""
-    state = nnx.state(model, nnx.Param)
+    """{dot.joined.path: array} of a module's parameters and buffers (everything a checkpoint holds)."""
+    state = nnx.state(model, CHECKPOINTED)
     return {".".join(str(p) for p in path): leaf for path, leaf in nnx.to_flat_state(state)}
 
 
@@ -86,8 +87,9 @@ class PretrainedModel(nnx.Module):
         model_dir = resolve_model_dir(name_or_path)
         raw_config = read_config_json(model_dir)
         config = cls.config_class.from_dict(cls.config_dict_for(raw_config))
+        config = cls.config_for_checkpoint(config, model_dir)
         model = _abstract_model(cls, config, dtype=dtype, param_dtype=param_dtype, **kwargs)
-        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        graphdef, params, rest = nnx.split(model, CHECKPOINTED, ...)
         flat = {".".join(str(p) for p in path): v for path, v in nnx.to_flat_state(params)}
         if (model_dir / ORBAX_SUBDIR).is_dir():
             values = _restore_orbax(model_dir / ORBAX_SUBDIR, params, param_dtype)
@@ -102,7 +104,7 @@ class PretrainedModel(nnx.Module):
         if fresh:  # heads the checkpoint lacks: initialise them for real
             log.warning("%s: initialising %s freshly (not in the checkpoint)", model_dir, ", ".join(sorted(fresh)))
             init_params = nnx.state(cls(config, rngs=nnx.Rngs(seed), dtype=dtype, param_dtype=param_dtype,
-                                        **kwargs), nnx.Param)
+                                        **kwargs), CHECKPOINTED)
             init_flat = {".".join(str(p) for p in path): v for path, v in nnx.to_flat_state(init_params)}
             for k in fresh:
                 arrays[k] = np.asarray(init_flat[k].get_value())
@@ -115,6 +117,11 @@ class PretrainedModel(nnx.Module):
     def config_dict_for(cls, raw_config: dict) -> dict:
         """The config dict this class reads from a checkpoint's config.json (a hook for cross-class loading)."""
         return raw_config
+
+    @classmethod
+    def config_for_checkpoint(cls, config: ModelConfig, model_dir: Path) -> ModelConfig:
+        """Hook for structure that config.json alone does not settle (whether a T5 checkpoint unties lm_head)."""
+        return config
 
     # ---- saving --------------------------------------------------------------------------------------------
     def hf_config_dict(self) -> dict:
@@ -159,7 +166,7 @@ def _abstract_model(cls, config, **kwargs):
 def _save_orbax(model: nnx.Module, path: Path) -> None:
     import orbax.checkpoint as ocp
 
-    params = nnx.state(model, nnx.Param)
+    params = nnx.state(model, CHECKPOINTED)
     path = path.absolute()
     if path.exists():
         import shutil

@@ -35,6 +35,18 @@ def param(rngs: nnx.Rngs | None, init: Callable, shape: Sequence[int], axes: Axe
     return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
 
 
+class Buffer(nnx.Variable):
+    """Non-trainable state that belongs to the checkpoint (a PyTorch buffer, e.g. BART's ``final_logits_bias``).
+
+    Optimizers update ``nnx.Param`` only, so a Buffer never changes in training; weight conversion and native
+    checkpoints carry it like a parameter (``CHECKPOINTED``).
+    """
+
+
+# Variables written to and read from checkpoints.
+CHECKPOINTED = (nnx.Param, Buffer)
+
+
 def normal_init(stddev: float) -> Callable:
     return jax.nn.initializers.normal(stddev=stddev)
 

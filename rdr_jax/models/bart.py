@@ -1,0 +1,286 @@
+"""BART in Flax NNX, exact to transformers' ``BartForConditionalGeneration``.
+
+Post-LN encoder/decoder layers with biased projections, learned absolute positions (transformers offsets
+the position ids by 2), optional ``sqrt(d_model)`` embedding scale, a LayerNorm on the embeddings, one token
+embedding shared by encoder, decoder and the output projection, and ``final_logits_bias``: a PyTorch buffer,
+kept here as a :class:`~rdr_jax.models.layers.Buffer` so optimizers never update it while conversion and
+checkpoints still carry it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from rdr_jax.convert.mapping import Rule, embedding, layer_norm, linear
+from rdr_jax.models import layers as L
+from rdr_jax.models.base import PretrainedModel, register
+from rdr_jax.models.bert import Runtime
+from rdr_jax.models.config import ModelConfig
+from rdr_jax.models.seq2seq import DecoderCache, Seq2SeqLM, causal_mask, empty_cache, write_kv
+
+log = logging.getLogger(__name__)
+
+POSITION_OFFSET = 2  # transformers' BartLearnedPositionalEmbedding looks up position + 2
+LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default, which BART uses
+
+
+@dataclasses.dataclass
+class BartConfig(ModelConfig):
+    model_type = "bart"
+    vocab_size: int = 50265
+    max_position_embeddings: int = 1024
+    encoder_layers: int = 12
+    encoder_ffn_dim: int = 4096
+    encoder_attention_heads: int = 16
+    decoder_layers: int = 12
+    decoder_ffn_dim: int = 4096
+    decoder_attention_heads: int = 16
+    encoder_layerdrop: float = 0.0
+    decoder_layerdrop: float = 0.0
+    activation_function: str = "gelu"
+    d_model: int = 1024
+    dropout: float = 0.1
+    attention_dropout: float = 0.0
+    activation_dropout: float = 0.0
+    init_std: float = 0.02
+    scale_embedding: bool = False
+    pad_token_id: int = 1
+    bos_token_id: int | None = 0
+    eos_token_id: int | list[int] | None = 2
+    decoder_start_token_id: int = 2
+    is_encoder_decoder: bool = True
+    tie_word_embeddings: bool = True
+
+    def validate(self):
+        for heads in ("encoder_attention_heads", "decoder_attention_heads"):
+            if self.d_model % getattr(self, heads):
+                raise ValueError(f"d_model ({self.d_model}) must be divisible by {heads} ({getattr(self, heads)})")
+        if not self.tie_word_embeddings:
+            raise ValueError("tie_word_embeddings=False is not supported for BART (separate encoder, decoder and "
+                             "output embeddings); every released BART checkpoint ties them")
+        if self.encoder_layerdrop or self.decoder_layerdrop:
+            log.warning("BART layerdrop (encoder %s, decoder %s) is not applied in training here",
+                        self.encoder_layerdrop, self.decoder_layerdrop)
+        L.activation(self.activation_function)
+
+    @property
+    def embed_scale(self) -> float:
+        return math.sqrt(self.d_model) if self.scale_embedding else 1.0
+
+
+class BartAttention(nnx.Module):
+    """Multi-head attention with biased q/k/v/out projections and ``head_dim ** -0.5`` score scaling."""
+
+    def __init__(self, config: BartConfig, rt: Runtime, num_heads: int, *, rngs: nnx.Rngs):
+        E = config.d_model
+        H, D = num_heads, config.d_model // num_heads
+        kw = dict(dtype=rt.dtype, param_dtype=rt.param_dtype, init_std=config.init_std, rngs=rngs)
+        self.q_proj = L.Dense(E, (H, D), (L.EMBED,), (L.HEADS, L.KV), **kw)
+        self.k_proj = L.Dense(E, (H, D), (L.EMBED,), (L.HEADS, L.KV), **kw)
+        self.v_proj = L.Dense(E, (H, D), (L.EMBED,), (L.HEADS, L.KV), **kw)
+        self.out_proj = L.Dense((H, D), E, (L.HEADS, L.KV), (L.EMBED,), **kw)
+        self.dropout = nnx.Dropout(config.attention_dropout)
+        self.scale, self.dtype = D ** -0.5, rt.dtype
+
+    def __call__(self, x, keys, values, mask, *, rngs=None, deterministic=True):
+        context = L.dot_product_attention(
+            self.q_proj(x), keys, values, mask=mask, scale=self.scale, dtype=self.dtype,
+            dropout=partial(self.dropout, deterministic=deterministic, rngs=rngs))
+        return self.out_proj(context)
+
+
+class BartLayer(nnx.Module):
+    """Post-LN layer: self-attention, cross-attention (decoder only), feed-forward; each ``norm(x + dropout(f(x)))``."""
+
+    def __init__(self, config: BartConfig, rt: Runtime, *, is_decoder: bool, rngs: nnx.Rngs):
+        E = config.d_model
+        heads = config.decoder_attention_heads if is_decoder else config.encoder_attention_heads
+        ffn = config.decoder_ffn_dim if is_decoder else config.encoder_ffn_dim
+        kw = dict(dtype=rt.dtype, param_dtype=rt.param_dtype, init_std=config.init_std, rngs=rngs)
+        norm = partial(L.LayerNorm, E, LAYER_NORM_EPS, dtype=rt.dtype, param_dtype=rt.param_dtype)
+        self.is_decoder = is_decoder
+        self.self_attn = BartAttention(config, rt, heads, rngs=rngs)
+        self.self_attn_layer_norm = norm()
+        if is_decoder:
+            self.encoder_attn = BartAttention(config, rt, heads, rngs=rngs)
+            self.encoder_attn_layer_norm = norm()
+        self.fc1 = L.Dense(E, ffn, (L.EMBED,), (L.MLP,), **kw)
+        self.fc2 = L.Dense(ffn, E, (L.MLP,), (L.EMBED,), **kw)
+        self.final_layer_norm = norm()
+        self.act = L.activation(config.activation_function)
+        self.dropout = nnx.Dropout(config.dropout)
+        self.activation_dropout = nnx.Dropout(config.activation_dropout)
+
+    def __call__(self, x, mask, encoder_hidden=None, cross_mask=None, self_kv_cache=None, cross_kv=None, *,
+                 rngs=None, deterministic=True):
+        """``self_kv_cache``: (keys, values, index) of this layer, the new keys/values being written at index.
+        Returns the output and this layer's (keys, values) for the cache."""
+        drop = partial(self.dropout, deterministic=deterministic, rngs=rngs)
+        keys, values = self.self_attn.k_proj(x), self.self_attn.v_proj(x)
+        if self_kv_cache is not None:
+            cache_keys, cache_values, index = self_kv_cache
+            keys, values = write_kv(cache_keys, keys, index), write_kv(cache_values, values, index)
+        h = self.self_attn(x, keys, values, mask, rngs=rngs, deterministic=deterministic)
+        x = self.self_attn_layer_norm(x + drop(h))
+        if self.is_decoder:
+            if cross_kv is None:
+                cross_kv = (self.encoder_attn.k_proj(encoder_hidden), self.encoder_attn.v_proj(encoder_hidden))
+            h = self.encoder_attn(x, *cross_kv, cross_mask, rngs=rngs, deterministic=deterministic)
+            x = self.encoder_attn_layer_norm(x + drop(h))
+        h = self.activation_dropout(self.act(self.fc1(x)), deterministic=deterministic, rngs=rngs)
+        x = self.final_layer_norm(x + drop(self.fc2(h)))
+        return x, (keys, values)
+
+
+class BartStack(nnx.Module):
+    """Encoder or decoder: token embedding (scaled) + learned positions, LayerNorm, layers."""
+
+    def __init__(self, config: BartConfig, rt: Runtime, *, is_decoder: bool, rngs: nnx.Rngs):
+        self.config, self.rt = config, rt
+        num_layers = config.decoder_layers if is_decoder else config.encoder_layers
+        self.embed_positions = L.Embed(config.max_position_embeddings + POSITION_OFFSET, config.d_model,
+                                       (L.POSITIONS, L.EMBED), dtype=rt.dtype, param_dtype=rt.param_dtype,
+                                       init_std=config.init_std, rngs=rngs)
+        self.layernorm_embedding = L.LayerNorm(config.d_model, LAYER_NORM_EPS, dtype=rt.dtype,
+                                               param_dtype=rt.param_dtype)
+        self.layers = nnx.List([BartLayer(config, rt, is_decoder=is_decoder, rngs=rngs)
+                                for _ in range(num_layers)])
+        self.dropout = nnx.Dropout(config.dropout)
+
+    def __call__(self, token_embeddings, mask, *, offset=0, encoder_hidden=None, cross_mask=None,
+                 cache: DecoderCache | None = None, rngs=None, deterministic=True):
+        positions = jnp.arange(token_embeddings.shape[1]) + offset + POSITION_OFFSET
+        x = token_embeddings * jnp.asarray(self.config.embed_scale, token_embeddings.dtype)
+        x = self.layernorm_embedding(x + self.embed_positions(positions)[None])
+        x = self.dropout(x, deterministic=deterministic, rngs=rngs)
+        new_keys, new_values = [], []
+        for i, layer in enumerate(self.layers):
+            if cache is not None:
+                cross = (cache.cross_keys[i], cache.cross_values[i]) if cache.cross_keys is not None else None
+                x, (k, v) = layer(x, mask, encoder_hidden, cross_mask,
+                                  (cache.self_keys[i], cache.self_values[i], cache.index), cross,
+                                  rngs=rngs, deterministic=deterministic)
+                new_keys.append(k)
+                new_values.append(v)
+            elif self.rt.remat:
+                x, _ = nnx.remat(lambda lyr, h, m, e, cm: lyr(h, m, e, cm, rngs=rngs, deterministic=deterministic))(
+                    layer, x, mask, encoder_hidden, cross_mask)
+            else:
+                x, _ = layer(x, mask, encoder_hidden, cross_mask, rngs=rngs, deterministic=deterministic)
+        if cache is not None:
+            cache = cache.replace(self_keys=tuple(new_keys), self_values=tuple(new_values),
+                                  index=cache.index + x.shape[1])
+        return x, cache
+
+
+def _stack_rules(config: BartConfig, stack: str) -> list[Rule]:
+    is_decoder = stack == "decoder"
+    hf, jx = f"model.{stack}.", f"{stack}."
+    rules = (embedding(f"{hf}embed_positions.weight", f"{jx}embed_positions")
+             + layer_norm(f"{hf}layernorm_embedding", f"{jx}layernorm_embedding"))
+    for i in range(config.decoder_layers if is_decoder else config.encoder_layers):
+        h, j = f"{hf}layers.{i}.", f"{jx}layers.{i}."
+        for attn in ("self_attn", "encoder_attn") if is_decoder else ("self_attn",):
+            for proj in ("q_proj", "k_proj", "v_proj"):
+                rules += linear(f"{h}{attn}.{proj}", f"{j}{attn}.{proj}")
+            rules += linear(f"{h}{attn}.out_proj", f"{j}{attn}.out_proj", n_in=2)
+            rules += layer_norm(f"{h}{attn}_layer_norm", f"{j}{attn}_layer_norm")
+        rules += linear(f"{h}fc1", f"{j}fc1") + linear(f"{h}fc2", f"{j}fc2")
+        rules += layer_norm(f"{h}final_layer_norm", f"{j}final_layer_norm")
+    return rules
+
+
+_EMBEDDING_KEYS = ("model.shared.weight", "model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight")
+
+
+@register(default_for_model_type=True)
+class BartForConditionalGeneration(Seq2SeqLM, PretrainedModel):
+    config_class = BartConfig
+    hf_architecture = "BartForConditionalGeneration"
+    # Copies of the shared embedding, and fairseq leftovers transformers also ignores.
+    hf_ignore_unexpected = ("model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight",
+                            "lm_head.weight", "*.version", "*position_ids")
+
+    def __init__(self, config: BartConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, remat: bool = False,
+                 rngs: nnx.Rngs):
+        self.config = config
+        self.runtime = rt = Runtime(dtype, param_dtype, remat)
+        self.shared = L.Embed(config.vocab_size, config.d_model, (L.VOCAB, L.EMBED), dtype=dtype,
+                              param_dtype=param_dtype, init_std=config.init_std, rngs=rngs)
+        self.encoder = BartStack(config, rt, is_decoder=False, rngs=rngs)
+        self.decoder = BartStack(config, rt, is_decoder=True, rngs=rngs)
+        self.final_logits_bias = L.Buffer(jnp.zeros((1, config.vocab_size), param_dtype),
+                                          out_sharding=(None, L.VOCAB), eager_sharding=False)
+
+    # ---- conversion --------------------------------------------------------------------------------------
+    @classmethod
+    def hf_rules(cls, config: BartConfig) -> list[Rule]:
+        return (embedding("model.shared.weight", "shared") + _stack_rules(config, "encoder")
+                + _stack_rules(config, "decoder") + [Rule("final_logits_bias", "final_logits_bias")])
+
+    @classmethod
+    def adapt_state_dict(cls, state, config, source_config):
+        state = dict(state)
+        # A BartModel checkpoint (no "model." prefix) starts a generation model, as in transformers.
+        if state and not any(k.startswith("model.") for k in state):
+            state = {k if k in ("final_logits_bias", "lm_head.weight") else f"model.{k}": v for k, v in state.items()}
+        if "model.shared.weight" not in state:
+            for key in _EMBEDDING_KEYS[1:] + ("lm_head.weight",):
+                if key in state:
+                    state["model.shared.weight"] = state[key]
+                    break
+        if "final_logits_bias" not in state:  # transformers leaves it at zeros when missing
+            state["final_logits_bias"] = np.zeros((1, config.vocab_size), np.float32)
+        return state
+
+    # ---- seq2seq interface -------------------------------------------------------------------------------
+    @property
+    def decoder_start_token_id(self) -> int:
+        return self.config.decoder_start_token_id
+
+    def encode(self, input_ids, attention_mask=None, *, rngs=None, deterministic=True) -> jax.Array:
+        input_ids = jnp.asarray(input_ids)
+        if attention_mask is None:
+            attention_mask = jnp.ones_like(input_ids)
+        hidden, _ = self.encoder(self.shared(input_ids), L.padding_mask(jnp.asarray(attention_mask)),
+                                 rngs=rngs, deterministic=deterministic)
+        return hidden
+
+    def init_cache(self, batch_size: int, max_length: int, encoder_hidden=None, dtype=None) -> DecoderCache:
+        if max_length > self.config.max_position_embeddings:
+            raise ValueError(f"max_length {max_length} exceeds max_position_embeddings "
+                             f"{self.config.max_position_embeddings} of the config")
+        dtype = dtype or self.runtime.dtype
+        cross = None
+        if encoder_hidden is not None:
+            layers = self.decoder.layers
+            cross = ([layer.encoder_attn.k_proj(encoder_hidden).astype(dtype) for layer in layers],
+                     [layer.encoder_attn.v_proj(encoder_hidden).astype(dtype) for layer in layers])
+        heads = self.config.decoder_attention_heads
+        return empty_cache(len(self.decoder.layers), batch_size, max_length, heads, self.config.d_model // heads,
+                           dtype, cross)
+
+    def decode(self, decoder_input_ids, encoder_hidden, encoder_attention_mask=None, cache=None, *,
+               decoder_attention_mask=None, rngs=None, deterministic=True):
+        decoder_input_ids = jnp.asarray(decoder_input_ids)
+        length = decoder_input_ids.shape[1]
+        if cache is None:
+            offset, mask = 0, causal_mask(length, length, 0, decoder_attention_mask)
+        else:
+            if decoder_attention_mask is not None:
+                raise ValueError("decoder_attention_mask is not supported with a cache (decode all rows in step)")
+            offset, mask = cache.index, causal_mask(length, cache.max_length, cache.index)
+        cross_mask = None if encoder_attention_mask is None else L.padding_mask(jnp.asarray(encoder_attention_mask))
+        hidden, cache = self.decoder(self.shared(decoder_input_ids), mask, offset=offset,
+                                     encoder_hidden=encoder_hidden, cross_mask=cross_mask, cache=cache, rngs=rngs,
+                                     deterministic=deterministic)
+        logits = self.shared.attend(hidden) + self.final_logits_bias[...].astype(hidden.dtype)
+        return logits, cache

@@ -1,0 +1,144 @@
+"""The decoding interface shared by the seq2seq families (T5, BART), and the helpers built on it.
+
+Every seq2seq model implements::
+
+    encode(input_ids, attention_mask) -> encoder_hidden [B, S, E]
+    init_cache(batch_size, max_length, encoder_hidden=None) -> DecoderCache
+    decode(decoder_input_ids [B, T], encoder_hidden, encoder_attention_mask, cache=None) -> (logits [B, T, V], cache)
+    __call__(input_ids, attention_mask, decoder_input_ids, decoder_attention_mask=None) -> Seq2SeqLMOutput
+
+The cache is a plain pytree (:class:`DecoderCache`), not NNX state, so decoding stays purely functional and the
+cache can be the carry of ``jax.lax.while_loop``/``scan``. ``decode`` with a cache writes the keys/values of its
+``T`` new tokens at ``cache.index`` and returns the cache advanced by ``T``; every row of the batch decodes in
+lockstep (one shared index), which is what beam search needs.
+
+Cross-attention keys/values: when ``init_cache`` is given the encoder output, it projects it once per decoder
+layer and stores the result in the cache (``cross_keys``/``cross_values``); ``decode`` then uses those and does
+not project ``encoder_hidden`` again (it still needs ``encoder_attention_mask``). Without it they are recomputed
+from ``encoder_hidden`` at every step: slower, same numbers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from rdr_jax.models.outputs import Seq2SeqLMOutput
+
+
+@struct.dataclass
+class DecoderCache:
+    """Preallocated decoder keys/values, one ``[batch, max_length, heads, kv]`` array per layer.
+
+    ``index`` (int32 scalar) is the number of decoder positions already written.
+    """
+    self_keys: tuple[jax.Array, ...]
+    self_values: tuple[jax.Array, ...]
+    index: jax.Array
+    cross_keys: tuple[jax.Array, ...] | None = None   # [batch, source_length, heads, kv] per layer
+    cross_values: tuple[jax.Array, ...] | None = None
+
+    @property
+    def max_length(self) -> int:
+        return self.self_keys[0].shape[1]
+
+
+def empty_cache(num_layers: int, batch_size: int, max_length: int, num_heads: int, head_dim: int, dtype,
+                cross: tuple[list[jax.Array], list[jax.Array]] | None = None) -> DecoderCache:
+    shape = (batch_size, max_length, num_heads, head_dim)
+    return DecoderCache(
+        self_keys=tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),
+        self_values=tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),
+        index=jnp.zeros((), jnp.int32),
+        cross_keys=tuple(cross[0]) if cross is not None else None,
+        cross_values=tuple(cross[1]) if cross is not None else None)
+
+
+def reorder_cache(cache: DecoderCache, batch_indices: jax.Array) -> DecoderCache:
+    """The cache with its batch rows gathered by ``batch_indices`` (beam search keeping the surviving beams)."""
+    take = lambda arrays: None if arrays is None else tuple(jnp.take(a, batch_indices, axis=0) for a in arrays)
+    return cache.replace(self_keys=take(cache.self_keys), self_values=take(cache.self_values),
+                         cross_keys=take(cache.cross_keys), cross_values=take(cache.cross_values))
+
+
+def write_kv(cache_array: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:
+    """``new`` [B, T, H, D] written into ``cache_array`` [B, max_length, H, D] at position ``index``."""
+    return jax.lax.dynamic_update_slice(cache_array, new.astype(cache_array.dtype),
+                                        (0, jnp.asarray(index, jnp.int32), 0, 0))
+
+
+def causal_mask(query_length: int, key_length: int, offset: jax.Array | int = 0,
+                decoder_attention_mask: jax.Array | None = None) -> jax.Array:
+    """Boolean ``[B or 1, 1, query_length, key_length]``: query ``t`` (at position ``offset + t``) sees keys at
+    positions ``<= offset + t`` that ``decoder_attention_mask`` (``[B, key_length]``) does not mask."""
+    query_pos = jnp.arange(query_length)[:, None] + offset
+    mask = (jnp.arange(key_length)[None, :] <= query_pos)[None, None]
+    if decoder_attention_mask is not None:
+        mask = mask & jnp.asarray(decoder_attention_mask).astype(bool)[:, None, None, :]
+    return mask
+
+
+def shift_right(labels: jax.Array, decoder_start_token_id: int, pad_token_id: int) -> jax.Array:
+    """transformers' ``shift_tokens_right``: start token first, labels shifted by one, -100 replaced by pad."""
+    labels = jnp.asarray(labels)
+    start = jnp.full(labels.shape[:-1] + (1,), decoder_start_token_id, labels.dtype)
+    shifted = jnp.concatenate([start, labels[..., :-1]], axis=-1)
+    return jnp.where(shifted == -100, pad_token_id, shifted)
+
+
+class Seq2SeqLM:
+    """Mixin of the seq2seq families: ``__call__`` from ``encode`` + ``decode``; the families implement those,
+    ``init_cache`` and the two token ids."""
+
+    @property
+    def decoder_start_token_id(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def pad_token_id(self) -> int:
+        return self.config.pad_token_id
+
+    def encode(self, input_ids, attention_mask=None, *, rngs=None, deterministic: bool = True) -> jax.Array:
+        raise NotImplementedError
+
+    def init_cache(self, batch_size: int, max_length: int, encoder_hidden: jax.Array | None = None,
+                   dtype=None) -> DecoderCache:
+        raise NotImplementedError
+
+    def decode(self, decoder_input_ids, encoder_hidden, encoder_attention_mask=None,
+               cache: DecoderCache | None = None, *, decoder_attention_mask=None, rngs=None,
+               deterministic: bool = True) -> tuple[jax.Array, DecoderCache | None]:
+        raise NotImplementedError
+
+    def __call__(self, input_ids, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None, *,
+                 rngs=None, deterministic: bool = True) -> Seq2SeqLMOutput:
+        """transformers' forward without labels: LM logits of ``decoder_input_ids`` given the inputs."""
+        if decoder_input_ids is None:
+            raise ValueError("decoder_input_ids is required (build it with shift_right(labels, ...))")
+        input_ids = jnp.asarray(input_ids)
+        if attention_mask is None:
+            attention_mask = jnp.ones_like(input_ids)
+        encoder_hidden = self.encode(input_ids, attention_mask, rngs=rngs, deterministic=deterministic)
+        logits, _ = self.decode(decoder_input_ids, encoder_hidden, attention_mask,
+                                decoder_attention_mask=decoder_attention_mask, rngs=rngs,
+                                deterministic=deterministic)
+        return Seq2SeqLMOutput(logits=logits, encoder_last_hidden_state=encoder_hidden)
+
+
+def sequence_log_probs(model: Any, input_ids, attention_mask, target_ids, target_mask, *, rngs=None,
+                       deterministic: bool = True) -> jax.Array:
+    """Summed token log-probabilities ``[B]`` of ``target_ids`` given the inputs (teacher forced).
+
+    Decoder inputs are the targets shifted right behind the decoder start token; positions where
+    ``target_mask`` is 0 (padding) count for nothing. Log-softmax is taken in float32.
+    """
+    target_ids, target_mask = jnp.asarray(target_ids), jnp.asarray(target_mask)
+    targets = jnp.where(target_mask.astype(bool), target_ids, model.pad_token_id)
+    decoder_input_ids = shift_right(targets, model.decoder_start_token_id, model.pad_token_id)
+    logits = model(input_ids, attention_mask, decoder_input_ids, rngs=rngs, deterministic=deterministic).logits
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    token_log_probs = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+    return jnp.sum(token_log_probs * target_mask.astype(jnp.float32), axis=-1)

@@ -9,11 +9,12 @@
 
 from rdr_jax import models
 from rdr_jax.models import (BartForConditionalGeneration, BertForSequenceClassification, BertModel,
-                            DPRContextEncoder, DPRQuestionEncoder, DPRReader, T5ForConditionalGeneration,
+                            DebertaV2ForSequenceClassification, DebertaV2Model, DPRContextEncoder, DPRQuestionEncoder, DPRReader, T5ForConditionalGeneration,
                             from_pretrained)
 
 __version__ = "0.1.0"
 
 __all__ = ["from_pretrained", "models", "BertModel", "BertForSequenceClassification", "DPRQuestionEncoder",
-           "DPRContextEncoder", "DPRReader", "T5ForConditionalGeneration", "BartForConditionalGeneration",
+           "DPRContextEncoder", "DPRReader", "DebertaV2Model", "DebertaV2ForSequenceClassification",
+           "T5ForConditionalGeneration", "BartForConditionalGeneration",
            "__version__"]

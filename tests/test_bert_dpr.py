@@ -271,3 +271,34 @@ def test_hub_name_not_in_cache_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
     with pytest.raises(CheckpointError, match="not found in the local Hugging Face cache"):
         rdr_jax.from_pretrained("facebook/dpr-ctx_encoder-single-nq-base")
+
+
+def test_remat_with_dropout_gives_the_same_loss_and_grads(tmp_path):
+    import jax
+    from flax import nnx
+
+    hf = _hf(transformers.DPRContextEncoder, transformers.DPRConfig)
+    hf.save_pretrained(tmp_path / "hf")
+    ids, mask, types = padded_batch(2, 9, TINY["vocab_size"])
+    probe = np.random.RandomState(0).randn(TINY["hidden_size"]).astype(np.float32)
+
+    def loss_and_grads(remat):
+        model = DPRContextEncoder.from_pretrained(tmp_path / "hf", remat=remat)
+
+        @nnx.jit
+        def run(model):
+            def loss(m):
+                out = m(ids, mask, types, rngs=nnx.Rngs(dropout=7), deterministic=False)
+                return (out.pooler_output @ probe).sum()
+            return nnx.value_and_grad(loss)(model)
+
+        value, grads = run(model)
+        return float(value), jax.tree.leaves(nnx.state(grads, nnx.Param))
+
+    plain, remat = loss_and_grads(False), loss_and_grads(True)
+    assert plain[0] == pytest.approx(remat[0], rel=1e-6)
+    deterministic = float((DPRContextEncoder.from_pretrained(tmp_path / "hf")(ids, mask, types)
+                           .pooler_output @ probe).sum())
+    assert abs(plain[0] - deterministic) > 1e-6  # dropout really ran
+    for a, b in zip(plain[1], remat[1]):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)

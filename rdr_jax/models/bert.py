@@ -147,11 +147,11 @@ class BertEncoderStack(nnx.Module):
         x = self.embeddings(input_ids, jnp.asarray(token_type_ids), position_ids, rngs=rngs,
                             deterministic=deterministic)
         hidden_states = [x] if output_hidden_states else None
+        # rngs goes in as an argument: a remat'd function must not capture NNX state from outside.
+        run = (nnx.remat(lambda lyr, h, m, r: lyr(h, m, rngs=r, deterministic=deterministic)) if self.rt.remat
+               else lambda lyr, h, m, r: lyr(h, m, rngs=r, deterministic=deterministic))
         for layer in self.layers:
-            if self.rt.remat:
-                x = nnx.remat(lambda lyr, h, m: lyr(h, m, rngs=rngs, deterministic=deterministic))(layer, x, mask)
-            else:
-                x = layer(x, mask, rngs=rngs, deterministic=deterministic)
+            x = run(layer, x, mask, rngs)
             if output_hidden_states:
                 hidden_states.append(x)
         pooled = jnp.tanh(self.pooler(x[:, 0])) if self.pooler is not None else None

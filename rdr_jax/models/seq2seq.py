@@ -113,6 +113,13 @@ class Seq2SeqLM:
                deterministic: bool = True) -> tuple[jax.Array, DecoderCache | None]:
         raise NotImplementedError
 
+    def constrained_beam_search(self, input_ids, attention_mask, trie, num_beams: int, max_length=None):
+        """``(sequences [batch, num_beams, length], scores [batch, num_beams])``: only identifiers in ``trie``
+        (a :class:`rdr_jax.decoding.PrefixTrie`), scores = summed token log-probabilities, best first."""
+        from rdr_jax.decoding.beam_search import constrained_beam_search
+
+        return constrained_beam_search(self, input_ids, attention_mask, trie, num_beams, max_length)
+
     def __call__(self, input_ids, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None, *,
                  rngs=None, deterministic: bool = True) -> Seq2SeqLMOutput:
         """transformers' forward without labels: LM logits of ``decoder_input_ids`` given the inputs."""

@@ -1,0 +1,166 @@
+"""Trie-constrained beam search for the seq2seq models (T5, BART), one jit-compiled function.
+
+The search follows transformers' beam search (``generate(num_beams=K, early_stopping=True, length_penalty=0.0,
+prefix_allowed_tokens_fn=...)``) so both return the same identifiers and scores:
+
+- a beam's score is its summed token log-probabilities: log-softmax over the full vocabulary in float32, then
+  tokens the trie does not allow set to -inf (as ``PrefixConstrainedLogitsProcessor`` does after log-softmax);
+  no length penalty (transformers with ``length_penalty=0.0``: ``score / length ** 0``);
+- only beam 0 starts alive (the others at -inf), so the first step does not pick one token in every beam;
+- each step takes the top ``2K`` continuations of all beams; those ending with EOS among the first ``K`` join
+  the finished set (best ``K`` kept), the best ``K`` others stay alive; a finished beam is never extended;
+- a row stops once it has ``K`` finished identifiers (``early_stopping=True``) or nothing left alive; the loop
+  stops when every row has, or after ``max_length`` tokens.
+
+Differences from transformers, both about rows with too few identifiers: the beams that start dead are -inf
+here (transformers: -1e9, which can later return the same identifier twice with a score near -1e9), and only
+complete identifiers come out (transformers also returns unfinished beams cut at ``max_length``); missing
+beams have score -inf and a sequence of padding.
+"""
+
+from __future__ import annotations
+
+import weakref
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from rdr_jax.decoding.trie import DeviceTrie, PrefixTrie
+from rdr_jax.models.seq2seq import DecoderCache, reorder_cache
+
+
+@struct.dataclass
+class _SearchState:
+    step: jax.Array            # int32 scalar: tokens generated so far
+    cache: DecoderCache        # batch * beams rows
+    alive_tokens: jax.Array    # [B, K, T] generated tokens (padding after the current step)
+    alive_scores: jax.Array    # [B, K] summed log-probs; -inf for dead beams
+    alive_nodes: jax.Array     # [B, K] trie node each alive beam is at
+    finished_tokens: jax.Array  # [B, K, T]
+    finished_scores: jax.Array  # [B, K], best first; -inf for empty slots
+    done: jax.Array            # [B] row has its K identifiers or nothing alive
+
+
+def _take(values: jax.Array, indices: jax.Array) -> jax.Array:
+    """``values [B, N, ...]`` gathered along axis 1 by ``indices [B, M]``."""
+    indices = indices.reshape(indices.shape + (1,) * (values.ndim - 2))
+    return jnp.take_along_axis(values, indices, axis=1)
+
+
+def _search_step(model, trie: DeviceTrie, encoder_hidden, encoder_mask, state: _SearchState, *, num_beams: int,
+                 vocab_size: int, eos_token_id: int) -> _SearchState:
+    K, V = num_beams, vocab_size
+    B = state.alive_scores.shape[0]
+    previous = jnp.take(state.alive_tokens, jnp.maximum(state.step - 1, 0), axis=2)
+    last_tokens = jnp.where(state.step == 0, model.decoder_start_token_id, previous)
+    logits, cache = model.decode(last_tokens.reshape(B * K, 1), encoder_hidden, encoder_mask, state.cache)
+    log_probs = jax.nn.log_softmax(logits[:, 0, :V].astype(jnp.float32), axis=-1).reshape(B, K, V)
+    allowed = trie.allowed_mask(state.alive_nodes, V)
+    candidates = jnp.where(allowed, log_probs + state.alive_scores[..., None], -jnp.inf).reshape(B, K * V)
+
+    top_scores, top_index = jax.lax.top_k(candidates, 2 * K)
+    parent, token = top_index // V, (top_index % V).astype(jnp.int32)
+    position = jnp.arange(state.alive_tokens.shape[-1]) == state.step
+    top_tokens = jnp.where(position, token[..., None], _take(state.alive_tokens, parent))  # [B, 2K, T]
+    is_eos = token == eos_token_id
+
+    # Finished: EOS among the first K candidates (transformers' rule), while the row is still open.
+    just_finished = is_eos & (jnp.arange(2 * K) < K) & jnp.isfinite(top_scores) & ~state.done[:, None]
+    pool_scores = jnp.concatenate([state.finished_scores, jnp.where(just_finished, top_scores, -jnp.inf)], axis=1)
+    pool_tokens = jnp.concatenate([state.finished_tokens, top_tokens], axis=1)
+    finished_scores, keep = jax.lax.top_k(pool_scores, K)
+    finished_tokens = _take(pool_tokens, keep)
+
+    # Alive: the best K candidates that did not end.
+    alive_scores, keep = jax.lax.top_k(jnp.where(is_eos, -jnp.inf, top_scores), K)
+    alive_parent, alive_token = _take(parent, keep), _take(token, keep)
+    alive_nodes = trie.child(_take(state.alive_nodes, alive_parent), alive_token)
+    alive_nodes = jnp.where(jnp.isfinite(alive_scores), alive_nodes, -1)
+    rows = (jnp.arange(B)[:, None] * K + alive_parent).reshape(-1)
+
+    done = (state.done | (jnp.sum(jnp.isfinite(finished_scores), axis=1) >= K)
+            | ~jnp.isfinite(alive_scores[:, 0]))
+    return _SearchState(step=state.step + 1, cache=reorder_cache(cache, rows), alive_tokens=_take(top_tokens, keep),
+                        alive_scores=alive_scores, alive_nodes=alive_nodes, finished_tokens=finished_tokens,
+                        finished_scores=finished_scores, done=done)
+
+
+def _search(graphdef, params, trie: DeviceTrie, input_ids, attention_mask, *, num_beams: int, max_length: int):
+    model = nnx.merge(graphdef, params)
+    K, (B, _) = num_beams, input_ids.shape
+    vocab_size = model.config.vocab_size
+    pad = model.pad_token_id
+    encoder_hidden = model.encode(input_ids, attention_mask)
+    # every beam of a row reads the same encoder output
+    encoder_hidden = jnp.repeat(encoder_hidden, K, axis=0)
+    encoder_mask = jnp.repeat(attention_mask, K, axis=0)
+    empty = jnp.full((B, K, max_length), pad, jnp.int32)
+    state = _SearchState(
+        step=jnp.zeros((), jnp.int32),
+        cache=model.init_cache(B * K, max_length, encoder_hidden),
+        alive_tokens=empty,
+        alive_scores=jnp.full((B, K), -jnp.inf, jnp.float32).at[:, 0].set(0.0),
+        alive_nodes=jnp.zeros((B, K), jnp.int32),
+        finished_tokens=empty,
+        finished_scores=jnp.full((B, K), -jnp.inf, jnp.float32),
+        done=jnp.zeros((B,), bool))
+    step = partial(_search_step, model, trie, encoder_hidden, encoder_mask, num_beams=K, vocab_size=vocab_size,
+                   eos_token_id=trie.eos_token_id)
+    state = jax.lax.while_loop(lambda s: (s.step < max_length) & ~jnp.all(s.done), step, state)
+    found = jnp.isfinite(state.finished_scores)
+    return jnp.where(found[..., None], state.finished_tokens, pad), state.finished_scores
+
+
+# model -> its jit-compiled search (the graph definition closed over: it holds the unhashable config)
+_COMPILED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _compiled_search(model, graphdef):
+    entry = _COMPILED.get(model)
+    if entry is None or entry[0] != graphdef:
+        entry = (graphdef, jax.jit(partial(_search, graphdef), static_argnames=("num_beams", "max_length")))
+        _COMPILED[model] = entry
+    return entry[1]
+
+
+def constrained_beam_search(model, input_ids, attention_mask, trie: PrefixTrie | DeviceTrie, num_beams: int,
+                            max_length: int | None = None) -> tuple[jax.Array, jax.Array]:
+    """The ``num_beams`` best identifiers of ``trie`` for each input row, by beam search.
+
+    Args:
+      model: a seq2seq model with the ``encode`` / ``init_cache`` / ``decode`` interface (T5, BART).
+      input_ids, attention_mask: ``[batch, source_length]``.
+      trie: the identifiers (a :class:`PrefixTrie`, or its :meth:`~PrefixTrie.to_device` arrays).
+      num_beams: beams kept per row, and identifiers returned per row.
+      max_length: most tokens generated, EOS included (default: the trie's longest identifier). transformers'
+        ``generate`` counts the decoder start token too: its ``max_length`` is this plus one.
+
+    Returns:
+      ``(sequences [batch, num_beams, max_length], scores [batch, num_beams])``: the generated tokens (no
+      decoder start token; padding after EOS) and their summed log-probabilities, best first. Every finite-score
+      sequence is an identifier of the trie; a row with fewer than ``num_beams`` reachable identifiers has
+      score -inf and padding in the missing places.
+    """
+    vocab_size = model.config.vocab_size
+    if isinstance(trie, PrefixTrie):
+        if trie.max_token >= vocab_size:  # such identifiers could never be generated
+            raise ValueError(f"the trie holds token id {trie.max_token}, outside the model's vocabulary "
+                             f"of {vocab_size}")
+        max_length = max_length or trie.max_length
+        trie = trie.to_device()
+    elif max_length is None:
+        raise ValueError("max_length is required when the trie is given as device arrays")
+    if num_beams < 1 or max_length < 1:
+        raise ValueError(f"num_beams ({num_beams}) and max_length ({max_length}) must be positive")
+    input_ids = jnp.asarray(input_ids, jnp.int32)
+    attention_mask = jnp.ones_like(input_ids) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
+    if trie.eos_token_id >= vocab_size:
+        raise ValueError(f"trie EOS token {trie.eos_token_id} is outside the model's vocabulary ({vocab_size})")
+    graphdef, params = nnx.split(model)
+    search = _compiled_search(model, graphdef)
+    return search(params, trie, input_ids, attention_mask, num_beams=num_beams, max_length=max_length)
+
+
+__all__ = ["constrained_beam_search"]

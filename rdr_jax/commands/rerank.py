@@ -1,0 +1,152 @@
+"""rdr-jax rerank: re-rank a first-stage run (TREC file) or DPR retriever results with a cross-encoder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+RERANK_HELP = """Re-rank the top --depth passages of each query with a cross-encoder (BERT or DeBERTa-v2/v3
+sequence classifier, e.g. cross-encoder/ms-marco-MiniLM-L-6-v2, xpmir/cross-encoder-DeBERTav3-DistillRankNET).
+Input: a TREC run with MS MARCO queries and a passages TSV, writing a TREC run (MRR@10 / nDCG@10 before and
+after with --qrels); or DPR retriever-results JSON, writing the same layout re-ordered (top-k answer recall
+before and after). Passages below --depth keep their first-stage order after the re-ranked ones.
+
+examples:
+  rdr-jax rerank --model ce-deberta-v3/ --run bm25.dev.trec --queries queries.dev.tsv \\
+      --passages collection.tsv --out reranked.trec --depth 100 --qrels qrels.dev.tsv
+  rdr-jax rerank --model ce-minilm/ --results nq-test.results.json --out nq-test.reranked.json"""
+
+CROSS_ENCODERS = ("BertForSequenceClassification", "DebertaV2ForSequenceClassification")
+
+
+def add_rerank_arguments(p):
+    p.add_argument("--model", required=True, help="cross-encoder checkpoint directory (HF or native)")
+    p.add_argument("--run", help="first-stage TREC run (qid Q0 docid rank score tag)")
+    p.add_argument("--queries", help="queries TSV (qid<TAB>text) for --run")
+    p.add_argument("--passages", help="passages for --run: MS MARCO collection.tsv (pid<TAB>text) or DPR "
+                                      "psgs.tsv (id<TAB>text<TAB>title)")
+    p.add_argument("--results", help="DPR retriever-results JSON (instead of --run/--queries/--passages)")
+    p.add_argument("--out", required=True, help="output: TREC run for --run, results JSON for --results")
+    p.add_argument("--depth", type=int, default=100, help="passages re-ranked per query (default 100)")
+    p.add_argument("--qrels", help="TREC qrels: print MRR@10 / nDCG@10 before and after (with --run)")
+    p.add_argument("--k", type=int, nargs="+", default=[1, 5, 20, 50, 100],
+                   help="k values of the answer recall printed for --results")
+    p.add_argument("--label-index", type=int, default=None,
+                   help="logit that scores relevance (default: 0 for one logit, 1 for two labels)")
+    p.add_argument("--batch-size", type=int, default=64, help="pairs per step (default 64)")
+    p.add_argument("--max-length", type=int, default=512, help="max tokens per pair (default 512)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="compute dtype (bfloat16 on accelerators)")
+    p.add_argument("--tag", default="rdr_jax_rerank", help="run tag written in the TREC file")
+
+
+def load_scorer(args):
+    """The cross-encoder and its tokenizer as a CrossEncoderScorer; refuses other model classes."""
+    import jax.numpy as jnp
+
+    from rdr_jax.convert.hf_io import resolve_model_dir
+    from rdr_jax.data.tokenization import load_tokenizer
+    from rdr_jax.models import from_pretrained
+    from rdr_jax.retrieval.rerank import CrossEncoderScorer
+
+    model_dir = resolve_model_dir(args.model)
+    model = from_pretrained(model_dir, dtype={"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype])
+    if type(model).__name__ not in CROSS_ENCODERS:
+        raise ValueError(f"--model {args.model}: is a {type(model).__name__}, not a cross-encoder "
+                         f"({' or '.join(CROSS_ENCODERS)})")
+    return CrossEncoderScorer(model, load_tokenizer(model_dir), batch_size=args.batch_size,
+                              max_length=args.max_length, label_index=args.label_index)
+
+
+def _require_file(option: str, path) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{option} {path}: no such file")
+    return path
+
+
+def passages_reader(path: Path):
+    """read_dpr_passages for a 3-column DPR TSV (header optional), read_msmarco_collection for pid<TAB>text."""
+    from rdr_jax.data.readers import open_text, read_dpr_passages, read_msmarco_collection
+
+    with open_text(path) as f:
+        first = next((line for line in f if line.strip()), "")
+    if not first:
+        raise ValueError(f"--passages {path}: empty file")
+    columns = len(first.rstrip("\r\n").split("\t"))
+    if columns == 2:
+        return read_msmarco_collection(path)
+    if columns == 3:
+        return read_dpr_passages(path)
+    raise ValueError(f"--passages {path}: expected pid<TAB>text (MS MARCO) or id<TAB>text<TAB>title (DPR), "
+                     f"found {columns} tab-separated fields on the first line")
+
+
+def load_wanted(rows, wanted: set[str], what: str, source) -> dict:
+    """Stream ``rows`` (dicts with "id") once, keeping only the wanted ids; errors name the missing ones."""
+    found = {}
+    for row in rows:
+        if row["id"] in wanted:
+            found[row["id"]] = row
+            if len(found) == len(wanted):
+                break
+    missing = sorted(wanted - set(found))
+    if missing:
+        raise ValueError(f"{source}: {len(missing)} {what} of the run are missing (e.g. {missing[:3]})")
+    return found
+
+
+def _rerank_trec(args) -> int:
+    from rdr_jax.data.readers import read_msmarco_queries
+    from rdr_jax.retrieval.metrics import (evaluate_run, format_results_table, rank_documents, read_qrels,
+                                           read_trec_run, write_trec_run)
+    from rdr_jax.retrieval.rerank import rerank_run
+
+    if not (args.queries and args.passages):
+        raise ValueError("--run needs --queries and --passages")
+    run = read_trec_run(_require_file("--run", args.run))
+    if not run:
+        raise ValueError(f"--run {args.run}: no rows")
+    queries_path, passages_path = _require_file("--queries", args.queries), _require_file("--passages", args.passages)
+    qrels = read_qrels(_require_file("--qrels", args.qrels)) if args.qrels else None
+    queries = load_wanted(read_msmarco_queries(queries_path), set(run), "queries", f"--queries {queries_path}")
+    wanted = {docid for scores in run.values() for docid in rank_documents(scores)[:args.depth]}
+    passages = load_wanted(passages_reader(passages_path), wanted, "passages", f"--passages {passages_path}")
+    scorer = load_scorer(args)
+    reranked = rerank_run(scorer, {qid: q["text"] for qid, q in queries.items()}, passages, run, args.depth)
+    write_trec_run(args.out, reranked, tag=args.tag)
+    if qrels is not None:
+        measures = ("MRR@10", "nDCG@10")
+        print(format_results_table({"first stage": evaluate_run(qrels, run, measures),
+                                    "re-ranked": evaluate_run(qrels, reranked, measures)}))
+    print(f"re-ranked {len(run)} queries (top {args.depth}); wrote {args.out}")
+    return 0
+
+
+def _rerank_results(args) -> int:
+    from rdr_jax.data.readers import read_retriever_results
+    from rdr_jax.retrieval.metrics import format_results_table
+    from rdr_jax.retrieval.rerank import rerank_results
+    from rdr_jax.retrieval.retrieve import recall_of_results, write_results
+
+    results = list(read_retriever_results(_require_file("--results", args.results)))
+    if not results:
+        raise ValueError(f"--results {args.results}: no questions")
+    scorer = load_scorer(args)
+    pairs = sum(min(args.depth, len(r["ctxs"])) for r in results)
+    reranked = rerank_results(scorer, results, args.depth, total_pairs=pairs)
+    write_results(args.out, reranked)
+    longest = max(len(r["ctxs"]) for r in results)
+    ks = [k for k in args.k if k <= longest] or [longest]
+    if longest:
+        print(format_results_table({"retriever": recall_of_results(results, ks),
+                                    "re-ranked": recall_of_results(reranked, ks)}))
+    print(f"re-ranked {len(results)} questions (top {args.depth}); wrote {args.out}")
+    return 0
+
+
+def run_rerank(args) -> int:
+    if bool(args.results) == bool(args.run):
+        raise ValueError("give either --run (with --queries and --passages) or --results")
+    if args.depth < 1:
+        raise ValueError(f"--depth must be >= 1, got {args.depth}")
+    return _rerank_results(args) if args.results else _rerank_trec(args)

@@ -1,0 +1,47 @@
+"""rdr-jax train: one engine for every objective, configured by YAML."""
+
+from __future__ import annotations
+
+import logging
+
+HELP = """Train with a YAML config (task: dpr, rdr, reader, ...): sharded over a device mesh (mesh.data x
+mesh.fsdp x mesh.tensor), orbax checkpoints every train.checkpoint_every steps, WORKDIR/metrics.jsonl,
+TensorBoard events, and the trained models exported to WORKDIR/final/<model>/ in Hugging Face format.
+Running the same config with a larger train.steps resumes from the last checkpoint.
+
+examples:
+  rdr-jax train configs/tiny/dpr.yaml --workdir runs/tiny_dpr
+  rdr-jax train configs/rdr_nq.yaml --set train.steps=20000 --set mesh.data=8
+  rdr-jax train configs/dpr_nq.yaml --coordinator 10.0.0.1:1234 --num-processes 4 --process-id 0"""
+
+
+def add_arguments(parser):
+    parser.add_argument("config", help="YAML experiment config (e.g. configs/tiny/dpr.yaml)")
+    parser.add_argument("--workdir", help="output directory (overrides the config's 'workdir')")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value by its dotted key, e.g. --set train.steps=10 (repeatable)")
+    parser.add_argument("--coordinator", metavar="HOST:PORT",
+                        help="multi-process training: address of process 0 (jax.distributed)")
+    parser.add_argument("--num-processes", type=int, help="multi-process training: number of processes")
+    parser.add_argument("--process-id", type=int, help="multi-process training: this process's index")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def run(args) -> int:
+    from rdr_jax.training.config import load_config
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every metadata write at INFO
+    config = load_config(args.config, args.overrides, workdir=args.workdir)
+    if args.coordinator or args.num_processes:
+        if not (args.coordinator and args.num_processes and args.process_id is not None):
+            raise ValueError("multi-process training needs --coordinator, --num-processes and --process-id")
+        import jax
+
+        jax.distributed.initialize(args.coordinator, num_processes=args.num_processes, process_id=args.process_id)
+    from rdr_jax.training.loop import train
+
+    result = train(config, progress=not args.no_progress)
+    print(f"trained to step {result['step']}; outputs in {result['workdir']}")
+    return 0

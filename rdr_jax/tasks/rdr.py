@@ -1,0 +1,253 @@
+"""RDR: distil a DPR reader's passage relevance into the retriever (Yang & Seo, 2020).
+
+For each question, its top-K retrieved passages; the student score is the retriever's dot product
+``q . p``, the teacher score is the reader's relevance logit. Loss = KL(softmax(teacher / T) ||
+softmax(student / T)) over the K passages (``losses.rdr_kl``), plus optionally ``task.nll_weight`` x DPR's
+NLL of the gold positive among all passages of the batch. Only the question encoder trains by default, so
+the passage index stays valid (``task.train_context_encoder: true`` trains both).
+
+Batch (``B`` questions, ``K`` passages each, question ``i``'s at rows ``i*K .. i*K+K-1``)::
+
+    q_input_ids, q_attention_mask   [B, Lq]
+    p_input_ids, p_attention_mask   [B * K, Lp]
+    teacher_scores                  [B, K]     precomputed reader relevance logits
+    passage_mask                    [B, K]     1 = a real passage, 0 = padding (fewer than K retrieved)
+    positive_index                  [B]        (optional) row of the gold positive, -1 = none
+    r_input_ids, r_attention_mask   [B * K, Lr] (with task.teacher_model) reader inputs
+                                               ``[CLS] q [SEP] title [SEP] text``: the teacher runs in the step
+
+Data: a JSONL of ``{question, answers, ctxs: [{title, text, teacher_score, has_answer?}]}``, top-K first.
+A DPR bi-encoder JSON is also read (ctxs = its positive, hard negatives, then negatives; the positive has
+``has_answer``); it carries no teacher scores, so it needs ``task.teacher_model``. ``task.teacher_model: init``
+builds a random DPRReader from ``model.init`` (a smoke test of the in-step teacher, not a real teacher).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rdr_jax import losses
+from rdr_jax.models.dpr import DPRContextEncoder, DPRQuestionEncoder, DPRReader
+from rdr_jax.tasks.base import ModelBundle, Task, register_task, resolve_path
+from rdr_jax.tasks.dpr import (MODEL_DEFAULTS, DevBatches, EpochIterator, encode, encode_passages, encode_questions,
+                               encoder_paths, load_tokenizer, model_runtime_kwargs, read_json_records,
+                               save_random_model)
+from rdr_jax.training.config import REQUIRED, ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def encode_reader_inputs(tokenizer, questions: list[str], titles: list[str], texts: list[str], max_length: int):
+    """``[CLS] question [SEP] title [SEP] text`` (no trailing [SEP], token types 0), as DPRReaderTokenizer."""
+    head = tokenizer(questions, titles, add_special_tokens=True, return_token_type_ids=False)["input_ids"]
+    body = tokenizer(texts, add_special_tokens=False, return_token_type_ids=False)["input_ids"]
+    ids = np.full((len(questions), max_length), tokenizer.pad_token_id, np.int32)
+    mask = np.zeros((len(questions), max_length), np.int32)
+    for i, (h, b) in enumerate(zip(head, body)):
+        row = (list(h) + list(b))[:max_length]
+        ids[i, :len(row)] = row
+        mask[i, :len(row)] = 1
+    return ids, mask
+
+
+def from_biencoder_record(r: dict) -> dict:
+    """A DPR bi-encoder example as an RDR record (no teacher scores)."""
+    positives = [dict(c, has_answer=True) for c in (r.get("positive_ctxs") or [])[:1]]
+    ctxs = positives + list(r.get("hard_negative_ctxs") or []) + list(r.get("negative_ctxs") or [])
+    return {"question": r.get("question"), "answers": r.get("answers", []), "ctxs": ctxs}
+
+
+class RDRData:
+    def __init__(self, path: str, tokenizer, *, top_k: int, max_question_length: int, max_passage_length: int,
+                 need_teacher_scores: bool, need_positive: bool, reader_length: int | None):
+        records = read_json_records(path, "RDR training data")
+        if records and isinstance(records[0], dict) and "ctxs" not in records[0] and "positive_ctxs" in records[0]:
+            records = [from_biencoder_record(r) for r in records]
+        for i, r in enumerate(records):
+            if not isinstance(r, dict) or "question" not in r or not isinstance(r.get("ctxs"), list):
+                raise ValueError(f"{path}: example {i} needs 'question' and a 'ctxs' list")
+            if not r["ctxs"]:
+                raise ValueError(f"{path}: example {i} ({r['question']!r}) has no passages in 'ctxs'")
+            if need_teacher_scores:
+                for k, ctx in enumerate(r["ctxs"][:top_k]):
+                    if "teacher_score" not in ctx:
+                        raise ValueError(f"{path}: example {i}, ctxs[{k}] has no 'teacher_score' (generate the "
+                                         f"teacher scores first, or set task.teacher_model)")
+        self.records, self.tokenizer, self.k = records, tokenizer, top_k
+        self.lq, self.lp = max_question_length, max_passage_length
+        self.need_teacher_scores, self.need_positive, self.reader_length = (
+            need_teacher_scores, need_positive, reader_length)
+
+    def __len__(self):
+        return len(self.records)
+
+    def make_batch(self, idx: np.ndarray, rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
+        b, k = len(idx), self.k
+        questions, titles, texts, q_of_passage = [], [], [], []
+        teacher = np.zeros((b, k), np.float32)
+        pmask = np.zeros((b, k), np.int32)
+        positive = np.full((b,), -1, np.int32)
+        for row, i in enumerate(idx):
+            r = self.records[int(i)]
+            questions.append(r["question"])
+            ctxs = r["ctxs"][:k]
+            for j in range(k):
+                ctx = ctxs[j] if j < len(ctxs) else {}
+                titles.append(ctx.get("title") or "")
+                texts.append(ctx.get("text") or "")
+                q_of_passage.append(r["question"])
+                if j < len(ctxs):
+                    pmask[row, j] = 1
+                    teacher[row, j] = float(ctx.get("teacher_score", 0.0))
+                    if positive[row] < 0 and ctx.get("has_answer"):
+                        positive[row] = row * k + j
+        q_ids, q_mask = encode_questions(self.tokenizer, questions, self.lq)
+        p_ids, p_mask = encode_passages(self.tokenizer, titles, texts, self.lp)
+        batch = {"q_input_ids": q_ids, "q_attention_mask": q_mask, "p_input_ids": p_ids,
+                 "p_attention_mask": p_mask, "passage_mask": pmask}
+        if self.need_teacher_scores:
+            batch["teacher_scores"] = teacher
+        if self.need_positive:
+            batch["positive_index"] = positive
+        if self.reader_length:
+            batch["r_input_ids"], batch["r_attention_mask"] = encode_reader_inputs(
+                self.tokenizer, q_of_passage, titles, texts, self.reader_length)
+        return batch
+
+
+def build_random_reader(model_cfg, out_dir, seed: int):
+    if (out_dir / "config.json").is_file():
+        return out_dir
+    init = dict(model_cfg.get("init") or {})
+    if not init:
+        raise ConfigError("'task.teacher_model: init' needs 'model.init' (a BERT config dict)")
+    init.setdefault("vocab_size", 30522)
+    save_random_model(DPRReader, init, out_dir, seed)
+    return out_dir
+
+
+@register_task
+class RDRTask(Task):
+    name = "rdr"
+    index_fields = {"positive_index": "p_input_ids"}
+
+    @classmethod
+    def config_schema(cls):
+        return {
+            "task": {"name": REQUIRED, "train_context_encoder": False, "temperature": 1.0,
+                     "scale_by_temperature_squared": False, "nll_weight": 0.0,
+                     # A DPRReader directory: its relevance logits, computed in the step, are the teacher.
+                     "teacher_model": None},
+            "model": dict(MODEL_DEFAULTS),
+            "data": {"train_file": REQUIRED, "dev_file": None, "top_k": 100, "max_question_length": 256,
+                     "max_passage_length": 256, "max_reader_length": 350, "shuffle": True},
+        }
+
+    @classmethod
+    def validate_config(cls, c):
+        t, d = c["task"], c["data"]
+        if not t["temperature"] or t["temperature"] <= 0:
+            raise ConfigError(f"'task.temperature' must be > 0, got {t['temperature']!r}")
+        if t["nll_weight"] < 0:
+            raise ConfigError(f"'task.nll_weight' must be >= 0, got {t['nll_weight']!r}")
+        if d["top_k"] < 1:
+            raise ConfigError(f"'data.top_k' must be >= 1, got {d['top_k']!r}")
+        for key in ("max_question_length", "max_passage_length", "max_reader_length"):
+            if d[key] < 4:
+                raise ConfigError(f"'data.{key}' must be >= 4, got {d[key]!r}")
+
+    def __init__(self, config, workdir):
+        super().__init__(config, workdir)
+        self._paths = None
+        self._tokenizer = None
+
+    def paths(self):
+        if self._paths is None:
+            self._paths = encoder_paths(self.config.model, self.workdir, self.config.train.seed)
+        return self._paths
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.paths()[2])
+        return self._tokenizer
+
+    @property
+    def teacher_path(self):
+        value = self.config.task.teacher_model
+        if value == "init":
+            return str(build_random_reader(self.config.model, self.workdir / "init" / "reader",
+                                           self.config.train.seed + 1))
+        return resolve_path(value)
+
+    def build_model(self) -> ModelBundle:
+        q_path, c_path, _ = self.paths()
+        kw = model_runtime_kwargs(self.config.model)
+        models = dict(question_encoder=DPRQuestionEncoder.from_pretrained(q_path, **kw),
+                      context_encoder=DPRContextEncoder.from_pretrained(c_path, **kw))
+        if self.teacher_path:
+            models["teacher"] = DPRReader.from_pretrained(self.teacher_path, **kw)
+        return ModelBundle(**models)
+
+    def trainable_submodules(self):
+        return ("question_encoder", "context_encoder") if self.config.task.train_context_encoder \
+            else ("question_encoder",)
+
+    def teacher_scores(self, model, batch, num_questions: int) -> jax.Array:
+        if "teacher" in model.names:
+            if "r_input_ids" not in batch:
+                raise ValueError("task.teacher_model is set but the batch has no reader inputs 'r_input_ids'")
+            out = model.teacher(batch["r_input_ids"], batch["r_attention_mask"], deterministic=True)
+            scores = out.relevance_logits.reshape(num_questions, -1)
+        elif "teacher_scores" in batch:
+            scores = batch["teacher_scores"]
+        else:
+            raise ValueError("the batch has no 'teacher_scores' and task.teacher_model is not set")
+        return jax.lax.stop_gradient(scores.astype(jnp.float32))
+
+    def loss(self, model, batch, *, rngs, deterministic):
+        t = self.config.task
+        q = encode(model.question_encoder, batch["q_input_ids"], batch["q_attention_mask"], rngs=rngs,
+                   deterministic=deterministic)
+        p = encode(model.context_encoder, batch["p_input_ids"], batch["p_attention_mask"], rngs=rngs,
+                   deterministic=deterministic or not t.train_context_encoder)
+        if not t.train_context_encoder:
+            p = jax.lax.stop_gradient(p)
+        num_q = q.shape[0]
+        mask = batch["passage_mask"].astype(bool)
+        student = jnp.einsum("be,bke->bk", q.astype(jnp.float32), p.astype(jnp.float32).reshape(num_q, -1, p.shape[-1]),
+                             precision=jax.lax.Precision.HIGHEST)
+        teacher = self.teacher_scores(model, batch, num_q)
+        kl = losses.rdr_kl(student, teacher, mask, t.temperature, t.scale_by_temperature_squared)
+        neg = jnp.finfo(jnp.float32).min
+        agree = (jnp.argmax(jnp.where(mask, student, neg), -1) == jnp.argmax(jnp.where(mask, teacher, neg), -1))
+        metrics = {"kl": kl, "top1_agreement": jnp.mean(agree.astype(jnp.float32))}
+        loss = kl
+        if t.nll_weight > 0:
+            if "positive_index" not in batch:
+                raise ValueError("task.nll_weight > 0 needs 'positive_index' in the batch")
+            nll = losses.dpr_nll(q, p, batch["positive_index"], passage_mask=mask.reshape(-1))
+            metrics["nll"] = nll
+            loss = loss + t.nll_weight * nll
+        return loss, metrics
+
+    def _data(self, path) -> RDRData:
+        d, t = self.config.data, self.config.task
+        return RDRData(path, self.tokenizer, top_k=d.top_k, max_question_length=d.max_question_length,
+                       max_passage_length=d.max_passage_length, need_teacher_scores=not self.teacher_path,
+                       need_positive=t.nll_weight > 0,
+                       reader_length=d.max_reader_length if self.teacher_path else None)
+
+    def train_iterator(self, batch_size: int, seed: int) -> Iterator[dict[str, np.ndarray]]:
+        data = self._data(self.config.data.train_file)
+        return EpochIterator(len(data), batch_size, seed, data.make_batch, shuffle=self.config.data.shuffle)
+
+    def dev_batches(self, batch_size):
+        if not self.config.data.dev_file:
+            return None
+        return DevBatches(self._data(self.config.data.dev_file), batch_size)

@@ -1,0 +1,182 @@
+"""DPR reader training: passage relevance among M passages plus the marginal likelihood of the gold spans.
+
+For each question the reader sees M passages, the positive first (``[CLS] question [SEP] title [SEP] text``).
+Loss (DPR, Karpukhin et al. 2020, Sec. 6.1)::
+
+    relevance:  -log softmax(relevance_logits)[0]                  over the question's M passages
+    span:       -log sum_{(s, e) gold} p_start(s) * p_end(e)       over the positive passage's text tokens
+
+Start/end probabilities are softmaxes over the positive passage's *text* tokens only (DPR takes them over the
+whole row; restricting to the text is what span selection reads, and keeps padding out of the normaliser).
+
+Batch (``B`` questions, ``M`` passages each, ``S`` gold-span slots)::
+
+    r_input_ids, r_attention_mask   [B * M, L]
+    text_mask                       [B * M, L]   1 on passage-text tokens
+    span_starts, span_ends          [B, S]       token positions of the answer in the positive row
+    span_mask                       [B, S]
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Iterator
+
+import jax.numpy as jnp
+import numpy as np
+
+from rdr_jax import losses
+from rdr_jax.data.tokenization import encode_reader_inputs
+from rdr_jax.models.dpr import DPRReader
+from rdr_jax.tasks.base import ModelBundle, Task, register_task, resolve_path
+from rdr_jax.tasks.dpr import (MODEL_DEFAULTS, DevBatches, EpochIterator, build_random_bert, load_tokenizer,
+                               model_runtime_kwargs, read_json_records)
+from rdr_jax.training.config import REQUIRED, ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def find_spans(row_ids: np.ndarray, begin: int, end: int, answers_ids: list[list[int]], limit: int):
+    """(start, end) token positions in ``row_ids[begin:end]`` where an answer's tokens occur, up to ``limit``."""
+    spans = []
+    segment = row_ids[begin:end].tolist()
+    for ans in answers_ids:
+        n = len(ans)
+        if not n:
+            continue
+        for i in range(len(segment) - n + 1):
+            if segment[i:i + n] == ans and (begin + i, begin + i + n - 1) not in spans:
+                spans.append((begin + i, begin + i + n - 1))
+                if len(spans) == limit:
+                    return spans
+    return spans
+
+
+class ReaderData:
+    """DPR bi-encoder JSON as reader training data: the positive plus M-1 negatives (hard ones first)."""
+
+    def __init__(self, path: str, tokenizer, *, passages: int, max_length: int, max_spans: int):
+        self.tokenizer, self.m, self.length, self.max_spans = tokenizer, passages, max_length, max_spans
+        self.examples = []
+        skipped = 0
+        for r in read_json_records(path, "reader training data"):
+            if not r.get("positive_ctxs") or not r.get("answers"):
+                skipped += 1
+                continue
+            self.examples.append(r)
+        if not self.examples:
+            raise ValueError(f"{path}: no example has a positive passage and answers")
+        if skipped:
+            log.info("%s: skipped %d examples without a positive passage or answers", path, skipped)
+
+    def __len__(self):
+        return len(self.examples)
+
+    def _passages(self, i: int, rng: np.random.Generator) -> list[dict]:
+        ex = self.examples[i]
+        negatives = list(ex.get("hard_negative_ctxs") or []) + list(ex.get("negative_ctxs") or [])
+        while len(negatives) < self.m - 1:  # too few negatives of its own: other questions' positives
+            j = int(rng.integers(len(self.examples)))
+            if j != i:
+                negatives.append(self.examples[j]["positive_ctxs"][0])
+        return [ex["positive_ctxs"][0]] + negatives[: self.m - 1]
+
+    def make_batch(self, idx: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        b, s = len(idx), self.max_spans
+        ids, masks, text_masks = [], [], []
+        starts, ends, span_mask = (np.zeros((b, s), np.int32) for _ in range(3))
+        for row, i in enumerate(idx):
+            ex = self.examples[int(i)]
+            ctxs = self._passages(int(i), rng)
+            enc = encode_reader_inputs(self.tokenizer, ex["question"], [c.get("title") or "" for c in ctxs],
+                                       [c["text"] for c in ctxs], self.length)
+            positions = np.arange(self.length)[None, :]
+            text = (positions >= enc["passage_start"][:, None]) & (enc["attention_mask"] == 1)
+            answers_ids = self.tokenizer(list(ex["answers"]), add_special_tokens=False)["input_ids"]
+            found = find_spans(enc["input_ids"][0], int(enc["passage_start"][0]),
+                               int(enc["attention_mask"][0].sum()), answers_ids, s)
+            for k, (st, en) in enumerate(found):
+                starts[row, k], ends[row, k], span_mask[row, k] = st, en, 1
+            ids.append(enc["input_ids"])
+            masks.append(enc["attention_mask"])
+            text_masks.append(text.astype(np.int32))
+        return {"r_input_ids": np.concatenate(ids), "r_attention_mask": np.concatenate(masks),
+                "text_mask": np.concatenate(text_masks), "span_starts": starts, "span_ends": ends,
+                "span_mask": span_mask}
+
+
+@register_task
+class ReaderTask(Task):
+    name = "reader"
+    question_field = "span_starts"
+
+    @classmethod
+    def config_schema(cls):
+        return {
+            "task": {"name": REQUIRED, "span_weight": 1.0, "relevance_weight": 1.0},
+            "model": {**MODEL_DEFAULTS, "reader": None},
+            "data": {"train_file": REQUIRED, "dev_file": None, "passages_per_question": 4, "max_length": 256,
+                     "max_spans": 4, "shuffle": True},
+        }
+
+    @classmethod
+    def validate_config(cls, c):
+        d = c["data"]
+        if d["passages_per_question"] < 1:
+            raise ConfigError(f"'data.passages_per_question' must be >= 1, got {d['passages_per_question']!r}")
+        if d["max_length"] < 8:
+            raise ConfigError(f"'data.max_length' must be >= 8, got {d['max_length']!r}")
+        if d["max_spans"] < 1:
+            raise ConfigError(f"'data.max_spans' must be >= 1, got {d['max_spans']!r}")
+        if not (c["model"].get("reader") or c["model"].get("init")):
+            raise ConfigError("set 'model.reader' (a DPRReader or BERT checkpoint directory) or 'model.init' "
+                              "(a BERT config dict for a random reader)")
+
+    def __init__(self, config, workdir):
+        super().__init__(config, workdir)
+        self._tokenizer = None
+
+    @property
+    def reader_path(self) -> str:
+        if self.config.model.reader:
+            return resolve_path(self.config.model.reader)
+        return str(build_random_bert(dict(self.config.model.get("init")), self.workdir / "init" / "bert",
+                                     self.config.train.seed))
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(resolve_path(self.config.model.tokenizer) or self.reader_path)
+        return self._tokenizer
+
+    def build_model(self) -> ModelBundle:
+        return ModelBundle(reader=DPRReader.from_pretrained(self.reader_path,
+                                                            **model_runtime_kwargs(self.config.model)))
+
+    def trainable_submodules(self):
+        return ("reader",)
+
+    def loss(self, model, batch, *, rngs, deterministic):
+        t = self.config.task
+        out = model.reader(batch["r_input_ids"], batch["r_attention_mask"], rngs=rngs, deterministic=deterministic)
+        num_q = batch["span_starts"].shape[0]
+        m = out.relevance_logits.shape[0] // num_q
+        reshape = lambda x: x.reshape((num_q, m) + x.shape[1:])
+        relevance, span, metrics = losses.reader_losses(
+            reshape(out.start_logits), reshape(out.end_logits), reshape(out.relevance_logits),
+            reshape(batch["text_mask"]), batch["span_starts"], batch["span_ends"], batch["span_mask"])
+        return t.relevance_weight * relevance + t.span_weight * span, metrics
+
+    def _data(self, path) -> ReaderData:
+        d = self.config.data
+        return ReaderData(path, self.tokenizer, passages=d.passages_per_question, max_length=d.max_length,
+                          max_spans=d.max_spans)
+
+    def train_iterator(self, batch_size: int, seed: int) -> Iterator[dict[str, np.ndarray]]:
+        data = self._data(self.config.data.train_file)
+        return EpochIterator(len(data), batch_size, seed, data.make_batch, shuffle=self.config.data.shuffle)
+
+    def dev_batches(self, batch_size):
+        if not self.config.data.dev_file:
+            return None
+        return DevBatches(self._data(self.config.data.dev_file), batch_size)

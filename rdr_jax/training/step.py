@@ -1,0 +1,104 @@
+"""The generic train step: one ``jax.jit`` with explicit in/out shardings and the state donated.
+
+Functional NNX: the parameters are a pytree; the loss merges them with the graph definition and the frozen
+parameters into a module for one call. Dropout keys are ``fold_in(fold_in(seed_key, step), micro_batch)``,
+so a run is a pure function of (config, seed): resuming from a checkpoint replays the same keys.
+
+Gradient accumulation: a batch of ``A * B`` questions is split into ``A`` interleaved micro-batches
+(``Task.split_microbatches``), scanned, and the gradients averaged. For losses that are means over
+independent questions (RDR's KL, a cross-encoder's per-query loss) this equals one step on the full batch.
+DPR's in-batch negatives are the exception: a micro-batch's questions only see that micro-batch's
+passages as negatives, so accumulation there trades negatives for memory.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from rdr_jax.training.partitioning import BATCH_AXES, batch_sharding
+from rdr_jax.training.state import TrainSetup
+
+
+def _loss_fn(task, graphdef):
+    def loss_fn(params, frozen, batch, key, deterministic):
+        model = nnx.merge(graphdef, params, frozen)
+        rngs = nnx.Rngs(dropout=key) if not deterministic else None
+        loss, metrics = task.loss(model, batch, rngs=rngs, deterministic=deterministic)
+        return loss.astype(jnp.float32), {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
+    return loss_fn
+
+
+def _constrain_micro(mesh: Mesh, micro: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """Keep each micro-batch split over the data-parallel devices (axis 1 after splitting)."""
+    n = 1
+    for a in BATCH_AXES:
+        n *= mesh.shape[a]
+
+    def one(x):
+        if x.ndim >= 2 and x.shape[1] % n == 0:
+            return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(None, BATCH_AXES)))
+        return x
+    return jax.tree.map(one, micro)
+
+
+def make_train_step(task, setup: TrainSetup, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                    mesh: Mesh, grad_accum_steps: int = 1) -> Callable:
+    """``step(state, frozen, batch, seed_key) -> (state, metrics)``; the state argument is donated."""
+    loss_fn = _loss_fn(task, setup.graphdef)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def accumulate(params, frozen, batch, key):
+        if grad_accum_steps == 1:
+            return grad_fn(params, frozen, batch, key, False)
+        micro = _constrain_micro(mesh, task.split_microbatches(batch, grad_accum_steps))
+        first = jax.tree.map(lambda x: x[0], micro)
+        _, metric_shapes = jax.eval_shape(lambda p, f, b, k: loss_fn(p, f, b, k, False), params, frozen, first, key)
+
+        def body(carry, xs):
+            i, mb = xs
+            (loss, metrics), grads = grad_fn(params, frozen, mb, jax.random.fold_in(key, i), False)
+            acc_loss, acc_metrics, acc_grads = carry
+            return (acc_loss + loss, jax.tree.map(jnp.add, acc_metrics, metrics),
+                    jax.tree.map(jnp.add, acc_grads, grads)), None
+
+        zeros = (jnp.zeros((), jnp.float32), jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes),
+                 jax.tree.map(jnp.zeros_like, params))
+        (loss, metrics, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(grad_accum_steps), micro))
+        scale = 1.0 / grad_accum_steps
+        return (loss * scale, jax.tree.map(lambda m: m * scale, metrics)), jax.tree.map(lambda g: g * scale, grads)
+
+    def step(state, frozen, batch, seed_key):
+        key = jax.random.fold_in(seed_key, state["step"])
+        (loss, metrics), grads = accumulate(state["params"], frozen, batch, key)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
+                       learning_rate=jnp.asarray(schedule(state["step"]), jnp.float32))
+        return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
+
+    replicated = NamedSharding(mesh, P())
+    return jax.jit(step, in_shardings=(setup.state_shardings, setup.frozen_shardings, batch_sharding(mesh),
+                                       replicated),
+                   out_shardings=(setup.state_shardings, replicated), donate_argnums=(0,))
+
+
+def make_eval_step(task, setup: TrainSetup, mesh: Mesh) -> Callable:
+    """``eval(params, frozen, batch) -> metrics`` (deterministic: no dropout), loss included."""
+    loss_fn = _loss_fn(task, setup.graphdef)
+
+    def evaluate(params, frozen, batch):
+        loss, metrics = loss_fn(params, frozen, batch, None, True)
+        return dict(metrics, loss=loss)
+
+    replicated = NamedSharding(mesh, P())
+    return jax.jit(evaluate, in_shardings=(setup.state_shardings["params"], setup.frozen_shardings,
+                                           batch_sharding(mesh)), out_shardings=replicated)
+
+
+__all__ = ["make_train_step", "make_eval_step"]

@@ -1,0 +1,100 @@
+"""Small fixtures for tests and smoke runs of the engine: a tiny random BERT directory and RDR data.
+
+Nothing here downloads: the BERT is random (bert-base-uncased vocab size, so the MiniLM package's tokenizer
+fits it), the RDR JSONL is made from the embedded bi-encoder data when it exists, else synthetic.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from rdr_jax.tasks.base import MINILM_PACKAGE
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+TINY_CONFIGS = REPO_ROOT / "configs" / "tiny"
+EMBEDDED_BIENCODER = REPO_ROOT / "rdr_jax" / "data" / "embedded" / "train.biencoder.json"
+
+TINY_BERT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                 max_position_embeddings=128, vocab_size=30522)
+
+
+def tiny_bert_dir(out_dir: str | Path, seed: int = 0, dropout: float = 0.1) -> Path:
+    """A random tiny BertModel saved in HF format (built once; a copy with other dropout rates is a
+    config.json edit, not a rebuild)."""
+    from rdr_jax.models.bert import BertModel
+    from rdr_jax.tasks.dpr import save_random_model
+
+    out_dir = Path(out_dir)
+    if not (out_dir / "config.json").is_file():
+        save_random_model(BertModel, dict(TINY_BERT, hidden_dropout_prob=dropout,
+                                          attention_probs_dropout_prob=dropout), out_dir, seed)
+    return out_dir
+
+
+def with_dropout(src: str | Path, out_dir: str | Path, dropout: float) -> Path:
+    """A copy of an HF model directory whose config sets every dropout rate to ``dropout``."""
+    import shutil
+
+    src, out_dir = Path(src), Path(out_dir)
+    shutil.copytree(src, out_dir, dirs_exist_ok=True)
+    config = json.loads((src / "config.json").read_text())
+    config.update(hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+    (out_dir / "config.json").write_text(json.dumps(config))
+    return out_dir
+
+
+def _synthetic_biencoder(n: int) -> list[dict]:
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+    rng = np.random.default_rng(0)
+    out = []
+    for i in range(n):
+        w = list(rng.choice(words, size=6))
+        ctx = lambda j: {"title": f"{w[j % 6]} {j}", "text": " ".join(rng.choice(words, size=12))}
+        out.append({"question": f"what is {w[0]} {w[1]} {i}?", "answers": [w[0]],
+                    "positive_ctxs": [ctx(0)], "hard_negative_ctxs": [ctx(1)],
+                    "negative_ctxs": [ctx(2), ctx(3)]})
+    return out
+
+
+def biencoder_examples(n: int) -> list[dict]:
+    if EMBEDDED_BIENCODER.is_file():
+        data = json.loads(EMBEDDED_BIENCODER.read_text())
+        if len(data) >= n:
+            return data[:n]
+    return _synthetic_biencoder(n)
+
+
+def write_biencoder_json(path: str | Path, n: int = 32) -> Path:
+    path = Path(path)
+    path.write_text(json.dumps(biencoder_examples(n)))
+    return path
+
+
+def write_rdr_jsonl(path: str | Path, n: int = 32, k: int = 4, seed: int = 0) -> Path:
+    """{question, answers, ctxs: [{title, text, teacher_score, has_answer}]} per line, ``k`` passages per
+    question (some questions get fewer, to exercise padding), pseudo-random teacher scores favouring the
+    positive."""
+    rng = np.random.default_rng(seed)
+    lines = []
+    for i, ex in enumerate(biencoder_examples(n)):
+        ctxs = ([dict(c, has_answer=True) for c in ex["positive_ctxs"][:1]]
+                + [dict(c, has_answer=False) for c in ex.get("hard_negative_ctxs", []) + ex.get("negative_ctxs", [])])
+        ctxs = ctxs[:k - 1] if i % 2 else ctxs[:k]
+        order = rng.permutation(len(ctxs))
+        ctxs = [ctxs[j] for j in order]
+        for c in ctxs:
+            c["teacher_score"] = float(rng.normal() + (3.0 if c["has_answer"] else 0.0))
+        lines.append(json.dumps({"question": ex["question"], "answers": ex.get("answers", []), "ctxs": ctxs}))
+    Path(path).write_text("\n".join(lines) + "\n")
+    return Path(path)
+
+
+def tiny_overrides(task: str, bert_dir: str | Path, data_file: str | Path) -> list[str]:
+    """``--set`` overrides turning configs/tiny/<task>.yaml into a test run on given model and data."""
+    out = [f"model.question_encoder={bert_dir}", f"model.tokenizer={MINILM_PACKAGE}", f"data.train_file={data_file}"]
+    if task == "rdr":
+        out.append("task.teacher_model=null")
+    return out

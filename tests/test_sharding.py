@@ -1,0 +1,123 @@
+"""Sharded steps on 8 simulated CPU devices give the numbers of 1 device.
+
+Runs in a subprocess: ``--xla_force_host_platform_device_count`` must be set before jax is imported. DPR and
+RDR train 3 steps on the same batches with meshes single (1 device), data=4 x tensor=2 and fsdp=8; losses
+and parameters must agree to a relative 1e-5, and the parameters must really be split over the devices.
+
+Adam's first steps are ~sign(gradient): an element whose gradient is near zero can flip on rounding alone.
+So the runs use ``adam_eps=1e-3`` (updates continuous in the gradient), parameters are compared relative to
+max(|tensor|, 0.02 = the init scale), and the few parameters with an exactly zero gradient are left out.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from rdr_jax.training import testing
+
+SCRIPT = textwrap.dedent("""
+    import json, os, sys
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    import jax
+    import numpy as np
+    from rdr_jax.training.config import load_config
+    from rdr_jax.training.loop import prepare
+    from rdr_jax.training.partitioning import make_mesh, shard_batch
+    from rdr_jax.training.checkpoints import flatten_state
+    from rdr_jax.training import testing
+
+    # Parameters whose gradient is exactly zero in exact arithmetic, where Adam turns rounding noise into
+    # full-size steps (on 1 device as on 8): attention key biases (softmax ignores a per-query shift) and
+    # the context encoder's last LayerNorm bias (it shifts every passage score of a question equally).
+    ZERO_GRADIENT = lambda k: k.endswith("key.bias.value") or (
+        k.startswith("context_encoder.") and k.endswith("layers.1.output_norm.bias.value"))
+    bert, dpr_data, rdr_data, workdir = sys.argv[1:]
+    assert len(jax.devices()) == 8, jax.devices()
+    meshes = {"single": ((1, 1, 1), jax.devices()[:1]), "data4_tensor2": ((4, 1, 2), None),
+              "fsdp8": ((1, 8, 1), None)}
+    out = {}
+    for task, data in (("dpr", dpr_data), ("rdr", rdr_data)):
+        extra = ["task.nll_weight=0.5"] if task == "rdr" else []
+        config = load_config(testing.TINY_CONFIGS / f"{task}.yaml",
+                             testing.tiny_overrides(task, bert, data) + extra + ["train.batch_size=8", "optim.adam_eps=1e-3"],
+                             workdir=os.path.join(workdir, task))
+        batches = None
+        ref = None
+        for name, (shape, devices) in meshes.items():
+            trainer = prepare(config, mesh=make_mesh(*shape, devices=devices))
+            if batches is None:
+                it = trainer.task.train_iterator(8, 0)
+                batches = [next(it) for _ in range(3)]
+            key = jax.random.PRNGKey(0)
+            losses = []
+            for batch in batches:
+                trainer.setup.state, metrics = trainer.train_step(trainer.setup.state, trainer.setup.frozen,
+                                                                  shard_batch(batch, trainer.mesh), key)
+                losses.append(float(metrics["loss"]))
+            flat, _ = flatten_state(trainer.setup.state["params"])
+            specs = {k: str(v.sharding.spec) for k, v in flat.items()}
+            params = {k: np.asarray(jax.device_get(v)) for k, v in flat.items()}
+            n_shards = {k: len({str(s.index) for s in v.addressable_shards}) for k, v in flat.items()}
+            result = {"losses": losses, "specs": specs, "max_shards": max(n_shards.values())}
+            if ref is None:
+                ref = (losses, params)
+            else:
+                result["loss_rel_diff"] = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(losses, ref[0]))
+                # Relative to the tensor's magnitude, at least the init scale (0.02): biases start at zero
+                # and have no scale of their own.
+                rel = {k: float(np.max(np.abs(params[k] - ref[1][k])) / max(np.max(np.abs(ref[1][k])), 0.02))
+                       for k in params if not ZERO_GRADIENT(k)}
+                result["param_rel_diff"] = max(rel.values())
+                result["worst_param"] = max(rel, key=rel.get)
+            out[f"{task}/{name}"] = result
+    print("RESULT " + json.dumps(out))
+""")
+
+
+@pytest.fixture(scope="module")
+def sharded_results(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sharding")
+    bert = testing.tiny_bert_dir(tmp / "bert")
+    dpr_data = testing.write_biencoder_json(tmp / "dpr.json", 24)
+    rdr_data = testing.write_rdr_jsonl(tmp / "rdr.jsonl", 24, k=4)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(bert), str(dpr_data), str(rdr_data), str(tmp / "runs")],
+                          capture_output=True, text=True, env=env, timeout=600)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, f"subprocess failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+@pytest.mark.parametrize("task", ["dpr", "rdr"])
+@pytest.mark.parametrize("mesh", ["data4_tensor2", "fsdp8"])
+def test_sharded_steps_match_single_device(sharded_results, task, mesh):
+    single = sharded_results[f"{task}/single"]
+    result = sharded_results[f"{task}/{mesh}"]
+    assert all(loss == loss and loss > 0 for loss in single["losses"]), single["losses"]
+    assert single["losses"][0] != single["losses"][-1]   # it trained
+    assert result["loss_rel_diff"] <= 1e-5, (result["losses"], single["losses"])
+    assert result["param_rel_diff"] <= 1e-5, result["worst_param"]
+
+
+def test_parameters_are_really_sharded(sharded_results):
+    for task in ("dpr", "rdr"):
+        single = sharded_results[f"{task}/single"]
+        assert single["max_shards"] == 1
+        tensor = sharded_results[f"{task}/data4_tensor2"]["specs"]
+        fsdp = sharded_results[f"{task}/fsdp8"]["specs"]
+        query = next(k for k in tensor if k.endswith("layers.0.query.kernel.value"))
+        # [embed, heads, kv]: heads over 'tensor' on data x tensor, embed over 'fsdp' on fsdp=8.
+        assert "tensor" in tensor[query] and "fsdp" not in tensor[query], tensor[query]
+        assert "fsdp" in fsdp[query], fsdp[query]
+        intermediate = next(k for k in tensor if k.endswith("layers.0.intermediate.kernel.value"))
+        assert "tensor" in tensor[intermediate]
+        word = next(k for k in fsdp if k.endswith("word_embeddings.embedding.value"))
+        assert "fsdp" in fsdp[word] and "tensor" in tensor[word]
+        norm = next(k for k in fsdp if k.endswith("attention_norm.scale.value"))
+        assert "fsdp" not in fsdp[norm] and "tensor" not in tensor[norm]   # norms stay replicated
+        assert sharded_results[f"{task}/fsdp8"]["max_shards"] == 8
+        assert sharded_results[f"{task}/data4_tensor2"]["max_shards"] == 2

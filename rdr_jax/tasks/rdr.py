@@ -34,25 +34,13 @@ import numpy as np
 from rdr_jax import losses
 from rdr_jax.models.dpr import DPRContextEncoder, DPRQuestionEncoder, DPRReader
 from rdr_jax.tasks.base import ModelBundle, Task, register_task, resolve_path
-from rdr_jax.tasks.dpr import (MODEL_DEFAULTS, DevBatches, EpochIterator, encode, encode_passages, encode_questions,
-                               encoder_paths, load_tokenizer, model_runtime_kwargs, read_json_records,
+from rdr_jax.data.tokenization import encode_reader_inputs
+from rdr_jax.tasks.dpr import (MODEL_DEFAULTS, DevBatches, EpochIterator, encode, encoder_paths, load_tokenizer,
+                               model_runtime_kwargs, passage_arrays, question_arrays, read_json_records,
                                save_random_model)
 from rdr_jax.training.config import REQUIRED, ConfigError
 
 log = logging.getLogger(__name__)
-
-
-def encode_reader_inputs(tokenizer, questions: list[str], titles: list[str], texts: list[str], max_length: int):
-    """``[CLS] question [SEP] title [SEP] text`` (no trailing [SEP], token types 0), as DPRReaderTokenizer."""
-    head = tokenizer(questions, titles, add_special_tokens=True, return_token_type_ids=False)["input_ids"]
-    body = tokenizer(texts, add_special_tokens=False, return_token_type_ids=False)["input_ids"]
-    ids = np.full((len(questions), max_length), tokenizer.pad_token_id, np.int32)
-    mask = np.zeros((len(questions), max_length), np.int32)
-    for i, (h, b) in enumerate(zip(head, body)):
-        row = (list(h) + list(b))[:max_length]
-        ids[i, :len(row)] = row
-        mask[i, :len(row)] = 1
-    return ids, mask
 
 
 def from_biencoder_record(r: dict) -> dict:
@@ -106,8 +94,8 @@ class RDRData:
                     teacher[row, j] = float(ctx.get("teacher_score", 0.0))
                     if positive[row] < 0 and ctx.get("has_answer"):
                         positive[row] = row * k + j
-        q_ids, q_mask = encode_questions(self.tokenizer, questions, self.lq)
-        p_ids, p_mask = encode_passages(self.tokenizer, titles, texts, self.lp)
+        q_ids, q_mask = question_arrays(self.tokenizer, questions, self.lq)
+        p_ids, p_mask = passage_arrays(self.tokenizer, titles, texts, self.lp)
         batch = {"q_input_ids": q_ids, "q_attention_mask": q_mask, "p_input_ids": p_ids,
                  "p_attention_mask": p_mask, "passage_mask": pmask}
         if self.need_teacher_scores:
@@ -115,8 +103,8 @@ class RDRData:
         if self.need_positive:
             batch["positive_index"] = positive
         if self.reader_length:
-            batch["r_input_ids"], batch["r_attention_mask"] = encode_reader_inputs(
-                self.tokenizer, q_of_passage, titles, texts, self.reader_length)
+            reader = encode_reader_inputs(self.tokenizer, q_of_passage, titles, texts, self.reader_length)
+            batch["r_input_ids"], batch["r_attention_mask"] = reader["input_ids"], reader["attention_mask"]
         return batch
 
 

@@ -1,6 +1,6 @@
 """Subcommand registry: name -> (help, add_arguments(parser), run(args) -> exit code)."""
 
-from rdr_jax.commands import convert, demo, pipeline, reader, train
+from rdr_jax.commands import convert, demo, pipeline, reader, rerank, train
 
 COMMANDS = {
     "convert": (convert.HELP, convert.add_arguments, convert.run),
@@ -10,6 +10,7 @@ COMMANDS = {
     "evaluate": (pipeline.EVALUATE_HELP, pipeline.add_evaluate_arguments, pipeline.run_evaluate),
     "read": (reader.READ_HELP, reader.add_read_arguments, reader.run_read),
     "teacher-scores": (reader.TEACHER_HELP, reader.add_teacher_arguments, reader.run_teacher_scores),
+    "rerank": (rerank.RERANK_HELP, rerank.add_rerank_arguments, rerank.run_rerank),
     "train": (train.HELP, train.add_arguments, train.run),
     "demo": (demo.HELP, demo.add_arguments, demo.run),
 }

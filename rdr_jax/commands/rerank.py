@@ -83,8 +83,10 @@ def passages_reader(path: Path):
 
 def load_wanted(rows, wanted: set[str], what: str, source) -> dict:
     """Stream ``rows`` (dicts with "id") once, keeping only the wanted ids; errors name the missing ones."""
+    from tqdm import tqdm
+
     found = {}
-    for row in rows:
+    for row in tqdm(rows, desc=f"reading {what}", unit=" rows", mininterval=2.0):
         if row["id"] in wanted:
             found[row["id"]] = row
             if len(found) == len(wanted):

@@ -83,8 +83,8 @@ class Task:
     name: ClassVar[str]
     # Batch field whose leading size is the number of questions (examples) in the batch.
     question_field: ClassVar[str] = "q_input_ids"
-    # {index field: the field whose rows it indexes}
-    index_fields: ClassVar[dict[str, str]] = {}
+    # {index field: the field whose rows it indexes (or a tuple of alternatives, the first present is used)}
+    index_fields: ClassVar[dict[str, str | tuple[str, ...]]] = {}
 
     def __init__(self, config, workdir: str | Path):
         self.config = config
@@ -137,10 +137,11 @@ class Task:
             x = value.reshape((per, n, g) + value.shape[1:])
             x = jnp.swapaxes(x, 0, 1)
             out[key] = x.reshape((n, per * g) + value.shape[1:])
-        for key, target in self.index_fields.items():
+        for key, targets in self.index_fields.items():
             if key not in batch:
                 continue
-            g = groups[target]
+            targets = (targets,) if isinstance(targets, str) else targets
+            g = groups[next(t for t in targets if t in groups)]
             q = jnp.arange(num_q)
             local = batch[key] - q * g + (q // n) * g   # question i sits at position i // n of its micro-batch
             local = jnp.where(batch[key] < 0, batch[key], local)

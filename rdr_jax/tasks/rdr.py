@@ -9,14 +9,19 @@ the passage index stays valid (``task.train_context_encoder: true`` trains both)
 Batch (``B`` questions, ``K`` passages each, question ``i``'s at rows ``i*K .. i*K+K-1``)::
 
     q_input_ids, q_attention_mask   [B, Lq]
-    p_input_ids, p_attention_mask   [B * K, Lp]
+    p_input_ids, p_attention_mask   [B * K, Lp]   (or p_emb [B * K, E]: precomputed index embeddings)
     teacher_scores                  [B, K]     precomputed reader relevance logits
     passage_mask                    [B, K]     1 = a real passage, 0 = padding (fewer than K retrieved)
     positive_index                  [B]        (optional) row of the gold positive, -1 = none
     r_input_ids, r_attention_mask   [B * K, Lr] (with task.teacher_model) reader inputs
                                                ``[CLS] q [SEP] title [SEP] text``: the teacher runs in the step
 
-Data: a JSONL of ``{question, answers, ctxs: [{title, text, teacher_score, has_answer?}]}``, top-K first.
+Data (``data.train_file``): the TFDS teacher-score dataset ``rdr-jax teacher-scores`` writes (a directory;
+teacher score = the reader's relevance logit, or relevance + best span score with
+``data.teacher_score: relevance+span``), or a JSONL of ``{question, answers, ctxs: [{title, text,
+teacher_score, has_answer?}]}``, top-K first. With ``data.passage_embeddings`` (the directory ``rdr-jax
+encode`` wrote for the index) and a frozen context encoder, the passages are not re-encoded in the step:
+their index embeddings are looked up, which is exact (the frozen encoder would reproduce them) and far cheaper.
 A DPR bi-encoder JSON is also read (ctxs = its positive, hard negatives, then negatives; the positive has
 ``has_answer``); it carries no teacher scores, so it needs ``task.teacher_model``. ``task.teacher_model: init``
 builds a random DPRReader from ``model.init`` (a smoke test of the in-step teacher, not a real teacher).
@@ -37,7 +42,7 @@ from rdr_jax.tasks.base import ModelBundle, Task, register_task, resolve_path
 from rdr_jax.data.tokenization import encode_reader_inputs
 from rdr_jax.tasks.dpr import (MODEL_DEFAULTS, DevBatches, EpochIterator, encode, encoder_paths, load_tokenizer,
                                model_runtime_kwargs, passage_arrays, question_arrays, read_json_records,
-                               save_random_model)
+                               resolve_data_path, save_random_model)
 from rdr_jax.training.config import REQUIRED, ConfigError
 
 log = logging.getLogger(__name__)
@@ -50,12 +55,58 @@ def from_biencoder_record(r: dict) -> dict:
     return {"question": r.get("question"), "answers": r.get("answers", []), "ctxs": ctxs}
 
 
+def records_from_teacher_dataset(path, split: str, score: str) -> list[dict]:
+    """RDR records from the TFDS dataset written by ``rdr-jax teacher-scores``."""
+    from rdr_jax.data.tfds_format import load as load_tfds
+
+    if score not in ("relevance", "relevance+span"):
+        raise ConfigError(f"'data.teacher_score' must be 'relevance' or 'relevance+span', got {score!r}")
+    records = []
+    for row in load_tfds(path, split):
+        teacher = np.asarray(row["relevance_logits"], np.float32)
+        if score == "relevance+span":
+            teacher = teacher + np.asarray(row["span_scores"], np.float32)
+        ctxs = [{"id": pid, "title": title, "text": text, "teacher_score": float(t), "has_answer": bool(h)}
+                for pid, title, text, t, h in zip(row["passage_ids"], row["titles"], row["texts"], teacher,
+                                                  row["has_answer"])]
+        records.append({"question": row["question"], "answers": list(row["answers"]), "ctxs": ctxs})
+    return records
+
+
+def load_records(path, split: str, score: str) -> list[dict]:
+    path = resolve_data_path(path)
+    if path.is_dir():
+        return records_from_teacher_dataset(path, split, score)
+    records = read_json_records(path, "RDR training data")
+    if records and isinstance(records[0], dict) and "ctxs" not in records[0] and "positive_ctxs" in records[0]:
+        records = [from_biencoder_record(r) for r in records]
+    return records
+
+
+class PassageEmbeddings:
+    """Index embeddings by passage id (``rdr-jax encode``'s output), for a frozen context encoder."""
+
+    def __init__(self, encoding_dir):
+        from rdr_jax.retrieval.encode import load_encoded
+
+        self.vectors, ids = load_encoded(resolve_data_path(encoding_dir))
+        self.row = {pid: i for i, pid in enumerate(ids)}
+
+    def lookup(self, passage_ids: list[str | None]) -> np.ndarray:
+        out = np.zeros((len(passage_ids), self.vectors.shape[1]), np.float32)
+        for i, pid in enumerate(passage_ids):
+            if pid is not None:
+                if pid not in self.row:
+                    raise ValueError(f"passage id {pid!r} is not in data.passage_embeddings")
+                out[i] = self.vectors[self.row[pid]]
+        return out
+
+
 class RDRData:
     def __init__(self, path: str, tokenizer, *, top_k: int, max_question_length: int, max_passage_length: int,
-                 need_teacher_scores: bool, need_positive: bool, reader_length: int | None):
-        records = read_json_records(path, "RDR training data")
-        if records and isinstance(records[0], dict) and "ctxs" not in records[0] and "positive_ctxs" in records[0]:
-            records = [from_biencoder_record(r) for r in records]
+                 need_teacher_scores: bool, need_positive: bool, reader_length: int | None, split: str = "train",
+                 teacher_score: str = "relevance", embeddings: PassageEmbeddings | None = None):
+        records = load_records(path, split, teacher_score)
         for i, r in enumerate(records):
             if not isinstance(r, dict) or "question" not in r or not isinstance(r.get("ctxs"), list):
                 raise ValueError(f"{path}: example {i} needs 'question' and a 'ctxs' list")
@@ -66,17 +117,23 @@ class RDRData:
                     if "teacher_score" not in ctx:
                         raise ValueError(f"{path}: example {i}, ctxs[{k}] has no 'teacher_score' (generate the "
                                          f"teacher scores first, or set task.teacher_model)")
+            if embeddings is not None:
+                for k, ctx in enumerate(r["ctxs"][:top_k]):
+                    if ctx.get("id") is None:
+                        raise ValueError(f"{path}: example {i}, ctxs[{k}] has no passage 'id' to look up in "
+                                         "data.passage_embeddings")
         self.records, self.tokenizer, self.k = records, tokenizer, top_k
         self.lq, self.lp = max_question_length, max_passage_length
         self.need_teacher_scores, self.need_positive, self.reader_length = (
             need_teacher_scores, need_positive, reader_length)
+        self.embeddings = embeddings
 
     def __len__(self):
         return len(self.records)
 
     def make_batch(self, idx: np.ndarray, rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
         b, k = len(idx), self.k
-        questions, titles, texts, q_of_passage = [], [], [], []
+        questions, titles, texts, q_of_passage, passage_ids = [], [], [], [], []
         teacher = np.zeros((b, k), np.float32)
         pmask = np.zeros((b, k), np.int32)
         positive = np.full((b,), -1, np.int32)
@@ -88,6 +145,7 @@ class RDRData:
                 ctx = ctxs[j] if j < len(ctxs) else {}
                 titles.append(ctx.get("title") or "")
                 texts.append(ctx.get("text") or "")
+                passage_ids.append(str(ctx["id"]) if j < len(ctxs) and ctx.get("id") is not None else None)
                 q_of_passage.append(r["question"])
                 if j < len(ctxs):
                     pmask[row, j] = 1
@@ -95,9 +153,11 @@ class RDRData:
                     if positive[row] < 0 and ctx.get("has_answer"):
                         positive[row] = row * k + j
         q_ids, q_mask = question_arrays(self.tokenizer, questions, self.lq)
-        p_ids, p_mask = passage_arrays(self.tokenizer, titles, texts, self.lp)
-        batch = {"q_input_ids": q_ids, "q_attention_mask": q_mask, "p_input_ids": p_ids,
-                 "p_attention_mask": p_mask, "passage_mask": pmask}
+        batch = {"q_input_ids": q_ids, "q_attention_mask": q_mask, "passage_mask": pmask}
+        if self.embeddings is not None:
+            batch["p_emb"] = self.embeddings.lookup(passage_ids)
+        else:
+            batch["p_input_ids"], batch["p_attention_mask"] = passage_arrays(self.tokenizer, titles, texts, self.lp)
         if self.need_teacher_scores:
             batch["teacher_scores"] = teacher
         if self.need_positive:
@@ -122,7 +182,7 @@ def build_random_reader(model_cfg, out_dir, seed: int):
 @register_task
 class RDRTask(Task):
     name = "rdr"
-    index_fields = {"positive_index": "p_input_ids"}
+    index_fields = {"positive_index": ("p_input_ids", "p_emb")}
 
     @classmethod
     def config_schema(cls):
@@ -132,8 +192,10 @@ class RDRTask(Task):
                      # A DPRReader directory: its relevance logits, computed in the step, are the teacher.
                      "teacher_model": None},
             "model": dict(MODEL_DEFAULTS),
-            "data": {"train_file": REQUIRED, "dev_file": None, "top_k": 100, "max_question_length": 256,
-                     "max_passage_length": 256, "max_reader_length": 350, "shuffle": True},
+            "data": {"train_file": REQUIRED, "dev_file": None, "train_split": "train", "dev_split": "dev",
+                     "teacher_score": "relevance", "passage_embeddings": None, "top_k": 100,
+                     "max_question_length": 256, "max_passage_length": 256, "max_reader_length": 350,
+                     "shuffle": True},
         }
 
     @classmethod
@@ -148,11 +210,15 @@ class RDRTask(Task):
         for key in ("max_question_length", "max_passage_length", "max_reader_length"):
             if d[key] < 4:
                 raise ConfigError(f"'data.{key}' must be >= 4, got {d[key]!r}")
+        if d["passage_embeddings"] and t["train_context_encoder"]:
+            raise ConfigError("'data.passage_embeddings' needs a frozen context encoder "
+                              "('task.train_context_encoder: false'): trained passages must be re-encoded")
 
     def __init__(self, config, workdir):
         super().__init__(config, workdir)
         self._paths = None
         self._tokenizer = None
+        self._embeddings = None
 
     def paths(self):
         if self._paths is None:
@@ -202,8 +268,11 @@ class RDRTask(Task):
         t = self.config.task
         q = encode(model.question_encoder, batch["q_input_ids"], batch["q_attention_mask"], rngs=rngs,
                    deterministic=deterministic)
-        p = encode(model.context_encoder, batch["p_input_ids"], batch["p_attention_mask"], rngs=rngs,
-                   deterministic=deterministic or not t.train_context_encoder)
+        if "p_emb" in batch:  # the index's embeddings of the frozen context encoder
+            p = batch["p_emb"]
+        else:
+            p = encode(model.context_encoder, batch["p_input_ids"], batch["p_attention_mask"], rngs=rngs,
+                       deterministic=deterministic or not t.train_context_encoder)
         if not t.train_context_encoder:
             p = jax.lax.stop_gradient(p)
         num_q = q.shape[0]
@@ -224,18 +293,21 @@ class RDRTask(Task):
             loss = loss + t.nll_weight * nll
         return loss, metrics
 
-    def _data(self, path) -> RDRData:
+    def _data(self, path, split) -> RDRData:
         d, t = self.config.data, self.config.task
+        if d.passage_embeddings and self._embeddings is None:
+            self._embeddings = PassageEmbeddings(d.passage_embeddings)
         return RDRData(path, self.tokenizer, top_k=d.top_k, max_question_length=d.max_question_length,
                        max_passage_length=d.max_passage_length, need_teacher_scores=not self.teacher_path,
                        need_positive=t.nll_weight > 0,
-                       reader_length=d.max_reader_length if self.teacher_path else None)
+                       reader_length=d.max_reader_length if self.teacher_path else None, split=split,
+                       teacher_score=d.teacher_score, embeddings=self._embeddings)
 
     def train_iterator(self, batch_size: int, seed: int) -> Iterator[dict[str, np.ndarray]]:
-        data = self._data(self.config.data.train_file)
+        data = self._data(self.config.data.train_file, self.config.data.train_split)
         return EpochIterator(len(data), batch_size, seed, data.make_batch, shuffle=self.config.data.shuffle)
 
     def dev_batches(self, batch_size):
         if not self.config.data.dev_file:
             return None
-        return DevBatches(self._data(self.config.data.dev_file), batch_size)
+        return DevBatches(self._data(self.config.data.dev_file, self.config.data.dev_split), batch_size)

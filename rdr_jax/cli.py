@@ -20,8 +20,7 @@ EPILOG = """examples:
   rdr-jax index --embeddings embeddings/ --out index/ --kind hnsw
   rdr-jax retrieve --model q_enc/ --index index/ --passages psgs_w100.tsv --qa nq-test.qa.csv --out results.json
   rdr-jax evaluate --results results.json
-  rdr-jax rerank --model cross-encoder/ --run bm25.trec --queries queries.tsv --passages collection.tsv \
-      --qrels qrels.tsv --out reranked.trec
+  rdr-jax rerank --model cross-encoder/ --run bm25.trec --queries q.tsv --passages collection.tsv --out re.trec
   rdr-jax train configs/tiny/dpr.yaml --workdir runs/tiny_dpr
 
 Run `rdr-jax COMMAND --help` for each command's options."""

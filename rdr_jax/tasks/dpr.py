@@ -120,7 +120,12 @@ def read_json_records(path: str | Path, what: str) -> list[dict]:
 
 class EpochIterator:
     """Batches of example indices: a fresh permutation per epoch from (seed, epoch), dropping the last
-    partial batch. State (epoch, position) makes a resumed run see exactly the batches it would have."""
+    partial batch. State (epoch, position) makes a resumed run see exactly the batches it would have.
+
+    Multi-process (``set_shard(index, count)``): every process walks the same global order and tokenises only
+    its contiguous block ``index`` of ``count`` of each global batch (the rows its devices hold), so the
+    processes' blocks put together are the 1-process batch, in the same order. Index fields stay local to the
+    block (the training loop re-bases them)."""
 
     def __init__(self, num_examples: int, batch_size: int, seed: int, make_batch, shuffle: bool = True):
         if num_examples < batch_size:
@@ -128,6 +133,13 @@ class EpochIterator:
         self.n, self.batch_size, self.seed, self.shuffle = num_examples, batch_size, seed, shuffle
         self.make_batch = make_batch
         self.epoch, self.position = 0, 0
+        self.shard_index, self.shard_count = 0, 1
+
+    def set_shard(self, index: int, count: int) -> None:
+        if self.batch_size % count or not 0 <= index < count:
+            raise ValueError(f"train.batch_size={self.batch_size} cannot be split into {count} equal process "
+                             f"shards (shard {index})")
+        self.shard_index, self.shard_count = index, count
 
     def _order(self) -> np.ndarray:
         if not self.shuffle:
@@ -142,6 +154,10 @@ class EpochIterator:
             self.epoch, self.position = self.epoch + 1, 0
         idx = self._order()[self.position:self.position + self.batch_size]
         rng = np.random.default_rng([self.seed, self.epoch, self.position, 1])
+        if self.shard_count > 1:
+            per = self.batch_size // self.shard_count
+            idx = idx[self.shard_index * per:(self.shard_index + 1) * per]
+            rng = np.random.default_rng([self.seed, self.epoch, self.position, 1, self.shard_index])
         self.position += self.batch_size
         return self.make_batch(idx, rng)
 
@@ -219,8 +235,36 @@ def encode(encoder, ids, mask, *, rngs, deterministic):
     return encoder(ids, mask, rngs=rngs, deterministic=deterministic).pooler_output
 
 
+class BiEncoderTask(Task):
+    """Shared by the tasks that train DPR encoders: model paths (or a random BERT) and the tokenizer."""
+
+    def __init__(self, config, workdir):
+        super().__init__(config, workdir)
+        self._paths = None
+        self._tokenizer = None
+
+    def paths(self) -> tuple[str, str, str]:
+        """(question encoder dir, context encoder dir, tokenizer dir)."""
+        if self._paths is None:
+            self._paths = encoder_paths(self.config.model, self.workdir, self.config.train.seed)
+        return self._paths
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.paths()[2])
+        return self._tokenizer
+
+
+def check_min(section: dict, name: str, keys, minimum: int) -> None:
+    """ConfigError naming ``name.key`` for each value below ``minimum``."""
+    for key in keys:
+        if section[key] < minimum:
+            raise ConfigError(f"'{name}.{key}' must be >= {minimum}, got {section[key]!r}")
+
+
 @register_task
-class DPRTask(Task):
+class DPRTask(BiEncoderTask):
     name = "dpr"
     index_fields = {"positive_index": "p_input_ids"}
 
@@ -236,30 +280,11 @@ class DPRTask(Task):
     @classmethod
     def validate_config(cls, c):
         d = c["data"]
-        for key in ("max_question_length", "max_passage_length"):
-            if d[key] < 4:
-                raise ConfigError(f"'data.{key}' must be >= 4, got {d[key]!r}")
-        if d["hard_negatives"] < 0:
-            raise ConfigError(f"'data.hard_negatives' must be >= 0, got {d['hard_negatives']!r}")
+        check_min(d, "data", ("max_question_length", "max_passage_length"), 4)
+        check_min(d, "data", ("hard_negatives",), 0)
         if not (c["task"]["train_question_encoder"] or c["task"]["train_context_encoder"]):
             raise ConfigError("'task.train_question_encoder' and 'task.train_context_encoder' are both false: "
                               "nothing would train")
-
-    def __init__(self, config, workdir):
-        super().__init__(config, workdir)
-        self._paths = None
-        self._tokenizer = None
-
-    def paths(self):
-        if self._paths is None:
-            self._paths = encoder_paths(self.config.model, self.workdir, self.config.train.seed)
-        return self._paths
-
-    @property
-    def tokenizer(self):
-        if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.paths()[2])
-        return self._tokenizer
 
     def build_model(self) -> ModelBundle:
         q_path, c_path, _ = self.paths()
@@ -299,4 +324,4 @@ class DPRTask(Task):
         return DevBatches(data, batch_size)
 
 
-__all__ = ["DPRTask", "DPRData", "EpochIterator", "encoder_paths", "model_runtime_kwargs", "load_tokenizer"]
+__all__ = ["DPRTask", "BiEncoderTask", "DPRData", "EpochIterator", "encoder_paths", "model_runtime_kwargs", "load_tokenizer"]

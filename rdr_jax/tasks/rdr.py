@@ -38,9 +38,9 @@ import numpy as np
 
 from rdr_jax import losses
 from rdr_jax.models.dpr import DPRContextEncoder, DPRQuestionEncoder, DPRReader
-from rdr_jax.tasks.base import ModelBundle, Task, register_task, resolve_path
+from rdr_jax.tasks.base import ModelBundle, register_task, resolve_path
 from rdr_jax.data.tokenization import encode_reader_inputs
-from rdr_jax.tasks.dpr import (MODEL_DEFAULTS, DevBatches, EpochIterator, encode, encoder_paths, load_tokenizer,
+from rdr_jax.tasks.dpr import (MODEL_DEFAULTS, BiEncoderTask, DevBatches, EpochIterator, check_min, encode,
                                model_runtime_kwargs, passage_arrays, question_arrays, read_json_records,
                                resolve_data_path, save_random_model)
 from rdr_jax.training.config import REQUIRED, ConfigError
@@ -180,7 +180,7 @@ def build_random_reader(model_cfg, out_dir, seed: int):
 
 
 @register_task
-class RDRTask(Task):
+class RDRTask(BiEncoderTask):
     name = "rdr"
     index_fields = {"positive_index": ("p_input_ids", "p_emb")}
 
@@ -205,31 +205,15 @@ class RDRTask(Task):
             raise ConfigError(f"'task.temperature' must be > 0, got {t['temperature']!r}")
         if t["nll_weight"] < 0:
             raise ConfigError(f"'task.nll_weight' must be >= 0, got {t['nll_weight']!r}")
-        if d["top_k"] < 1:
-            raise ConfigError(f"'data.top_k' must be >= 1, got {d['top_k']!r}")
-        for key in ("max_question_length", "max_passage_length", "max_reader_length"):
-            if d[key] < 4:
-                raise ConfigError(f"'data.{key}' must be >= 4, got {d[key]!r}")
+        check_min(d, "data", ("top_k",), 1)
+        check_min(d, "data", ("max_question_length", "max_passage_length", "max_reader_length"), 4)
         if d["passage_embeddings"] and t["train_context_encoder"]:
             raise ConfigError("'data.passage_embeddings' needs a frozen context encoder "
                               "('task.train_context_encoder: false'): trained passages must be re-encoded")
 
     def __init__(self, config, workdir):
         super().__init__(config, workdir)
-        self._paths = None
-        self._tokenizer = None
         self._embeddings = None
-
-    def paths(self):
-        if self._paths is None:
-            self._paths = encoder_paths(self.config.model, self.workdir, self.config.train.seed)
-        return self._paths
-
-    @property
-    def tokenizer(self):
-        if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.paths()[2])
-        return self._tokenizer
 
     @property
     def teacher_path(self):

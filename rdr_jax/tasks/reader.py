@@ -29,7 +29,7 @@ from rdr_jax import losses
 from rdr_jax.data.tokenization import encode_reader_inputs
 from rdr_jax.models.dpr import DPRReader
 from rdr_jax.tasks.base import ModelBundle, Task, register_task, resolve_path
-from rdr_jax.tasks.dpr import (MODEL_DEFAULTS, DevBatches, EpochIterator, build_random_bert, load_tokenizer,
+from rdr_jax.tasks.dpr import (MODEL_DEFAULTS, DevBatches, EpochIterator, build_random_bert, check_min, load_tokenizer,
                                model_runtime_kwargs, read_json_records)
 from rdr_jax.training.config import REQUIRED, ConfigError
 
@@ -122,12 +122,8 @@ class ReaderTask(Task):
     @classmethod
     def validate_config(cls, c):
         d = c["data"]
-        if d["passages_per_question"] < 1:
-            raise ConfigError(f"'data.passages_per_question' must be >= 1, got {d['passages_per_question']!r}")
-        if d["max_length"] < 8:
-            raise ConfigError(f"'data.max_length' must be >= 8, got {d['max_length']!r}")
-        if d["max_spans"] < 1:
-            raise ConfigError(f"'data.max_spans' must be >= 1, got {d['max_spans']!r}")
+        check_min(d, "data", ("passages_per_question", "max_spans"), 1)
+        check_min(d, "data", ("max_length",), 8)
         if not (c["model"].get("reader") or c["model"].get("init")):
             raise ConfigError("set 'model.reader' (a DPRReader or BERT checkpoint directory) or 'model.init' "
                               "(a BERT config dict for a random reader)")

@@ -1,6 +1,6 @@
 """Subcommand registry: name -> (help, add_arguments(parser), run(args) -> exit code)."""
 
-from rdr_jax.commands import convert, demo, pipeline, reader, rerank, train
+from rdr_jax.commands import convert, demo, generate, pipeline, reader, rerank, train
 
 COMMANDS = {
     "convert": (convert.HELP, convert.add_arguments, convert.run),
@@ -11,6 +11,7 @@ COMMANDS = {
     "read": (reader.READ_HELP, reader.add_read_arguments, reader.run_read),
     "teacher-scores": (reader.TEACHER_HELP, reader.add_teacher_arguments, reader.run_teacher_scores),
     "rerank": (rerank.RERANK_HELP, rerank.add_rerank_arguments, rerank.run_rerank),
+    "generate": (generate.HELP, generate.add_arguments, generate.run),
     "train": (train.HELP, train.add_arguments, train.run),
     "demo": (demo.HELP, demo.add_arguments, demo.run),
 }

@@ -12,7 +12,12 @@ Running the same config with a larger train.steps resumes from the last checkpoi
 examples:
   rdr-jax train configs/tiny/dpr.yaml --workdir runs/tiny_dpr
   rdr-jax train configs/rdr_nq.yaml --set train.steps=20000 --set mesh.data=8
-  rdr-jax train configs/dpr_nq.yaml --coordinator 10.0.0.1:1234 --num-processes 4 --process-id 0"""
+  rdr-jax train configs/dpr_nq.yaml --coordinator 10.0.0.1:1234 --num-processes 4 --process-id 0
+  srun rdr-jax train configs/rdr_nq.yaml --distributed auto      # SLURM / mpirun / TPU pod: from the environment
+
+Multi-process launches (TPU pods, SLURM, CPU processes): docs/distributed.md.
+SIGTERM (preemption) finishes the step in flight, checkpoints it and exits with code 75; rerun to resume.
+NaN/Inf losses: train.nan_policy stop (default: checkpoint the last good state, fail naming the step) or skip."""
 
 
 def add_arguments(parser):
@@ -24,6 +29,9 @@ def add_arguments(parser):
                         help="multi-process training: address of process 0 (jax.distributed)")
     parser.add_argument("--num-processes", type=int, help="multi-process training: number of processes")
     parser.add_argument("--process-id", type=int, help="multi-process training: this process's index")
+    parser.add_argument("--distributed", choices=("auto", "off"), default="off",
+                        help="auto: start jax.distributed from the environment (TPU pod slice, SLURM srun, "
+                             "Open MPI mpirun); off (default): one process unless --coordinator is given")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -33,15 +41,17 @@ def run(args) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every metadata write at INFO
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # logs each CPU-specific build it tries
     config = load_config(args.config, args.overrides, workdir=args.workdir)
-    if args.coordinator or args.num_processes:
-        if not (args.coordinator and args.num_processes and args.process_id is not None):
-            raise ValueError("multi-process training needs --coordinator, --num-processes and --process-id")
-        import jax
+    from rdr_jax.training import distributed, faults
 
-        jax.distributed.initialize(args.coordinator, num_processes=args.num_processes, process_id=args.process_id)
+    distributed.initialize(args.distributed, args.coordinator, args.num_processes, args.process_id)
     from rdr_jax.training.loop import train
 
     result = train(config, progress=not args.no_progress)
+    if result.get("preempted"):
+        print(f"preempted at step {result['step']}: checkpoint saved in {result['workdir']}/checkpoints; rerun the "
+              f"same command to resume (exit code {faults.PREEMPTED_EXIT_CODE})")
+        return faults.PREEMPTED_EXIT_CODE
     print(f"trained to step {result['step']}; outputs in {result['workdir']}")
     return 0

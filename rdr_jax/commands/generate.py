@@ -1,0 +1,77 @@
+"""rdr-jax generate: retrieve with a generative retriever (T5/BART + trie-constrained beam search)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+HELP = """Retrieve passages with a generative retriever: trie-constrained beam search over the passage
+identifiers, each beam's identifier mapped to its passages (score = the beam's summed log-probability).
+Writes DPR's retriever-results JSON (with has_answer) and prints top-k answer recall; --run-out also writes a
+TREC run. With --gold (a DPR bi-encoder JSON of training questions) it writes DGR's distillation candidates
+instead: each question's top passages plus its gold positives, marked is_positive, for `rdr-jax rerank`.
+
+examples:
+  rdr-jax generate --model runs/s2s/final/retriever --qa nq-test.qa.csv --passages psgs_w100.tsv \\
+      --out nq-test.generated.json --num-beams 10 --run-out nq-test.generated.trec
+  rdr-jax generate --model runs/s2s/final/retriever --identifiers ids.tsv --gold nq-train.json \\
+      --passages psgs_w100.tsv --out nq-train.candidates.json --num-beams 20"""
+
+
+def add_arguments(p):
+    p.add_argument("--model", required=True, help="T5/BART retriever directory (model + tokenizer, e.g. a "
+                                                  "training run's final/retriever/)")
+    p.add_argument("--identifiers", default=None,
+                   help="passage_id<TAB>identifier TSV (default: MODEL/identifiers.tsv)")
+    p.add_argument("--qa", default=None, help="questions: DPR qa CSV/TSV (question<TAB>[answers]) or JSONL")
+    p.add_argument("--gold", default=None, help="DPR bi-encoder JSON (questions with positive passage_id): "
+                                                "write distillation candidates instead of --qa results")
+    p.add_argument("--passages", required=True, help="passages TSV: id<TAB>text<TAB>title (header optional)")
+    p.add_argument("--out", required=True, help="output retriever-results JSON")
+    p.add_argument("--run-out", default=None, help="also write a TREC run (qid = question's line number, from 0)")
+    p.add_argument("--num-beams", type=int, default=10, help="beams = identifiers per question (default 10)")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="most identifier tokens generated, EOS included (default: the longest identifier)")
+    p.add_argument("--max-question-length", type=int, default=64, help="question tokens (default 64)")
+    p.add_argument("--batch-size", type=int, default=16, help="questions per step (default 16)")
+    p.add_argument("--k", type=int, nargs="+", default=[1, 5, 10, 20, 100], help="k values of the printed recall")
+    p.add_argument("--match", choices=("string", "regex"), default="string",
+                   help="has_answer rule: string (NQ, TriviaQA) or regex (CuratedTREC)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="compute dtype (bfloat16 on accelerators)")
+
+
+def run(args) -> int:
+    from rdr_jax.data.readers import read_dpr_passages, read_dpr_training, read_qa
+    from rdr_jax.retrieval.generative import (candidates_for_distillation, generate_results,
+                                              load_generative_retriever, results_to_run)
+    from rdr_jax.retrieval.metrics import format_results_table, write_trec_run
+    from rdr_jax.retrieval.retrieve import recall_of_results, write_results
+
+    if bool(args.qa) == bool(args.gold):
+        raise ValueError("give either --qa (questions to retrieve for) or --gold (training questions for "
+                         "distillation candidates)")
+    for option, path in (("--qa", args.qa), ("--gold", args.gold), ("--passages", args.passages)):
+        if path and not Path(path).is_file():
+            raise FileNotFoundError(f"{option} {path}: no such file")
+    questions = list(read_dpr_training(args.gold)) if args.gold else list(read_qa(args.qa))
+    if not questions:
+        raise ValueError(f"{'--gold' if args.gold else '--qa'} {args.gold or args.qa}: no questions")
+    retriever = load_generative_retriever(args.model, args.identifiers, dtype=args.dtype, num_beams=args.num_beams,
+                                          max_length=args.max_length, batch_size=args.batch_size,
+                                          max_question_length=args.max_question_length)
+    corpus = read_dpr_passages(args.passages)
+    if args.gold:
+        results = candidates_for_distillation(retriever, questions, corpus, match_type=args.match)
+    else:
+        results = generate_results(retriever, questions, corpus, match_type=args.match)
+    write_results(args.out, results)
+    if args.run_out:
+        write_trec_run(args.run_out, results_to_run(results), tag="rdr_jax_generate")
+    ks = [k for k in args.k if k <= args.num_beams] or [args.num_beams]
+    recall = recall_of_results(results, ks)
+    print(format_results_table({"generative": recall}))
+    print(json.dumps({"recall": recall}))
+    what = "distillation candidates" if args.gold else "results"
+    print(f"wrote {what} for {len(results)} questions to {args.out}")
+    return 0

@@ -2,8 +2,9 @@
 
 1. MiniLM becomes a DPR context and question encoder; the passages are encoded and indexed (flat).
 2. The dev questions are retrieved: top-k answer recall "before".
-3. A DPR reader, initialised from MiniLM, is trained briefly on the train split: the teacher.
-4. A subset of the train questions is retrieved; the reader scores their top-k passages (teacher scores).
+3. The train questions are retrieved; a DPR reader initialised from MiniLM is trained briefly on those
+   results (passages with the answer as positives, the others as hard negatives): the teacher.
+4. The reader scores the top-k passages of a subset of the train questions (teacher scores).
 5. RDR distils the reader into the question encoder (KL over the top-k; context encoder and index frozen).
 6. The dev questions are retrieved again with the distilled encoder: top-k answer recall "after".
 
@@ -13,7 +14,6 @@ runs are configs/demo/reader.yaml and configs/demo/rdr.yaml.
 
 from __future__ import annotations
 
-import itertools
 import json
 import time
 from pathlib import Path
@@ -141,16 +141,19 @@ class Demo:
         before = self.timed("retrieve dev (before)", lambda: self.retrieve(
             work / "question_encoder", dev, 100, work / "dev.before.results.json"))
 
+        # The reader learns from the retriever's own top passages (DPR's recipe): the ones with the answer are
+        # positives, the others hard negatives, the confusers it must tell apart when it scores them later.
+        train_questions = [{"question": e["question"], "answers": e["answers"]} for e in load_biencoder("train")]
+        train_results = self.timed("retrieve train", lambda: self.retrieve(
+            work / "question_encoder", train_questions, self.args.top_k, work / "train.results.json"))
         reader_dir = work / "reader" / "final" / "reader"
         if self.step("train the reader (teacher)", (reader_dir / "config.json").is_file()):
-            overrides = [f"train.steps={self.args.reader_steps}"] if self.args.reader_steps else []
+            overrides = [f"data.train_file={work / 'train.results.json'}"]
+            if self.args.reader_steps:
+                overrides.append(f"train.steps={self.args.reader_steps}")
             self.timed("train reader", lambda: self.train("reader.yaml", work / "reader", overrides))
             copy_tokenizer_files(base, reader_dir)
-
-        train_questions = [{"question": e["question"], "answers": e["answers"]}
-                           for e in itertools.islice(load_biencoder("train"), self.args.train_questions)]
-        train_results = self.timed("retrieve train subset", lambda: self.retrieve(
-            work / "question_encoder", train_questions, self.args.top_k, work / "train.results.json"))
+        train_results = train_results[: self.args.train_questions]
         teacher_dir = work / "teacher" / "rdr_teacher"
         if self.step("teacher scores (reader over the top-k)", teacher_dir.is_dir()):
             runner = ReaderRunner(DPRReader.from_pretrained(reader_dir), load_tokenizer(reader_dir),

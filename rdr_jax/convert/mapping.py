@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-from typing import Iterable, Mapping
+from typing import Iterable, Iterator, Mapping
 
 import numpy as np
 
@@ -85,17 +85,16 @@ def _short_list(names: Iterable[str], limit: int = 20) -> str:
     return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
 
 
-def apply_rules_to_jax(rules: list[Rule], state: Mapping[str, np.ndarray], target_shapes: Mapping[str, tuple],
-                       *, source: str, ignore_unexpected: Iterable[str] = (),
-                       allow_missing: Iterable[str] = ()) -> dict[str, np.ndarray]:
-    """HF tensors -> {jax_path: array}. Raises CheckpointError listing missing/unexpected keys.
+def check_rules_against_checkpoint(rules: list[Rule], state: Mapping[str, np.ndarray],
+                                   target_shapes: Mapping[str, tuple], *, source: str,
+                                   ignore_unexpected: Iterable[str] = (), allow_missing: Iterable[str] = ()) -> None:
+    """Raise CheckpointError listing the missing/unexpected keys of an HF state dict for a model.
 
     ``allow_missing`` are glob patterns of JAX paths that may stay at their initial value (a new head on a
     pretrained body); the caller reports them.
     """
     allow_missing, ignore_unexpected = tuple(allow_missing), tuple(ignore_unexpected)
-    by_jax = {r.jax: r for r in rules}
-    unmapped = set(target_shapes) - set(by_jax)
+    unmapped = set(target_shapes) - {r.jax for r in rules}
     if unmapped:  # a bug in a family's name map, not in the user's checkpoint
         raise AssertionError(f"name map does not cover parameters: {_short_list(unmapped)}")
     missing = [r.hf for r in rules if r.hf not in state
@@ -109,7 +108,20 @@ def apply_rules_to_jax(rules: list[Rule], state: Mapping[str, np.ndarray], targe
         problems.append(f"unexpected keys: {_short_list(unexpected)}")
     if problems:
         raise CheckpointError(f"{source}: checkpoint does not match the model; " + "; ".join(problems))
-    return {r.jax: hf_to_jax(r, state[r.hf], tuple(target_shapes[r.jax])) for r in rules if r.hf in state}
+
+
+def apply_rules_to_jax(rules: list[Rule], state: dict[str, np.ndarray], target_shapes: Mapping[str, tuple],
+                       **check_options) -> Iterator[tuple[str, np.ndarray]]:
+    """Check the checkpoint (see :func:`check_rules_against_checkpoint`), then yield (jax path, array) for each
+    tensor it has, removing it from ``state`` as it goes so the caller can free each one once placed."""
+    check_rules_against_checkpoint(rules, state, target_shapes, **check_options)
+
+    def convert():
+        for r in rules:
+            if r.hf in state:
+                yield r.jax, hf_to_jax(r, state.pop(r.hf), tuple(target_shapes[r.jax]))
+
+    return convert()
 
 
 def apply_rules_to_hf(rules: list[Rule], params: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

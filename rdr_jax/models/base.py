@@ -97,19 +97,22 @@ class PretrainedModel(nnx.Module):
         state = mapping.normalize_legacy_names(read_state_dict(model_dir))
         state = cls.adapt_state_dict(state, config, raw_config)
         target_shapes = {k: tuple(v.get_value().shape) for k, v in flat.items()}
-        arrays = mapping.apply_rules_to_jax(
-            cls.hf_rules(config), state, target_shapes, source=str(model_dir),
-            ignore_unexpected=cls.hf_ignore_unexpected, allow_missing=cls.initializable_heads)
-        fresh = [k for k in flat if k not in arrays]
-        if fresh:  # heads the checkpoint lacks: initialise them for real
+        loaded = set()
+        # One tensor at a time: each numpy array is released once its parameter holds it.
+        for k, array in mapping.apply_rules_to_jax(
+                cls.hf_rules(config), state, target_shapes, source=str(model_dir),
+                ignore_unexpected=cls.hf_ignore_unexpected, allow_missing=cls.initializable_heads):
+            flat[k].set_value(jnp.asarray(array, dtype=param_dtype))
+            loaded.add(k)
+        del state
+        fresh = [k for k in flat if k not in loaded]
+        if fresh:  # heads the checkpoint lacks: initialise them for real, in one compiled function
             log.warning("%s: initialising %s freshly (not in the checkpoint)", model_dir, ", ".join(sorted(fresh)))
-            init_params = nnx.state(cls(config, rngs=nnx.Rngs(seed), dtype=dtype, param_dtype=param_dtype,
-                                        **kwargs), CHECKPOINTED)
-            init_flat = {".".join(str(p) for p in path): v for path, v in nnx.to_flat_state(init_params)}
+            init = nnx.jit(lambda: nnx.state(cls(config, rngs=nnx.Rngs(seed), dtype=dtype, param_dtype=param_dtype,
+                                                 **kwargs), CHECKPOINTED))()
+            init_flat = {".".join(str(p) for p in path): v for path, v in nnx.to_flat_state(init)}
             for k in fresh:
-                arrays[k] = np.asarray(init_flat[k].get_value())
-        for k, var in flat.items():
-            var.set_value(jnp.asarray(arrays[k], dtype=param_dtype))
+                flat[k].set_value(init_flat[k].get_value())
         params = nnx.from_flat_state([(tuple(_path_key(p) for p in k.split(".")), v) for k, v in flat.items()])
         return nnx.merge(graphdef, params, rest)
 
@@ -159,8 +162,9 @@ def _path_key(part: str):
 
 
 def _abstract_model(cls, config, **kwargs):
-    """The module with shape-only parameters: nothing random is computed for weights about to be loaded."""
-    return nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0), **kwargs))
+    """The module with shape-only parameters. Built without rngs (parameters start as zeros), so tracing does
+    not go through every weight initializer for weights about to be loaded."""
+    return nnx.eval_shape(lambda: cls(config, rngs=None, **kwargs))
 
 
 def _save_orbax(model: nnx.Module, path: Path) -> None:

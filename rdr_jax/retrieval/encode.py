@@ -1,7 +1,8 @@
 """Corpus and question encoding with a DPR encoder: jit-compiled, static shapes, sharded over all devices.
 
 The corpus is written in shards (``embeddings-00000.npy`` + ``ids-00000.json``) so an interrupted run
-resumes at the first missing shard; each shard is written to a temporary name and renamed.
+resumes at the first missing shard; each shard is written to a temporary name and renamed. Several processes
+(hosts) can split the shards between them (``encode_corpus(..., shard_index=, shard_count=)``).
 """
 
 from __future__ import annotations
@@ -103,17 +104,30 @@ def completed_shards(out_dir: Path) -> int:
     return n
 
 
+def _done_path(out_dir: Path, index: int, count: int) -> Path:
+    return out_dir / f"done-{index:05d}-of-{count:05d}.json"
+
+
 def encode_corpus(encoder: Encoder, tokenizer, passages: Iterable[dict], out_dir: str | os.PathLike, *,
                   max_length: int = 256, shard_size: int = 50_000, fp16: bool = False, total: int | None = None,
-                  model_name: str = "", buckets=DEFAULT_BUCKETS, progress: bool = True) -> Path:
+                  model_name: str = "", buckets=DEFAULT_BUCKETS, progress: bool = True, shard_index: int = 0,
+                  shard_count: int = 1) -> Path:
     """Encode ``passages`` (dicts with id, title, text) into shards under ``out_dir``; resumable.
 
-    A rerun skips the passages of the shards already on disk (the input must be the same stream).
+    A rerun skips the shards already on disk (the input must be the same stream). Split over processes
+    (``shard_index`` of ``shard_count``, e.g. ``jax.process_index()``/``jax.process_count()``), every process
+    reads the same stream and encodes the shard files ``g`` with ``g % shard_count == shard_index`` (file names
+    are the global shard numbers: no collisions); each marks its part done, and the last to finish marks the
+    encoding complete, so ``load_encoded``/``iter_shards`` read all processes' shards in corpus order, unmerged.
     """
+    if not 0 <= shard_index < shard_count:
+        raise ValueError(f"shard_index {shard_index} is not in [0, shard_count={shard_count})")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     settings = {"model": model_name, "max_length": max_length, "shard_size": shard_size,
                 "dtype": "float16" if fp16 else "float32"}
+    if shard_count > 1:
+        settings["process_shards"] = shard_count
     meta_path = out_dir / META
     if meta_path.is_file():
         previous = json.loads(meta_path.read_text())
@@ -122,39 +136,52 @@ def encode_corpus(encoder: Encoder, tokenizer, passages: Iterable[dict], out_dir
             raise ValueError(f"{out_dir}: holds an encoding made with other settings {changed}; "
                              "use another output directory")
     done = completed_shards(out_dir)
+    if done and shard_count == 1:
+        print(f"[encode] resuming: {done} shard(s) ({done * shard_size} passages) already in {out_dir}")
+    if not meta_path.is_file() or shard_count == 1:
+        _atomic_write(meta_path, json.dumps({**settings, "complete": False}, indent=2))
+    bar = tqdm(total=total, desc="encoding passages" + (f" (part {shard_index + 1}/{shard_count})"
+                                                        if shard_count > 1 else ""),
+               unit="psg", disable=not progress, smoothing=0.1)
     passages = iter(passages)
-    skipped = sum(1 for _ in itertools.islice(passages, done * shard_size))
-    if done:
-        print(f"[encode] resuming: {done} shard(s) ({skipped} passages) already in {out_dir}")
-    meta_path.write_text(json.dumps({**settings, "complete": False}, indent=2))
-    bar = tqdm(total=total, initial=skipped, desc="encoding passages", unit="psg", disable=not progress,
-               smoothing=0.1)
-    shard_index, count, t0 = done, skipped, time.time()
+    shard, count, encoded, t0 = 0, 0, 0, time.time()
     dim = None
     while True:
         rows = list(itertools.islice(passages, shard_size))
         if not rows:
             break
-        embs = []
-        for start in range(0, len(rows), encoder.batch_size):
-            chunk = rows[start:start + encoder.batch_size]
-            b = [x for x in buckets if x <= max_length] + [max_length]
-            batch = tk.encode_passages(tokenizer, [r["title"] for r in chunk], [r["text"] for r in chunk],
-                                       max_length, buckets=b)
-            embs.append(encoder(batch))
-            bar.update(len(chunk))
-        emb = np.concatenate(embs).astype(np.float16 if fp16 else np.float32)
-        dim = emb.shape[1]
-        emb_path, ids_path = _shard_paths(out_dir, shard_index)
-        _atomic_save_npy(emb_path, emb)
-        _atomic_write(ids_path, json.dumps([r["id"] for r in rows]))
-        shard_index += 1
+        emb_path, ids_path = _shard_paths(out_dir, shard)
+        mine = shard % shard_count == shard_index
+        if mine and not (emb_path.is_file() and ids_path.is_file()):
+            embs = []
+            for start in range(0, len(rows), encoder.batch_size):
+                chunk = rows[start:start + encoder.batch_size]
+                b = [x for x in buckets if x <= max_length] + [max_length]
+                batch = tk.encode_passages(tokenizer, [r["title"] for r in chunk], [r["text"] for r in chunk],
+                                           max_length, buckets=b)
+                embs.append(encoder(batch))
+                bar.update(len(chunk))
+            emb = np.concatenate(embs).astype(np.float16 if fp16 else np.float32)
+            _atomic_save_npy(emb_path, emb)
+            _atomic_write(ids_path, json.dumps([r["id"] for r in rows]))
+            encoded += len(rows)
+        else:
+            bar.update(len(rows))  # another process's shard, or already on disk
+        if mine and dim is None:
+            dim = int(np.load(emb_path, mmap_mode="r").shape[1])
+        shard += 1
         count += len(rows)
     bar.close()
     elapsed = max(time.time() - t0, 1e-9)
-    meta = {**settings, "complete": True, "num_passages": count, "num_shards": shard_index, "dim": dim,
-            "passages_per_sec_last_run": round((count - skipped) / elapsed, 1)}
-    _atomic_write(meta_path, json.dumps(meta, indent=2))
+    _atomic_write(_done_path(out_dir, shard_index, shard_count),
+                  json.dumps({"num_passages": count, "num_shards": shard, "dim": dim}))
+    parts = [_done_path(out_dir, i, shard_count) for i in range(shard_count)]
+    if all(p.is_file() for p in parts):  # the last process to finish marks the whole encoding complete
+        dims = [json.loads(p.read_text())["dim"] for p in parts]
+        meta = {**settings, "complete": True, "num_passages": count, "num_shards": shard,
+                "dim": next((d for d in dims if d is not None), None),
+                "passages_per_sec_last_run": round(encoded / elapsed, 1)}
+        _atomic_write(meta_path, json.dumps(meta, indent=2))
     return out_dir
 
 

@@ -44,6 +44,7 @@ from rdr_jax.tasks.dpr import (MODEL_DEFAULTS, BiEncoderTask, DevBatches, EpochI
                                model_runtime_kwargs, passage_arrays, question_arrays, read_json_records,
                                resolve_data_path, save_random_model)
 from rdr_jax.training.config import REQUIRED, ConfigError
+from rdr_jax.training.faults import check_teacher_records, check_teacher_row
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,12 @@ def records_from_teacher_dataset(path, split: str, score: str) -> list[dict]:
     if score not in ("relevance", "relevance+span"):
         raise ConfigError(f"'data.teacher_score' must be 'relevance' or 'relevance+span', got {score!r}")
     records = []
-    for row in load_tfds(path, split):
+    fields = ("relevance_logits", "span_scores") if score == "relevance+span" else ("relevance_logits",)
+    source = load_tfds(path, split)
+    for i in range(len(source)):  # a random-access source: index it (iterating runs past its end)
+        row = source[i]
+        # zip below would silently drop passages whose scores are missing: refuse instead
+        check_teacher_row(row, i, f"{path} ({split})", fields, aligned_fields=("titles", "texts", "has_answer"))
         teacher = np.asarray(row["relevance_logits"], np.float32)
         if score == "relevance+span":
             teacher = teacher + np.asarray(row["span_scores"], np.float32)
@@ -112,11 +118,9 @@ class RDRData:
                 raise ValueError(f"{path}: example {i} needs 'question' and a 'ctxs' list")
             if not r["ctxs"]:
                 raise ValueError(f"{path}: example {i} ({r['question']!r}) has no passages in 'ctxs'")
-            if need_teacher_scores:
-                for k, ctx in enumerate(r["ctxs"][:top_k]):
-                    if "teacher_score" not in ctx:
-                        raise ValueError(f"{path}: example {i}, ctxs[{k}] has no 'teacher_score' (generate the "
-                                         f"teacher scores first, or set task.teacher_model)")
+        if need_teacher_scores:  # missing, non-finite or miscounted teacher scores: refused before any step
+            check_teacher_records(records, str(path), top_k)
+        for i, r in enumerate(records):
             if embeddings is not None:
                 for k, ctx in enumerate(r["ctxs"][:top_k]):
                     if ctx.get("id") is None:

@@ -52,14 +52,27 @@ def find_spans(row_ids: np.ndarray, begin: int, end: int, answers_ids: list[list
     return spans
 
 
+def from_retriever_results(record: dict) -> dict:
+    """A retriever-results entry as a reader example, as DPR trains its reader: the first retrieved passage
+    with the answer is the positive, the retrieved passages without it are the (hard) negatives."""
+    ctxs = record.get("ctxs") or []
+    return {"question": record.get("question"), "answers": record.get("answers") or [],
+            "positive_ctxs": [c for c in ctxs if c.get("has_answer")][:1],
+            "hard_negative_ctxs": [c for c in ctxs if not c.get("has_answer")], "negative_ctxs": []}
+
+
 class ReaderData:
-    """DPR bi-encoder JSON as reader training data: the positive plus M-1 negatives (hard ones first)."""
+    """Reader training data: the positive plus M-1 negatives (hard ones first), from DPR's retriever results
+    JSON (negatives = the retriever's own top passages without the answer, as DPR trains its reader) or
+    from DPR's bi-encoder JSON (its hard negatives)."""
 
     def __init__(self, path: str, tokenizer, *, passages: int, max_length: int, max_spans: int):
         self.tokenizer, self.m, self.length, self.max_spans = tokenizer, passages, max_length, max_spans
         self.examples = []
         skipped = 0
         for r in read_json_records(path, "reader training data"):
+            if "ctxs" in r and "positive_ctxs" not in r:
+                r = from_retriever_results(r)
             if not r.get("positive_ctxs") or not r.get("answers"):
                 skipped += 1
                 continue

@@ -2,8 +2,12 @@
 
 - Saved every ``train.checkpoint_every`` steps (and at the last step), asynchronously: the arrays are
   copied off the devices before ``save`` returns, then written in the background.
-- Atomic: orbax writes into a temporary directory and renames it when complete, so a killed run leaves
-  either a whole checkpoint or none.
+- Atomic: orbax writes into a temporary directory (``<step>.orbax-checkpoint-tmp*``) and renames it when
+  complete, so a killed run leaves either a whole checkpoint or none; leftover temporary directories are
+  removed when the next run starts. A step directory that still cannot be read (a copied or truncated
+  checkpoint) is skipped with a warning: ``restore_latest`` falls back to the newest step that restores.
+- Multi-process: every process calls ``save``/``restore``; orbax writes each process's shards and process 0
+  the metadata and the (global) data-iterator position, and coordinates the commit.
 - Kept: the last ``train.keep_checkpoints``, plus the best by ``train.best_metric`` when set.
 - Restored straight into the shardings of the current mesh (which may differ from the saving mesh).
 
@@ -55,7 +59,7 @@ class Checkpointer:
                 keep_checkpoints_without_metrics=False))
         options = ocp.CheckpointManagerOptions(
             preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
-            enable_async_checkpointing=async_save, create=True)
+            enable_async_checkpointing=async_save, create=True, cleanup_tmp_directories=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
 
     def latest_step(self) -> int | None:
@@ -85,6 +89,33 @@ class Checkpointer:
                              f"({type(e).__name__}: {e})") from None
         data = restored["data"] or {}
         return unflatten_state(restored["state"], state_like), data.get("iterator")
+
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def restore_latest(self, state_like: Any, shardings: Any) -> tuple[int, Any, Any] | None:
+        """(step, state, data state) of the newest checkpoint that restores, or None when there is none.
+
+        A newer step that fails to restore (incomplete files) is reported and skipped; when none restores,
+        the newest step's error is raised (e.g. a checkpoint of another model or config)."""
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        first_error = None
+        for step in steps:
+            try:
+                state, data = self.restore(state_like, shardings, step)
+            except ValueError as e:
+                first_error = first_error or e
+                log.warning("%s: checkpoint %d cannot be restored (%s); trying the previous one",
+                            self.directory, step, str(e).splitlines()[0][:300])
+                continue
+            newer = [s for s in steps if s > step]
+            for bad in newer:  # else a rerun reaching that step again would keep the broken one
+                log.warning("%s: removing unreadable checkpoint %d", self.directory, bad)
+                self.manager.delete(bad)
+            return step, state, data
+        if first_error is not None:
+            raise first_error
+        return None
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -49,6 +49,10 @@ ENGINE_DEFAULTS: dict[str, Any] = {
         "best_mode": "min",
         "export_final": True,            # write WORKDIR/final/<submodule>/ HF directories at the end
         "tensorboard": True,
+        # NaN/Inf loss or gradients: "stop" (checkpoint the last good state, fail naming the step) or "skip"
+        # (leave the state unchanged for that batch, count it in metrics as skipped_steps). See training/faults.py.
+        "nan_policy": "stop",
+        "min_free_gb": 1.0,              # refuse to start when the workdir's disk has less free space
     },
     "optim": {
         "learning_rate": 2e-5,
@@ -70,7 +74,7 @@ ENGINE_DEFAULTS: dict[str, Any] = {
 OPEN_KEYS = {"model.init"}
 
 _NULLABLE = {"optim.max_grad_norm"}
-_CHOICES = {"train.best_mode": ("min", "max")}
+_CHOICES = {"train.best_mode": ("min", "max"), "train.nan_policy": ("stop", "skip")}
 
 
 def _type_ok(default: Any, value: Any) -> bool:
@@ -257,7 +261,7 @@ def _check_values(c: dict) -> None:
     if t["batch_size"] % t["grad_accum_steps"]:
         raise ConfigError(f"'train.batch_size' ({t['batch_size']}) must be divisible by 'train.grad_accum_steps' "
                           f"({t['grad_accum_steps']})")
-    for key in ("eval_every",):
+    for key in ("eval_every", "min_free_gb"):
         if t[key] < 0:
             raise ConfigError(f"'train.{key}' must be >= 0, got {t[key]!r}")
     if o["learning_rate"] <= 0:

@@ -5,6 +5,11 @@ Builds the mesh, the task's model(s) and the sharded train state; resumes from t
 ``WORKDIR/metrics.jsonl`` (one JSON object per logged step) and TensorBoard (``WORKDIR/tensorboard``, when
 tensorboardX is installed); evaluates on dev batches every ``train.eval_every`` steps; and at the end writes
 the trained submodules as Hugging Face directories under ``WORKDIR/final/``.
+
+Multi-process (after ``jax.distributed`` is up, see ``distributed.py``): every process runs this same loop;
+each reads only its block of every global batch; process 0 alone writes metrics, TensorBoard, config.yaml and
+the HF export; all take part in orbax checkpoints. Faults (``faults.py``): the workdir is checked before
+anything compiles, SIGTERM checkpoints and returns ``preempted``, NaN/Inf follow ``train.nan_policy``.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from jax.sharding import Mesh
 from tqdm import tqdm
 
 from rdr_jax.tasks.base import Task, get_task_class
+from rdr_jax.training import distributed, faults
 from rdr_jax.training.checkpoints import Checkpointer
 from rdr_jax.training.config import Config
 from rdr_jax.training.optim import count_params, make_optimizer
@@ -66,14 +72,19 @@ class MetricsWriter:
 
 def _to_py(v):
     v = np.asarray(v)
-    return v.item() if v.ndim == 0 else v.tolist()
+    v = v.item() if v.ndim == 0 else v.tolist()
+    return None if isinstance(v, float) and not math.isfinite(v) else v   # NaN/Inf: null (valid JSON)
 
 
-def evaluate(eval_step, params, frozen, batches: Iterable[dict[str, np.ndarray]], mesh) -> dict[str, float]:
-    """Mean of each metric over the dev batches, keys prefixed ``dev_``."""
+def evaluate(eval_step, params, frozen, batches: Iterable[dict[str, np.ndarray]], mesh, task=None,
+             shard: tuple[int, int] = (0, 1)) -> dict[str, float]:
+    """Mean of each metric over the dev batches, keys prefixed ``dev_``. Every process reads the whole dev
+    batch and places its block (``shard``) of it."""
     sums: dict[str, float] = {}
     n = 0
     for batch in batches:
+        if shard[1] > 1:
+            batch = distributed.local_block(batch, task, *shard)
         metrics = jax.device_get(eval_step(params, frozen, shard_batch(batch, mesh)))
         for k, v in metrics.items():
             sums[k] = sums.get(k, 0.0) + float(v)
@@ -103,42 +114,75 @@ class Trainer:
     train_step: Any
 
 
-def prepare(config: Config, *, mesh: Mesh | None = None) -> Trainer:
+def make_task(config: Config) -> Task:
+    return get_task_class(config.task.name)(config, Path(config.workdir))
+
+
+def prepare(config: Config, *, mesh: Mesh | None = None, task: Task | None = None) -> Trainer:
     """Mesh (from ``mesh.*`` unless given), the task's model(s) as a sharded train state, the jit-ed step."""
     t, m = config.train, config.mesh
     if mesh is None:
         mesh = make_mesh(m.data, m.fsdp, m.tensor)
-    task: Task = get_task_class(config.task.name)(config, Path(config.workdir))
+    task = task or make_task(config)
     tx, schedule = make_optimizer(config.optim, t.steps)
-    setup = create_train_state(task.build_model(), task.trainable_filter(), tx, mesh)
-    train_step = make_train_step(task, setup, tx, schedule, mesh, t.grad_accum_steps)
+    # Process 0 first: a random init model (model.init) is written to the shared workdir once, then read.
+    with distributed.main_process_first("build_model"):
+        model = task.build_model()
+    setup = create_train_state(model, task.trainable_filter(), tx, mesh)
+    train_step = make_train_step(task, setup, tx, schedule, mesh, t.grad_accum_steps, t.nan_policy)
     return Trainer(config, mesh, task, tx, schedule, setup, train_step)
 
 
+class _DataStates:
+    """The iterator's position before each recent step, so a state frozen at an earlier step (nan_policy
+    stop, noticed late) is checkpointed with the matching data position."""
+
+    def __init__(self, iterator):
+        self.iterator, self.states = iterator, {}
+
+    def record(self, step: int) -> None:
+        if hasattr(self.iterator, "get_state"):
+            self.states[step] = self.iterator.get_state()
+
+    def at(self, step: int):
+        return self.states.get(step)
+
+    def forget_before(self, step: int) -> None:
+        self.states = {k: v for k, v in self.states.items() if k >= step}
+
+
 def train(config: Config, *, iterator=None, progress: bool = True) -> dict[str, Any]:
-    """Run (or resume) training; returns {"step", "metrics" (last logged), "workdir"}.
+    """Run (or resume) training; returns {"step", "metrics" (last logged), "workdir", "preempted"}.
 
     ``iterator``: any iterator of numpy batch dicts (optionally with ``get_state``/``set_state``), instead of
-    the task's own file reader.
+    the task's own file reader. With several processes it yields this process's block of each global batch
+    (index fields local to the block), as the task iterators do.
     """
     workdir = Path(config.workdir)
-    is_main = jax.process_index() == 0
-    workdir.mkdir(parents=True, exist_ok=True)
+    t = config.train
+    faults.check_workdir(workdir, t.min_free_gb)    # before anything is built or compiled
+    is_main = distributed.is_main_process()
     if is_main:
         (workdir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    t = config.train
-    trainer = prepare(config)
-    mesh, task, setup, train_step = trainer.mesh, trainer.task, trainer.setup, trainer.train_step
-    log.info("mesh %s; %d trained parameters", dict(mesh.shape), count_params(setup.state["params"]))
+    mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    shard = distributed.data_shard(mesh, t.batch_size)
+    task = make_task(config)
+    if iterator is None:  # read (and validate) the data before building models and compiling
+        # (process 0 first: reading may build a random init model and its tokenizer in the shared workdir)
+        with distributed.main_process_first("read_data"):
+            iterator = task.train_iterator(t.batch_size, t.seed)
+        distributed.shard_iterator(iterator, *shard, config.task.name)
+    trainer = prepare(config, mesh=mesh, task=task)
+    setup, train_step = trainer.setup, trainer.train_step
+    log.info("mesh %s; %d trained parameters; data shard %d of %d", dict(mesh.shape),
+             count_params(setup.state["params"]), *shard)
 
-    if iterator is None:
-        iterator = task.train_iterator(t.batch_size, t.seed)
     checkpointer = Checkpointer(workdir / "checkpoints", keep=t.keep_checkpoints, async_save=t.async_checkpointing,
                                 best_metric=t.best_metric, best_mode=t.best_mode)
-    start = checkpointer.latest_step() or 0
-    if start:
-        state, data_state = checkpointer.restore(setup.state, setup.state_shardings)
-        setup.state = state
+    restored = checkpointer.restore_latest(setup.state, setup.state_shardings)
+    start = 0
+    if restored is not None:
+        start, setup.state, data_state = restored
         _restore_iterator(iterator, data_state, workdir, start)
         log.info("resumed from %s at step %d", checkpointer.directory, start)
 
@@ -148,54 +192,100 @@ def train(config: Config, *, iterator=None, progress: bool = True) -> dict[str, 
         eval_step = make_eval_step(task, setup, mesh)
     seed_key = jax.random.PRNGKey(t.seed)
     writer = MetricsWriter(workdir, t.tensorboard, is_main)
+    watcher = faults.PreemptionWatcher()
+    data_states = _DataStates(iterator)
     last: dict[str, Any] = {}
+    skipped_seen = 0
+    preempted = False
     window_examples = window_tokens = 0
     window_start = time.perf_counter()
     bar = tqdm(total=t.steps, initial=min(start, t.steps), desc=f"train {config.task.name}", unit="step",
                disable=not (progress and is_main), dynamic_ncols=True)
+
+    def stop_if_halted() -> None:
+        """nan_policy stop: the state froze at the last good step; checkpoint it and fail naming the bad step."""
+        if t.nan_policy != "stop":
+            return
+        bad = int(jax.device_get(setup.state["halted_at"]))
+        if not bad:
+            return
+        good = bad - 1
+        where = "no step had finished, so there is no checkpoint"
+        if good > 0:  # the state as it was after step `good`: without the NaN bookkeeping of step `bad`
+            scalar = lambda v: jax.device_put(np.int32(v), setup.state_shardings["halted_at"])
+            good_state = dict(setup.state, halted_at=scalar(0),
+                              nonfinite_steps=scalar(int(jax.device_get(setup.state["nonfinite_steps"])) - 1))
+            checkpointer.save(good, good_state, data_states.at(good))
+            checkpointer.wait()
+            where = f"the last good state (step {good}) is checkpointed in {checkpointer.directory}"
+        raise faults.NonFiniteLossError(
+            f"step {bad}: the loss or gradients are NaN/Inf (train.nan_policy=stop); {where}. Lower "
+            f"optim.learning_rate, check the data of that step, or set train.nan_policy=skip", step=bad)
+
     try:
         for step in range(start, t.steps):
+            data_states.record(step)
             try:
                 host_batch = next(iterator)
             except StopIteration:
                 log.warning("the data iterator ended at step %d (train.steps=%d)", step, t.steps)
                 break
             stats = task.batch_stats(host_batch)
-            window_examples += stats["examples"]
-            window_tokens += stats["tokens"]
+            window_examples += stats["examples"] * shard[1]   # per process -> the global batch
+            window_tokens += stats["tokens"] * shard[1]
+            if shard[1] > 1:
+                host_batch = distributed.globalize_index_fields(host_batch, task, shard[0])
             setup.state, metrics = train_step(setup.state, setup.frozen, shard_batch(host_batch, mesh), seed_key)
             done = step + 1
             dev = {}
             if eval_step is not None and t.eval_every and (done % t.eval_every == 0 or done == t.steps):
-                dev = evaluate(eval_step, setup.state["params"], setup.frozen, dev_batches, mesh)
+                stop_if_halted()
+                dev = evaluate(eval_step, setup.state["params"], setup.frozen, dev_batches, mesh, task, shard)
             if done % t.log_every == 0 or done == t.steps or dev:
                 values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                if not all(math.isfinite(v) for v in values.values()):
-                    raise FloatingPointError(f"step {done}: non-finite metrics {values}")
+                if values.pop("halted_at"):
+                    stop_if_halted()
+                skipped = int(values.pop("skipped_steps"))
+                if t.nan_policy == "skip":
+                    values["skipped_steps"] = skipped
+                    if skipped > skipped_seen:
+                        log.warning("step %d: NaN/Inf loss or gradients: %d update(s) skipped since step %d "
+                                    "(%d in all)", done, skipped - skipped_seen, done - t.log_every + 1, skipped)
+                    skipped_seen = skipped
                 elapsed = max(time.perf_counter() - window_start, 1e-9)
                 values.update(examples_per_sec=window_examples / elapsed, tokens_per_sec=window_tokens / elapsed,
                               **dev)
                 writer.write(done, values)
                 last = values
-                bar.set_postfix(loss=f"{values['loss']:.4f}")
+                loss = values["loss"]
+                bar.set_postfix(loss=f"{loss:.4f}" if math.isfinite(loss) else str(loss))
                 window_examples = window_tokens = 0
                 window_start = time.perf_counter()
-            if done % t.checkpoint_every == 0 or done == t.steps:
+                data_states.forget_before(done)
+            preempt = watcher.requested(done)
+            if done % t.checkpoint_every == 0 or done == t.steps or preempt:
+                stop_if_halted()
                 data_state = iterator.get_state() if hasattr(iterator, "get_state") else None
                 checkpointer.save(done, setup.state, data_state, metrics=dev or None)
+                data_states.forget_before(done)
             bar.update(1)
+            if preempt:
+                checkpointer.wait()
+                log.warning("preempted (SIGTERM): checkpoint of step %d written to %s; exiting with code %d. "
+                            "Rerun the same command to resume.", done, checkpointer.directory,
+                            faults.PREEMPTED_EXIT_CODE)
+                preempted = True
+                break
         checkpointer.wait()
+        stop_if_halted()
         final_step = int(jax.device_get(setup.state["step"]))
-        if t.export_final and final_step >= t.steps:
-            params = setup.state["params"]
-            if jax.process_count() > 1:  # every process takes part in gathering the shards; process 0 writes
-                from jax.experimental import multihost_utils
-                params = multihost_utils.process_allgather(params, tiled=True)
+        if t.export_final and final_step >= t.steps and not preempted:
+            params = distributed.gather_to_host(setup.state["params"])   # every process takes part
             if is_main:
                 task.export(merge_model(setup, params), workdir / "final")
     finally:
+        watcher.close()
         bar.close()
         writer.close()
         checkpointer.close()
-    return {"step": final_step, "metrics": last, "workdir": str(workdir)}
-
+    return {"step": final_step, "metrics": last, "workdir": str(workdir), "preempted": preempted}

@@ -1,6 +1,7 @@
 """The train state, created directly sharded on the mesh.
 
-``state = {"step", "params", "opt_state"}`` holds only what changes: the trained parameters (an
+``state = {"step", "params", "opt_state", "nonfinite_steps", "halted_at"}`` holds only what changes (the last
+two are the NaN/Inf bookkeeping of ``train.nan_policy``, see step.py): the trained parameters (an
 ``nnx.State`` of the task's trainable submodules) and their optimizer state. Frozen parameters (a fixed
 context encoder, a teacher) are a separate tree with no optimizer state; they are rebuilt from the config
 on resume, never checkpointed.
@@ -54,8 +55,11 @@ def create_train_state(model: nnx.Module, trainable_filter, tx: optax.GradientTr
     opt_shardings = tree_shardings(jax.eval_shape(tx.init, params), mesh)
     opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
     replicated = NamedSharding(mesh, P())
-    state = {"step": jax.device_put(jnp.zeros((), jnp.int32), replicated), "params": params, "opt_state": opt_state}
-    shardings = {"step": replicated, "params": param_shardings, "opt_state": opt_shardings}
+    zero = lambda: jax.device_put(jnp.zeros((), jnp.int32), replicated)
+    state = {"step": zero(), "params": params, "opt_state": opt_state, "nonfinite_steps": zero(),
+             "halted_at": zero()}
+    shardings = {"step": replicated, "params": param_shardings, "opt_state": opt_shardings,
+                 "nonfinite_steps": replicated, "halted_at": replicated}
     return TrainSetup(graphdef, state, frozen, shardings, frozen_shardings)
 
 

@@ -9,6 +9,11 @@ Gradient accumulation: a batch of ``A * B`` questions is split into ``A`` interl
 independent questions (RDR's KL, a cross-encoder's per-query loss) this equals one step on the full batch.
 DPR's in-batch negatives are the exception: a micro-batch's questions only see that micro-batch's
 passages as negatives, so accumulation there trades negatives for memory.
+
+Non-finite loss or gradients (``nan_policy``, see ``training/faults.py``): the update is never applied, by a
+``where`` on one finiteness flag inside the step (no host round-trip). "skip" still advances ``step`` (the
+batch is consumed) and counts it in ``nonfinite_steps``; "stop" freezes the whole state from then on and
+records the bad step in ``halted_at`` (1-based; 0 = never), which the loop reads at its next host sync.
 """
 
 from __future__ import annotations
@@ -47,8 +52,31 @@ def _constrain_micro(mesh: Mesh, micro: dict[str, jax.Array]) -> dict[str, jax.A
     return jax.tree.map(one, micro)
 
 
+def _all_finite(loss, grads) -> jax.Array:
+    finite = jnp.isfinite(loss)
+    for g in jax.tree.leaves(grads):
+        finite = finite & jnp.all(jnp.isfinite(g))
+    return finite
+
+
+def _guard(nan_policy: str, state, new_state, finite):
+    """The state after a step whose loss/gradients may be non-finite (see the module docstring)."""
+    pick = lambda ok: (lambda new, old: jnp.where(ok, new, old))
+    if nan_policy == "skip":
+        kept = {k: jax.tree.map(pick(finite), new_state[k], state[k]) for k in ("params", "opt_state")}
+        return dict(new_state, **kept, nonfinite_steps=state["nonfinite_steps"] + (~finite).astype(jnp.int32))
+    if nan_policy != "stop":
+        raise ValueError(f"train.nan_policy must be 'stop' or 'skip', got {nan_policy!r}")
+    ok = finite & (state["halted_at"] == 0)
+    out = jax.tree.map(pick(ok), {k: v for k, v in new_state.items() if k != "halted_at"},
+                       {k: v for k, v in state.items() if k != "halted_at"})
+    halted_at = jnp.where((state["halted_at"] == 0) & ~finite, state["step"] + 1, state["halted_at"])
+    return dict(out, halted_at=halted_at.astype(jnp.int32),
+                nonfinite_steps=state["nonfinite_steps"] + ((state["halted_at"] == 0) & ~finite).astype(jnp.int32))
+
+
 def make_train_step(task, setup: TrainSetup, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    mesh: Mesh, grad_accum_steps: int = 1) -> Callable:
+                    mesh: Mesh, grad_accum_steps: int = 1, nan_policy: str = "stop") -> Callable:
     """``step(state, frozen, batch, seed_key) -> (state, metrics)``; the state argument is donated."""
     loss_fn = _loss_fn(task, setup.graphdef)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -80,7 +108,10 @@ def make_train_step(task, setup: TrainSetup, tx: optax.GradientTransformation, s
         params = optax.apply_updates(state["params"], updates)
         metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
                        learning_rate=jnp.asarray(schedule(state["step"]), jnp.float32))
-        return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
+        new_state = dict(state, step=state["step"] + 1, params=params, opt_state=opt_state)
+        new_state = _guard(nan_policy, state, new_state, _all_finite(loss, grads))
+        metrics.update(skipped_steps=new_state["nonfinite_steps"], halted_at=new_state["halted_at"])
+        return new_state, metrics
 
     replicated = NamedSharding(mesh, P())
     return jax.jit(step, in_shardings=(setup.state_shardings, setup.frozen_shardings, batch_sharding(mesh),

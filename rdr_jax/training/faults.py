@@ -1,0 +1,178 @@
+"""Surviving faults: preemption (SIGTERM), non-finite losses, bad teacher scores, a full or unwritable workdir.
+
+- Preemption: SIGTERM does not kill the run. The step in flight finishes, a checkpoint of that step is written
+  (and waited for), a log line says so, and the process exits with ``PREEMPTED_EXIT_CODE`` (75, EX_TEMPFAIL:
+  "try again"): rerunning the same command resumes. With several processes the notice reaches them all
+  through jax.distributed's preemption sync (any process's SIGTERM counts) and they stop at the same step.
+- Non-finite loss or gradients (``train.nan_policy``): the step never applies such an update (a ``where`` on
+  the finiteness of loss and gradients inside the jit-ed step, no host round-trip). ``skip``: the batch is
+  skipped, counted in ``skipped_steps``, and training goes on. ``stop``: the state freezes at the last good
+  step; the loop notices at its next host read (every logged step), checkpoints that state and raises
+  ``NonFiniteLossError`` naming the step.
+- Teacher scores that do not match the questions/candidates are refused when the data is read, before any step.
+- The workdir is checked before anything compiles: it must be creatable, writable, with ``train.min_free_gb``
+  free.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import signal
+import threading
+import uuid
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import jax
+
+log = logging.getLogger(__name__)
+
+PREEMPTED_EXIT_CODE = 75   # sysexits.h EX_TEMPFAIL: a temporary failure, rerun to continue
+NAN_POLICIES = ("stop", "skip")
+
+
+class NonFiniteLossError(FloatingPointError, ValueError):
+    """The loss or gradients of a step were NaN/Inf under ``train.nan_policy: stop``."""
+
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step
+
+
+class WorkdirError(OSError):
+    """The workdir cannot hold the run's outputs."""
+
+
+# ---- workdir -------------------------------------------------------------------------------------------------
+
+def check_workdir(workdir: str | os.PathLike, min_free_gb: float) -> Path:
+    """Create ``workdir`` and check it is writable with at least ``min_free_gb`` GB free (before compiling)."""
+    workdir = Path(workdir)
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise WorkdirError(f"workdir {workdir}: cannot create it ({e.strerror or e})") from None
+    probe = workdir / f".write-test-{uuid.uuid4().hex[:8]}"
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"0" * 4096)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise WorkdirError(f"workdir {workdir}: not writable ({e.strerror or e})") from None
+    finally:
+        try:
+            probe.unlink()
+        except OSError:
+            pass
+    free_gb = shutil.disk_usage(workdir).free / 1e9
+    if free_gb < min_free_gb:
+        raise WorkdirError(f"workdir {workdir}: only {free_gb:.2f} GB free, below train.min_free_gb={min_free_gb} "
+                           f"(checkpoints would fail mid-run); free some space or lower train.min_free_gb")
+    return workdir
+
+
+# ---- teacher scores ------------------------------------------------------------------------------------------
+
+def _finite_number(value: Any) -> bool:
+    if isinstance(value, (bool, str)):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def check_teacher_records(records: Sequence[dict], source: str, top_k: int) -> None:
+    """RDR records ``{question, ctxs: [{..., teacher_score}]}``: each of the first ``top_k`` ctxs (the ones
+    trained on) has a finite teacher score."""
+    for i, r in enumerate(records):
+        where = f"{source}: example {i} ({str(r.get('question'))[:60]!r})"
+        for k, ctx in enumerate((r.get("ctxs") or [])[:top_k]):
+            score = ctx.get("teacher_score") if isinstance(ctx, dict) else None
+            if score is None:
+                raise ValueError(f"{where}: ctxs[{k}] has no 'teacher_score' (generate the teacher scores for "
+                                 f"every retrieved passage first, or set task.teacher_model)")
+            if not _finite_number(score):
+                raise ValueError(f"{where}: ctxs[{k}] teacher score {score!r} is not a finite number")
+
+
+def check_teacher_row(row: dict, i: int, source: str, score_fields: Iterable[str] = ("relevance_logits",),
+                      candidate_field: str = "passage_ids", aligned_fields: Iterable[str] = ()) -> None:
+    """A teacher-score dataset row: as many scores (each score field, all finite) and as many entries of each
+    aligned field (titles, texts, ...) as candidates."""
+    n = len(row[candidate_field])
+    where = f"{source}: row {i} ({str(row.get('question'))[:60]!r})"
+    for field in (*score_fields, *aligned_fields):
+        if field not in row:
+            raise ValueError(f"{where}: no field {field!r}")
+        values = list(row[field])
+        if len(values) != n:
+            what = "scores" if field in score_fields else "entries"
+            raise ValueError(f"{where}: {len(values)} {field} {what} for {n} candidates ({candidate_field})")
+        if field in score_fields:
+            bad = [k for k, v in enumerate(values) if not _finite_number(v)]
+            if bad:
+                raise ValueError(f"{where}: {field}[{bad[0]}] = {values[bad[0]]} is not finite")
+
+
+def check_same_questions(train_questions: Sequence[str], teacher_questions: Sequence[str], train_source: str,
+                         teacher_source: str) -> None:
+    """A separate teacher dataset must list the training questions, in the same order."""
+    if len(train_questions) != len(teacher_questions):
+        raise ValueError(f"{teacher_source} has teacher scores for {len(teacher_questions)} questions, "
+                         f"{train_source} has {len(train_questions)}: they are not for the same questions")
+    for i, (a, b) in enumerate(zip(train_questions, teacher_questions)):
+        if a != b:
+            raise ValueError(f"{teacher_source}: question {i} is {b[:60]!r} but {train_source} has {a[:60]!r} "
+                             f"there: the teacher scores are for other questions (or another order)")
+
+
+# ---- preemption ----------------------------------------------------------------------------------------------
+
+class PreemptionWatcher:
+    """Has a preemption notice (SIGTERM) arrived? Ask ``requested(step)`` once per step, on every process.
+
+    One process: a SIGTERM handler sets a flag (the previous handler comes back on ``close``). Several
+    processes: jax.distributed's preemption sync manager catches SIGTERM in any process and makes every
+    process return True at the same step; a Python handler would replace its own, so none is installed.
+    """
+
+    def __init__(self):
+        self._flag = threading.Event()
+        self._previous = None
+        self._sync = jax.process_count() > 1
+        if self._sync:
+            try:
+                from jax.experimental import multihost_utils
+                multihost_utils.reached_preemption_sync_point(-1)   # fails fast if the service is off
+            except Exception as e:
+                log.warning("multi-process preemption sync unavailable (%s): SIGTERM will not checkpoint", e)
+                self._sync = None
+        elif threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        else:
+            log.warning("training outside the main thread: no SIGTERM handler, preemption will not checkpoint")
+
+    def _on_sigterm(self, signum, frame):
+        if not self._flag.is_set():
+            log.warning("SIGTERM received: finishing the current step, then checkpointing and exiting")
+        self._flag.set()
+
+    def requested(self, step: int) -> bool:
+        if self._sync:
+            from jax.experimental import multihost_utils
+            return bool(multihost_utils.reached_preemption_sync_point(step))
+        return self._flag.is_set()
+
+    def close(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+
+__all__ = ["PREEMPTED_EXIT_CODE", "NAN_POLICIES", "NonFiniteLossError", "WorkdirError", "check_workdir",
+           "check_teacher_records", "check_teacher_row", "check_same_questions", "PreemptionWatcher"]

@@ -1,0 +1,235 @@
+"""Multi-process training equals one process: 2 local processes x 4 CPU devices (jax.distributed, gloo) against
+1 process x 8 devices, through `rdr-jax train`, on the tiny RDR config with precomputed teacher scores and the
+NLL term on (so the re-based ``positive_index`` of process 1's block is exercised).
+
+Tolerances as in tests/test_sharding.py: the same SPMD program runs in both, but cross-process all-reduces
+(gloo) may sum in another order, so losses and parameters agree to a relative 1e-5 (parameters relative to
+max(|tensor|, 0.02)); Adam's near-sign first steps need ``adam_eps=1e-3``, and the parameters with an exactly
+zero gradient (attention key biases) are left out.
+
+Also here, without subprocesses: the data-shard arithmetic (blocks, index re-basing) and corpus encoding split
+over processes.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from rdr_jax.training import testing
+from rdr_jax.training.distributed import detect_environment, globalize_index_fields, local_block
+
+STEPS = 4
+ZERO_GRADIENT = lambda k: k.endswith("attention.self.key.bias")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_env(devices: int) -> dict:
+    return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+
+
+def train_command(task, workdir, overrides):
+    cmd = [sys.executable, "-m", "rdr_jax.cli", "train", str(testing.TINY_CONFIGS / f"{task}.yaml"),
+           "--workdir", str(workdir), "--no-progress"]
+    for item in overrides:
+        cmd += ["--set", item]
+    return cmd
+
+
+def run_one_and_two_processes(task, tmp, overrides):
+    """1 process x 8 devices and 2 processes x 4 devices, at the same time (all three are mostly idle waits)."""
+    port = free_port()
+    single = subprocess.Popen(train_command(task, tmp / "single", overrides), env=cpu_env(8),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    multi = [subprocess.Popen(train_command(task, tmp / "multi", overrides)
+                              + ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
+                              env=cpu_env(4), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    outputs = []
+    try:
+        for proc in [single, *multi]:
+            out, _ = proc.communicate(timeout=500)
+            outputs.append(out)
+            assert proc.returncode == 0, f"{task} training process failed:\n{out[-6000:]}"
+    finally:
+        for proc in [single, *multi]:
+            if proc.poll() is None:
+                proc.kill()
+    return {"single": tmp / "single", "multi": tmp / "multi", "logs": outputs}
+
+
+COMMON = [f"train.steps={STEPS}", "train.batch_size=8", "train.checkpoint_every=2", "optim.adam_eps=1e-3",
+          "train.tensorboard=false", "train.min_free_gb=0"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("multiprocess")
+    bert = testing.tiny_bert_dir(tmp / "bert")
+    data = testing.write_rdr_jsonl(tmp / "rdr.jsonl", 32, k=4)
+    return run_one_and_two_processes("rdr", tmp, testing.tiny_overrides("rdr", bert, data)
+                                     + COMMON + ["task.nll_weight=0.5"])
+
+
+@pytest.fixture(scope="module")
+def dgr_runs(tmp_path_factory):
+    """DGR's tiny config as is: a random T5 and its tokenizer built from model.init in the (shared) workdir."""
+    return run_one_and_two_processes("dgr", tmp_path_factory.mktemp("multiprocess_dgr"), COMMON)
+
+
+def read_metrics(workdir):
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_processes_log_the_losses_of_one(runs):
+    single, multi = read_metrics(runs["single"]), read_metrics(runs["multi"])
+    # metrics.jsonl is written once (process 0), one record per step
+    assert [m["step"] for m in single] == [m["step"] for m in multi] == list(range(1, STEPS + 1))
+    assert single[0]["loss"] != single[-1]["loss"]   # it trained
+    for a, b in zip(multi, single):
+        for key in ("loss", "kl", "nll", "grad_norm"):
+            assert abs(a[key] - b[key]) <= 1e-5 * max(abs(b[key]), 1e-6), (a["step"], key, a[key], b[key])
+    # throughput counts the global batch, not one process's block
+    assert "data shard 1 of 2" in runs["logs"][2] and "data shard 0 of 1" in runs["logs"][0]
+
+
+def test_two_processes_train_the_parameters_of_one(runs):
+    a = load_file(runs["multi"] / "final" / "question_encoder" / "model.safetensors")
+    b = load_file(runs["single"] / "final" / "question_encoder" / "model.safetensors")
+    start = load_file(runs["single"].parent / "bert" / "model.safetensors")
+    assert a.keys() == b.keys() and len(a) > 10
+    worst = max((float(np.max(np.abs(a[k] - b[k])) / max(np.max(np.abs(b[k])), 0.02)), k)
+                for k in a if not ZERO_GRADIENT(k))
+    assert worst[0] <= 1e-5, worst
+    moved = "question_encoder.bert_model.encoder.layer.0.attention.self.query.weight"
+    assert not np.allclose(b[moved], start["encoder.layer.0.attention.self.query.weight"])
+
+
+def test_two_processes_train_dgr_as_one(dgr_runs):
+    single, multi = read_metrics(dgr_runs["single"]), read_metrics(dgr_runs["multi"])
+    assert [m["step"] for m in single] == [m["step"] for m in multi] == list(range(1, STEPS + 1))
+    for a, b in zip(multi, single):
+        for key in ("loss", "ranking_loss", "generation_loss", "grad_norm"):
+            assert abs(a[key] - b[key]) <= 1e-5 * max(abs(b[key]), 1e-6), (a["step"], key, a[key], b[key])
+    a = load_file(dgr_runs["multi"] / "final" / "retriever" / "model.safetensors")
+    b = load_file(dgr_runs["single"] / "final" / "retriever" / "model.safetensors")
+    assert a.keys() == b.keys() and len(a) > 10
+    worst = max((float(np.max(np.abs(a[k] - b[k])) / max(np.max(np.abs(b[k])), 0.02)), k) for k in a)
+    assert worst[0] <= 1e-5, worst
+
+
+def test_two_processes_write_shared_checkpoints(runs):
+    for name in ("single", "multi"):
+        steps = sorted(int(p.name) for p in (runs[name] / "checkpoints").iterdir() if p.name.isdigit())
+        assert steps == [2, 4], (name, steps)
+    assert not [p for p in (runs["multi"] / "checkpoints").iterdir() if "tmp" in p.name]
+
+
+# ---- the data-shard arithmetic, in process --------------------------------------------------------------------
+
+class _Task:
+    question_field = "q"
+    index_fields = {"positive_index": ("p", "p_emb")}
+
+
+def _global_batch(b=8, k=3):
+    return {"q": np.arange(b)[:, None] * 10, "p": np.arange(b * k)[:, None],
+            "positive_index": np.array([i * k + (i % k) if i % 3 else -1 for i in range(b)], np.int32)}
+
+
+def test_process_blocks_put_together_are_the_global_batch():
+    from rdr_jax.tasks.dpr import EpochIterator
+
+    def make_batch(idx, rng):
+        k = 3
+        return {"q": np.asarray(idx)[:, None] * 10,
+                "p": (np.asarray(idx)[:, None] * k + np.arange(k)).reshape(-1, 1),
+                "positive_index": (np.arange(len(idx)) * k + 1).astype(np.int32)}
+
+    whole = EpochIterator(20, 8, seed=3, make_batch=make_batch)
+    parts = [EpochIterator(20, 8, seed=3, make_batch=make_batch) for _ in range(2)]
+    for i, it in enumerate(parts):
+        it.set_shard(i, 2)
+    for _ in range(5):   # crosses an epoch boundary (20 examples, batches of 8)
+        expected = next(whole)
+        blocks = [globalize_index_fields(next(it), _Task, i) for i, it in enumerate(parts)]
+        for key in expected:
+            np.testing.assert_array_equal(np.concatenate([b[key] for b in blocks]), expected[key], err_msg=key)
+    assert parts[0].get_state() == parts[1].get_state() == whole.get_state()
+    with pytest.raises(ValueError, match="batch_size=8"):
+        EpochIterator(20, 8, 0, make_batch).set_shard(0, 3)
+
+
+def test_dev_blocks_keep_global_indices():
+    batch = _global_batch()
+    blocks = [local_block(batch, _Task, i, 2) for i in range(2)]
+    for key in batch:
+        np.testing.assert_array_equal(np.concatenate([b[key] for b in blocks]), batch[key])
+    assert globalize_index_fields(batch, _Task, 0) is batch   # block 0's local indices are global ones
+
+
+def test_cluster_environment_detection():
+    assert detect_environment({}) is None
+    assert detect_environment({"SLURM_JOB_ID": "1", "SLURM_STEP_ID": "0"}) == "SLURM"
+    assert detect_environment({"OMPI_COMM_WORLD_SIZE": "4"}) == "Open MPI"
+    assert detect_environment({"TPU_WORKER_HOSTNAMES": "a,b"}) == "TPU pod"
+
+
+def test_cli_rejects_partial_multiprocess_arguments(tmp_path, capsys):
+    from rdr_jax.cli import main
+
+    config = str(testing.TINY_CONFIGS / "rdr.yaml")
+    assert main(["train", config, "--workdir", str(tmp_path), "--coordinator", "127.0.0.1:1"]) == 2
+    assert "--num-processes" in capsys.readouterr().err
+    assert main(["train", config, "--workdir", str(tmp_path), "--distributed", "auto", "--coordinator",
+                 "127.0.0.1:1", "--num-processes", "2", "--process-id", "0"]) == 2
+    assert "--distributed auto" in capsys.readouterr().err
+
+
+# ---- corpus encoding split over processes ---------------------------------------------------------------------
+
+class _FakeEncoder:
+    """Deterministic per-row 'embeddings' of the token ids (no model: this checks the file bookkeeping)."""
+    batch_size = 4
+
+    def __call__(self, batch):
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        return np.stack([(ids * mask).sum(-1), mask.sum(-1), ids[:, 1]], 1).astype(np.float32)
+
+
+def test_corpus_encoding_split_over_processes_reads_back_in_corpus_order(tmp_path, minilm_dir):
+    import transformers
+
+    from rdr_jax.retrieval.encode import encode_corpus, iter_shards, load_encoded
+
+    tokenizer = transformers.BertTokenizerFast.from_pretrained(minilm_dir)
+    passages = [{"id": f"p{i}", "title": f"T{i}", "text": "word " * (i % 5) + str(i)} for i in range(23)]
+    encode_corpus(_FakeEncoder(), tokenizer, iter(passages), tmp_path / "one", max_length=16, shard_size=5,
+                  progress=False)
+    split = tmp_path / "split"
+    encode_corpus(_FakeEncoder(), tokenizer, iter(passages), split, max_length=16, shard_size=5, progress=False,
+                  shard_index=1, shard_count=2)
+    assert sorted(p.name for p in split.glob("embeddings-*.npy")) == ["embeddings-00001.npy", "embeddings-00003.npy"]
+    with pytest.raises(ValueError, match="incomplete"):
+        load_encoded(split)                      # process 0's part is missing
+    encode_corpus(_FakeEncoder(), tokenizer, iter(passages), split, max_length=16, shard_size=5, progress=False,
+                  shard_index=0, shard_count=2)
+    want, want_ids = load_encoded(tmp_path / "one")
+    got, got_ids = load_encoded(split)
+    assert got_ids == want_ids == [p["id"] for p in passages]
+    np.testing.assert_array_equal(got, want)
+    assert [ids for _, ids in iter_shards(split)] == [ids for _, ids in iter_shards(tmp_path / "one")]
+    with pytest.raises(ValueError, match="other settings"):  # a different split of the same directory
+        encode_corpus(_FakeEncoder(), tokenizer, iter(passages), split, max_length=16, shard_size=5,
+                      progress=False, shard_index=0, shard_count=3)

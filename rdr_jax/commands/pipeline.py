@@ -7,11 +7,13 @@ import os
 from pathlib import Path
 
 ENCODE_HELP = """Encode a passages TSV (DPR layout: id, text, title) with a DPR context encoder into embedding
-shards. Resumable: rerunning the same command continues after the last complete shard.
+shards, data-parallel over all local devices. Resumable: rerunning the same command continues after the
+last complete shard. Several jobs (hosts) can share a corpus with --process-index/--process-count.
 
 examples:
   rdr-jax encode --model dpr-ctx_encoder-single-nq-base/ --passages psgs_w100.tsv --out emb/ --fp16
-  rdr-jax encode --model all-MiniLM-L6-v2/ --passages passages.tsv --out emb/   # a BERT dir works too"""
+  rdr-jax encode --model all-MiniLM-L6-v2/ --passages passages.tsv --out emb/   # a BERT dir works too
+  rdr-jax encode --model ctx/ --passages psgs_w100.tsv --out emb/ --process-index 3 --process-count 8"""
 
 INDEX_HELP = """Build a FAISS index (flat = exact inner product, hnsw, ivfpq) from embedding shards.
 
@@ -77,6 +79,10 @@ def add_encode_arguments(p):
     p.add_argument("--out", required=True, help="output directory for embedding shards")
     p.add_argument("--shard-size", type=int, default=50_000, help="passages per shard file (default 50000)")
     p.add_argument("--fp16", action="store_true", help="store embeddings as float16 (half the disk)")
+    p.add_argument("--process-index", type=int, default=0,
+                   help="split the corpus over independent jobs: this job's index (default 0)")
+    p.add_argument("--process-count", type=int, default=1,
+                   help="number of jobs sharing the corpus; each encodes every N-th shard (default 1)")
     _add_model_runtime(p, max_length=256, batch_size=128)
 
 
@@ -90,8 +96,12 @@ def run_encode(args) -> int:
     model, tokenizer = load_encoder(args.model, "ctx", args.dtype)
     out = encode_corpus(Encoder(model, args.batch_size), tokenizer, read_dpr_passages(passages), args.out,
                         max_length=args.max_length, shard_size=args.shard_size, fp16=args.fp16,
-                        total=count_passages(passages), model_name=str(args.model))
+                        total=count_passages(passages), model_name=str(args.model),
+                        shard_index=args.process_index, shard_count=args.process_count)
     meta = json.loads((out / "meta.json").read_text())
+    if not meta.get("complete"):
+        print(f"encoded this job's shards into {out}; the encoding completes when every job has finished")
+        return 0
     print(f"encoded {meta['num_passages']} passages (dim {meta['dim']}) into {out}")
     return 0
 

@@ -16,6 +16,7 @@ from benchmarks import BENCHMARKS  # noqa: E402
 from benchmarks import common as C  # noqa: E402
 
 FRAMEWORK_PAIRS = ("encoder", "reader", "corpus_encoding", "conversion", "train_step")
+PAIRED_ROWS = {"beam_search": "constrained"}  # benchmarks where only some rows have a PyTorch side
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +56,12 @@ def test_every_benchmark_reports_positive_times(report):
         for row in by_bench[name]:
             assert _positive(row["torch_ms"]), row
             assert row["ratio"] == pytest.approx(row["torch_ms"] / row["jax_ms"])
+    for name, marker in PAIRED_ROWS.items():
+        paired = [row for row in by_bench[name] if marker in row["name"]]
+        assert paired, (name, marker)
+        for row in paired:
+            assert _positive(row["torch_ms"]), row
+            assert row["ratio"] == pytest.approx(row["torch_ms"] / row["jax_ms"])
 
 
 def test_same_weights_give_the_same_outputs(report):
@@ -79,6 +86,13 @@ def test_benchmark_specific_fields(report):
     train = rows["train_step:"]
     assert _positive(train["flops"]) and train["compile_s"] > 0
     assert all(math.isfinite(v) for v in train["first_step_loss"].values())
+    beam = next(r for r in report["results"] if r["benchmark"] == "beam_search" and "top1_agreement" in r)
+    assert 0.0 <= beam["top1_agreement"] <= 1.0 and beam["top1_valid"] == 1.0  # every top-1 is a trie identifier
+    assert _positive(beam["jax_questions_per_s"]) and _positive(beam["torch_questions_per_s"])
+    assert beam["compile_s"] >= 0 and beam["num_beams"] > 1 and beam["max_length"] > 1
+    trie = next(r for r in report["results"] if r["benchmark"] == "beam_search" and "trie_host_bytes" in r)
+    assert trie["trie_identifiers"] > 0 and trie["trie_nodes"] > trie["trie_identifiers"]
+    assert _positive(trie["trie_host_bytes"]) and _positive(trie["dict_trie_bytes_per_identifier"])
     enc = [r for r in report["results"] if r["benchmark"] == "encoder"]
     assert all(_positive(r["flops"]) and _positive(r["analytic_flops"]) for r in enc)
 

@@ -82,7 +82,9 @@ def _search_step(model, trie: DeviceTrie, encoder_hidden, encoder_mask, state: _
 
     done = (state.done | (jnp.sum(jnp.isfinite(finished_scores), axis=1) >= K)
             | ~jnp.isfinite(alive_scores[:, 0]))
-    return _SearchState(step=state.step + 1, cache=reorder_cache(cache, rows), alive_tokens=_take(top_tokens, keep),
+    # Rows stay within their question, whose beams share the encoder output: the cross keys/values stay put.
+    cache = reorder_cache(cache, rows, cross=False)
+    return _SearchState(step=state.step + 1, cache=cache, alive_tokens=_take(top_tokens, keep),
                         alive_scores=alive_scores, alive_nodes=alive_nodes, finished_tokens=finished_tokens,
                         finished_scores=finished_scores, done=done)
 

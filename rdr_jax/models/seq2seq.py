@@ -57,11 +57,17 @@ def empty_cache(num_layers: int, batch_size: int, max_length: int, num_heads: in
         cross_values=tuple(cross[1]) if cross is not None else None)
 
 
-def reorder_cache(cache: DecoderCache, batch_indices: jax.Array) -> DecoderCache:
-    """The cache with its batch rows gathered by ``batch_indices`` (beam search keeping the surviving beams)."""
+def reorder_cache(cache: DecoderCache, batch_indices: jax.Array, *, cross: bool = True) -> DecoderCache:
+    """The cache with its batch rows gathered by ``batch_indices`` (beam search keeping the surviving beams).
+
+    ``cross=False`` leaves the cross-attention keys/values in place: exact when every row is replaced by a row
+    with the same encoder input (beams of one question), and it saves the largest gather of each step.
+    """
     take = lambda arrays: None if arrays is None else tuple(jnp.take(a, batch_indices, axis=0) for a in arrays)
-    return cache.replace(self_keys=take(cache.self_keys), self_values=take(cache.self_values),
-                         cross_keys=take(cache.cross_keys), cross_values=take(cache.cross_values))
+    moved = cache.replace(self_keys=take(cache.self_keys), self_values=take(cache.self_values))
+    if cross:
+        moved = moved.replace(cross_keys=take(cache.cross_keys), cross_values=take(cache.cross_values))
+    return moved
 
 
 def write_kv(cache_array: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:

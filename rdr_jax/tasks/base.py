@@ -156,6 +156,22 @@ class Task:
         """Batches for periodic dev evaluation (loss and metrics, deterministic), or None."""
         return None
 
+    # ---- retrieval evaluation (optional) ---------------------------------------------------------------------
+    def has_retrieval_eval(self) -> bool:
+        """Whether ``retrieval_eval`` has something to measure (its dev data is configured). The loop asks
+        before it gathers sharded parameters for it."""
+        return False
+
+    def retrieval_eval(self, model: ModelBundle) -> dict[str, float] | None:
+        """The pipeline's metrics of the current model on a dev set, e.g. ``{"dev_top1": 45.2, "dev_top5": ..}``
+        (top-k answer recall, percent), or None.
+
+        Called by the loop every ``train.eval_every`` steps and at the last step, on process 0 only, with the
+        current parameters merged into ``model`` (host arrays when there are several processes: use
+        ``jax.local_devices()``). The numbers go to metrics.jsonl and TensorBoard, and ``train.best_metric`` may
+        name one of them (with ``train.best_mode: max``)."""
+        return None
+
     def batch_stats(self, batch: dict[str, np.ndarray]) -> dict[str, int]:
         """Examples (questions) and non-padding tokens in a host batch, for throughput logging."""
         tokens = sum(int(np.sum(v)) for k, v in batch.items() if k.endswith("attention_mask"))

@@ -10,6 +10,11 @@ Batch (``B`` questions, ``P = 1 + hard_negatives`` passages per question, questi
 Data: DPR's bi-encoder training JSON (a list of ``{question, answers, positive_ctxs, negative_ctxs,
 hard_negative_ctxs}``), tokenised with the fast tokenizer of the model directory: question
 ``[CLS] q [SEP]``, passage ``[CLS] title [SEP] text [SEP]``, token types all 0 (as DPR's BertTensorizer).
+
+Dev recall (``Task.retrieval_eval``, every ``train.eval_every`` steps): with ``data.dev_qa`` and
+``data.dev_passages``, top-k answer recall (``dev_top{k}``, ``data.dev_k``) of the current encoders, the dev
+passages being re-encoded by the (training) context encoder at every evaluation: meant for a small dev corpus
+(the embedded one: seconds); evaluate a full Wikipedia index offline (``rdr-jax encode``/``retrieve``).
 """
 
 from __future__ import annotations
@@ -19,14 +24,20 @@ import logging
 from pathlib import Path
 from typing import Any, Iterator
 
+import jax
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from rdr_jax import losses
 from rdr_jax.data import tokenization as tk
+from rdr_jax.data.readers import read_dpr_passages, read_qa
 from rdr_jax.data.tokenization import load_tokenizer
 from rdr_jax.models.bert import BertModel
 from rdr_jax.models.dpr import DPRContextEncoder, DPRQuestionEncoder
+from rdr_jax.retrieval.answers import MATCH_TYPES, AnswerMatcher, default_tokenizer
+from rdr_jax.retrieval.encode import Encoder, encode_texts
+from rdr_jax.retrieval.metrics import top_k_answer_recall
 from rdr_jax.tasks.base import ModelBundle, Task, dtype_from_name, register_task, resolve_path
 from rdr_jax.training.config import REQUIRED, ConfigError
 
@@ -235,6 +246,113 @@ def encode(encoder, ids, mask, *, rngs, deterministic):
     return encoder(ids, mask, rngs=rngs, deterministic=deterministic).pooler_output
 
 
+# ---- dev top-k answer recall (Task.retrieval_eval) ---------------------------------------------------------
+# Config keys (data section of the bi-encoder tasks): a QA file, the passages whose ids the index uses (their
+# text decides has_answer), the k of top-k recall and DPR's match type ("regex" for CuratedTREC).
+DEV_RECALL_DEFAULTS = {"dev_qa": None, "dev_passages": None, "dev_k": [1, 5, 20], "dev_match_type": "string"}
+
+
+def check_dev_recall_config(d: dict) -> None:
+    if d["dev_qa"] and not d["dev_passages"]:
+        raise ConfigError("'data.dev_qa' needs 'data.dev_passages' (the passages TSV of the dev index): "
+                          "has_answer is decided on the passage text")
+    ks = d["dev_k"]
+    if not ks or any(not isinstance(k, int) or isinstance(k, bool) or k < 1 for k in ks):
+        raise ConfigError(f"'data.dev_k' must be a non-empty list of positive integers, got {ks!r}")
+    if d["dev_match_type"] not in MATCH_TYPES:
+        raise ConfigError(f"'data.dev_match_type' must be one of {MATCH_TYPES}, got {d['dev_match_type']!r}")
+
+
+def _best_k(scores: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per query, the ``k`` best (score descending, row ascending) of the candidates. Ties at the k-th score are
+    common (identical passages, an untrained encoder), so every candidate tied with the k-th is ranked, not
+    the arbitrary ones ``argpartition`` keeps."""
+    if scores.shape[1] > k:
+        kth = np.partition(scores, scores.shape[1] - k, axis=1)[:, scores.shape[1] - k]
+        best_scores = np.empty((len(scores), k), scores.dtype)
+        best_rows = np.empty((len(scores), k), rows.dtype)
+        for i in range(len(scores)):
+            cand = np.flatnonzero(scores[i] >= kth[i])
+            order = cand[np.lexsort((rows[i, cand], -scores[i, cand]))[:k]]
+            best_scores[i], best_rows[i] = scores[i, order], rows[i, order]
+        return best_scores, best_rows
+    order = np.lexsort((rows, -scores), axis=1)
+    return np.take_along_axis(scores, order, 1), np.take_along_axis(rows, order, 1)
+
+
+def exact_top_k(queries: np.ndarray, vectors: np.ndarray, k: int, *, query_block: int = 256,
+                corpus_block: int = 65_536) -> np.ndarray:
+    """Rows of the ``k`` largest inner products per query, best first, ties to the lower row (as a stable
+    sort); exact, in blocks so a large corpus never needs a [queries, corpus] score matrix."""
+    n = vectors.shape[0]
+    k = min(k, n)
+    out = np.zeros((len(queries), k), np.int64)
+    for q0 in range(0, len(queries), query_block):
+        q = np.asarray(queries[q0:q0 + query_block], np.float32)
+        best_scores = np.zeros((len(q), 0), np.float32)
+        best_rows = np.zeros((len(q), 0), np.int64)
+        for c0 in range(0, n, corpus_block):
+            block = np.asarray(vectors[c0:c0 + corpus_block], np.float32)
+            scores = np.concatenate([best_scores, q @ block.T], axis=1)
+            rows = np.concatenate([best_rows, np.broadcast_to(np.arange(c0, c0 + len(block)), (len(q), len(block)))],
+                                  axis=1)
+            best_scores, best_rows = _best_k(scores, rows, k)
+        out[q0:q0 + len(q)] = best_rows
+    return out
+
+
+class DevRecall:
+    """Top-k answer recall on ``data.dev_qa`` against ``data.dev_passages``, as the retrieval pipeline computes
+    it (exact inner product, DPR's has_answer on the passage text, percent of questions). The answer matchers
+    are built once; passage texts are read only for the passages that reach some question's top max(k)."""
+
+    def __init__(self, qa_path, passages_path, ks, match_type: str = "string"):
+        qa_path, self.passages_path = resolve_data_path(qa_path), resolve_data_path(passages_path)
+        for key, path in (("data.dev_qa", qa_path), ("data.dev_passages", self.passages_path)):
+            if not path.is_file():
+                raise ConfigError(f"{path}: {key} file not found")
+        qa = list(read_qa(qa_path))
+        if not qa:
+            raise ValueError(f"{qa_path}: data.dev_qa holds no questions")
+        self.questions = [x["question"] for x in qa]
+        tokenizer = default_tokenizer()
+        self.matchers = [AnswerMatcher(x["answers"], match_type, tokenizer) for x in qa]
+        self.ks = sorted(set(int(k) for k in ks))
+        self._texts: dict[str, str] = {}
+
+    def passages(self) -> list[dict]:
+        """Every dev passage ({id, title, text}), for tasks that encode them; their texts are kept."""
+        rows = list(read_dpr_passages(self.passages_path))
+        self._texts.update((p["id"], p["text"]) for p in rows)
+        return rows
+
+    def texts(self, wanted: set[str]) -> dict[str, str]:
+        missing = set(wanted) - self._texts.keys()
+        if missing:
+            for p in read_dpr_passages(self.passages_path):
+                if p["id"] in missing:
+                    self._texts[p["id"]] = p["text"]
+                    missing.discard(p["id"])
+                    if not missing:
+                        break
+        if missing:
+            raise ValueError(f"{self.passages_path}: {len(missing)} passage ids of the dev index are not in "
+                             f"data.dev_passages (e.g. {sorted(missing)[:3]}); the embeddings were made from "
+                             "another corpus")
+        return self._texts
+
+    def __call__(self, question_vectors: np.ndarray, passage_vectors: np.ndarray,
+                 passage_ids: list[str]) -> dict[str, float]:
+        if question_vectors.shape[1] != passage_vectors.shape[1]:
+            raise ValueError(f"question embeddings have {question_vectors.shape[1]} dims but the dev passage "
+                             f"embeddings {passage_vectors.shape[1]}")
+        rows = exact_top_k(question_vectors, passage_vectors, max(self.ks))
+        ranked = [[passage_ids[r] for r in row] for row in rows]
+        texts = self.texts({pid for row in ranked for pid in row})
+        hits = [[match(texts[pid]) for pid in row] for match, row in zip(self.matchers, ranked)]
+        return {f"dev_top{k}": v for k, v in top_k_answer_recall(hits, self.ks).items()}
+
+
 class BiEncoderTask(Task):
     """Shared by the tasks that train DPR encoders: model paths (or a random BERT) and the tokenizer."""
 
@@ -242,6 +360,9 @@ class BiEncoderTask(Task):
         super().__init__(config, workdir)
         self._paths = None
         self._tokenizer = None
+        self._dev_recall: DevRecall | None = None          # built at the first retrieval_eval
+        self._dev_encoders: dict[str, Encoder] = {}
+        self._dev_passage_cache: tuple[np.ndarray, list[str]] | None = None
 
     def paths(self) -> tuple[str, str, str]:
         """(question encoder dir, context encoder dir, tokenizer dir)."""
@@ -254,6 +375,51 @@ class BiEncoderTask(Task):
         if self._tokenizer is None:
             self._tokenizer = load_tokenizer(self.paths()[2])
         return self._tokenizer
+
+    # ---- dev top-k answer recall ---------------------------------------------------------------------------
+    def has_retrieval_eval(self) -> bool:
+        return bool(self.config.data.dev_qa)
+
+    def retrieval_eval(self, model) -> dict[str, float] | None:
+        """Top-k answer recall (``dev_top{k}``) of the current question encoder on ``data.dev_qa``: questions
+        encoded in batches of ``train.batch_size`` (fixed length, one compile per run), exact inner-product
+        search over the dev passages' embeddings (``dev_passage_embeddings``)."""
+        if not self.has_retrieval_eval():
+            return None
+        d = self.config.data
+        if self._dev_recall is None:
+            self._dev_recall = DevRecall(d.dev_qa, d.dev_passages, d.dev_k, d.dev_match_type)
+        dev = self._dev_recall
+        questions = encode_texts(self._dev_encoder("question_encoder", model), self.tokenizer, dev.questions,
+                                 max_length=d.max_question_length, as_questions=True, buckets=(), progress=False)
+        vectors, ids = self.dev_passage_embeddings(model, dev)
+        return dev(questions, vectors, ids)
+
+    def dev_passage_embeddings(self, model, dev: DevRecall) -> tuple[np.ndarray, list[str]]:
+        """(embeddings, passage ids) of the dev passages: encoded with the current context encoder, again at
+        every evaluation while it trains (fine for a small dev corpus; for a large one freeze it), once when it
+        is frozen."""
+        trained = "context_encoder" in self.trainable_submodules()
+        if self._dev_passage_cache is not None and not trained:
+            return self._dev_passage_cache
+        passages = dev.passages()
+        vectors = encode_texts(self._dev_encoder("context_encoder", model), self.tokenizer,
+                               [p["text"] for p in passages], titles=[p["title"] for p in passages],
+                               max_length=self.config.data.max_passage_length, buckets=(), progress=False)
+        self._dev_passage_cache = (vectors, [p["id"] for p in passages])
+        return self._dev_passage_cache
+
+    def _dev_encoder(self, name: str, model):
+        """A jit-compiled ``Encoder`` of submodule ``name`` on this process's devices, built once; later calls
+        only swap in the current parameters (same graph, so no recompilation)."""
+        encoders = self._dev_encoders
+        module = getattr(model, name)
+        if name not in encoders:
+            encoders[name] = Encoder(module, self.config.train.batch_size, devices=jax.local_devices())
+        else:
+            encoder = encoders[name]
+            encoder.params = jax.device_put(nnx.split(module)[1], NamedSharding(encoder.mesh, PartitionSpec()))
+        return encoders[name]
 
 
 def check_min(section: dict, name: str, keys, minimum: int) -> None:
@@ -274,7 +440,7 @@ class DPRTask(BiEncoderTask):
             "task": {"name": REQUIRED, "train_question_encoder": True, "train_context_encoder": True},
             "model": dict(MODEL_DEFAULTS),
             "data": {"train_file": REQUIRED, "dev_file": None, "max_question_length": 256,
-                     "max_passage_length": 256, "hard_negatives": 1, "shuffle": True},
+                     "max_passage_length": 256, "hard_negatives": 1, "shuffle": True, **DEV_RECALL_DEFAULTS},
         }
 
     @classmethod
@@ -282,6 +448,7 @@ class DPRTask(BiEncoderTask):
         d = c["data"]
         check_min(d, "data", ("max_question_length", "max_passage_length"), 4)
         check_min(d, "data", ("hard_negatives",), 0)
+        check_dev_recall_config(d)
         if not (c["task"]["train_question_encoder"] or c["task"]["train_context_encoder"]):
             raise ConfigError("'task.train_question_encoder' and 'task.train_context_encoder' are both false: "
                               "nothing would train")
@@ -324,4 +491,4 @@ class DPRTask(BiEncoderTask):
         return DevBatches(data, batch_size)
 
 
-__all__ = ["DPRTask", "BiEncoderTask", "DPRData", "EpochIterator", "encoder_paths", "model_runtime_kwargs", "load_tokenizer"]
+__all__ = ["DPRTask", "BiEncoderTask", "DPRData", "DevRecall", "exact_top_k", "EpochIterator", "encoder_paths", "model_runtime_kwargs", "load_tokenizer"]

@@ -25,6 +25,12 @@ their index embeddings are looked up, which is exact (the frozen encoder would r
 A DPR bi-encoder JSON is also read (ctxs = its positive, hard negatives, then negatives; the positive has
 ``has_answer``); it carries no teacher scores, so it needs ``task.teacher_model``. ``task.teacher_model: init``
 builds a random DPRReader from ``model.init`` (a smoke test of the in-step teacher, not a real teacher).
+
+Dev recall (``Task.retrieval_eval``, every ``train.eval_every`` steps): with ``data.dev_qa`` (DPR's QA CSV/TSV or
+JSONL) and ``data.dev_passages`` (the passages TSV of the index), the current question encoder's top-k answer
+recall (``dev_top{k}`` for ``data.dev_k``, default [1, 5, 20]) over ``data.passage_embeddings`` (else over the
+dev passages encoded once by the frozen context encoder, or at every evaluation when it trains). Select the
+best checkpoint by it with ``train.best_metric: dev_top1`` and ``train.best_mode: max``.
 """
 
 from __future__ import annotations
@@ -40,9 +46,10 @@ from rdr_jax import losses
 from rdr_jax.models.dpr import DPRContextEncoder, DPRQuestionEncoder, DPRReader
 from rdr_jax.tasks.base import ModelBundle, register_task, resolve_path
 from rdr_jax.data.tokenization import encode_reader_inputs
-from rdr_jax.tasks.dpr import (MODEL_DEFAULTS, BiEncoderTask, DevBatches, EpochIterator, check_min, encode,
-                               model_runtime_kwargs, passage_arrays, question_arrays, read_json_records,
-                               resolve_data_path, save_random_model)
+from rdr_jax.tasks.dpr import (DEV_RECALL_DEFAULTS, MODEL_DEFAULTS, BiEncoderTask, DevBatches, DevRecall,
+                               EpochIterator, check_dev_recall_config, check_min, encode, model_runtime_kwargs,
+                               passage_arrays, question_arrays, read_json_records, resolve_data_path,
+                               save_random_model)
 from rdr_jax.training.config import REQUIRED, ConfigError
 from rdr_jax.training.faults import check_teacher_records, check_teacher_row
 
@@ -95,8 +102,8 @@ class PassageEmbeddings:
     def __init__(self, encoding_dir):
         from rdr_jax.retrieval.encode import load_encoded
 
-        self.vectors, ids = load_encoded(resolve_data_path(encoding_dir))
-        self.row = {pid: i for i, pid in enumerate(ids)}
+        self.vectors, self.ids = load_encoded(resolve_data_path(encoding_dir))
+        self.row = {pid: i for i, pid in enumerate(self.ids)}
 
     def lookup(self, passage_ids: list[str | None]) -> np.ndarray:
         out = np.zeros((len(passage_ids), self.vectors.shape[1]), np.float32)
@@ -199,7 +206,7 @@ class RDRTask(BiEncoderTask):
             "data": {"train_file": REQUIRED, "dev_file": None, "train_split": "train", "dev_split": "dev",
                      "teacher_score": "relevance", "passage_embeddings": None, "top_k": 100,
                      "max_question_length": 256, "max_passage_length": 256, "max_reader_length": 350,
-                     "shuffle": True},
+                     "shuffle": True, **DEV_RECALL_DEFAULTS},
         }
 
     @classmethod
@@ -211,6 +218,7 @@ class RDRTask(BiEncoderTask):
             raise ConfigError(f"'task.nll_weight' must be >= 0, got {t['nll_weight']!r}")
         check_min(d, "data", ("top_k",), 1)
         check_min(d, "data", ("max_question_length", "max_passage_length", "max_reader_length"), 4)
+        check_dev_recall_config(d)
         if d["passage_embeddings"] and t["train_context_encoder"]:
             raise ConfigError("'data.passage_embeddings' needs a frozen context encoder "
                               "('task.train_context_encoder: false'): trained passages must be re-encoded")
@@ -280,6 +288,15 @@ class RDRTask(BiEncoderTask):
             metrics["nll"] = nll
             loss = loss + t.nll_weight * nll
         return loss, metrics
+
+    def dev_passage_embeddings(self, model, dev: DevRecall) -> tuple[np.ndarray, list[str]]:
+        """The frozen index embeddings (``data.passage_embeddings``) when given: exact for the frozen context
+        encoder, and no corpus encoding per evaluation. Else the dev passages encoded (see BiEncoderTask)."""
+        if not self.config.data.passage_embeddings:
+            return super().dev_passage_embeddings(model, dev)
+        if self._embeddings is None:
+            self._embeddings = PassageEmbeddings(self.config.data.passage_embeddings)
+        return self._embeddings.vectors, self._embeddings.ids
 
     def _data(self, path, split) -> RDRData:
         d, t = self.config.data, self.config.task

@@ -53,6 +53,7 @@ ENGINE_DEFAULTS: dict[str, Any] = {
         # (leave the state unchanged for that batch, count it in metrics as skipped_steps). See training/faults.py.
         "nan_policy": "stop",
         "min_free_gb": 1.0,              # refuse to start when the workdir's disk has less free space
+        "peak_flops": None,              # per-device peak FLOP/s for the logged MFU (default: known accelerators)
     },
     "optim": {
         "learning_rate": 2e-5,

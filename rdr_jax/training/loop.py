@@ -3,8 +3,16 @@
 Builds the mesh, the task's model(s) and the sharded train state; resumes from the latest checkpoint in
 ``WORKDIR/checkpoints``; runs jit-compiled steps on batches from the task's iterator; logs to
 ``WORKDIR/metrics.jsonl`` (one JSON object per logged step) and TensorBoard (``WORKDIR/tensorboard``, when
-tensorboardX is installed); evaluates on dev batches every ``train.eval_every`` steps; and at the end writes
-the trained submodules as Hugging Face directories under ``WORKDIR/final/``.
+tensorboardX is installed); evaluates on dev batches every ``train.eval_every`` steps, together with the
+task's retrieval metrics (``Task.retrieval_eval``: e.g. ``dev_top1``/``dev_top5``/``dev_top20`` answer recall of the
+bi-encoder tasks with ``data.dev_qa``), which ``train.best_metric`` may name; and at the end writes the trained
+submodules as Hugging Face directories under ``WORKDIR/final/``.
+
+Compute accounting (``flops.py``): ``flops_per_step`` (XLA's cost analysis of the step, counted once before
+the first step) is logged with the first record; ``mfu`` (flops_per_step / step time / (peak x devices)) with
+every record when the device's bf16 peak is known (``flops.PEAK_BF16_FLOPS``, or ``train.peak_flops`` per
+device). A CPU has no known peak: no ``mfu`` there unless ``train.peak_flops`` is set. Step times exclude the
+time spent in evaluation; the first record's window includes compilation.
 
 Multi-process (after ``jax.distributed`` is up, see ``distributed.py``): every process runs this same loop;
 each reads only its block of every global batch; process 0 alone writes metrics, TensorBoard, config.yaml and
@@ -25,11 +33,12 @@ from typing import Any, Iterable
 import jax
 import numpy as np
 import yaml
+from flax import nnx
 from jax.sharding import Mesh
 from tqdm import tqdm
 
 from rdr_jax.tasks.base import Task, get_task_class
-from rdr_jax.training import distributed, faults
+from rdr_jax.training import distributed, faults, flops
 from rdr_jax.training.checkpoints import Checkpointer
 from rdr_jax.training.config import Config
 from rdr_jax.training.optim import count_params, make_optimizer
@@ -90,6 +99,45 @@ def evaluate(eval_step, params, frozen, batches: Iterable[dict[str, np.ndarray]]
             sums[k] = sums.get(k, 0.0) + float(v)
         n += 1
     return {f"dev_{k}": v / n for k, v in sums.items()} if n else {}
+
+
+class RetrievalEval:
+    """``Task.retrieval_eval`` on the current parameters, run on process 0; its numbers are then sent to every
+    process (each saves the same checkpoint metrics, which ``train.best_metric`` reads).
+
+    One process: the sharded parameters are merged into the model as they are (the task's encoder reshards
+    them onto its devices). Several: every process takes part in gathering them to host arrays first (the
+    frozen ones once), as no process can address the others' shards."""
+
+    # JSON of the metrics, broadcast as a fixed-size byte buffer (the other processes do not know the keys)
+    BUFFER_BYTES = 8192
+
+    def __init__(self, task: Task, setup: TrainSetup, is_main: bool):
+        self.task, self.setup, self.is_main = task, setup, is_main
+        self._host_frozen = None
+
+    def __call__(self) -> dict[str, float]:
+        if jax.process_count() == 1:
+            return dict(self.task.retrieval_eval(merge_model(self.setup)) or {})
+        params = distributed.gather_to_host(self.setup.state["params"])
+        if self._host_frozen is None:
+            self._host_frozen = distributed.gather_to_host(self.setup.frozen)
+        result = {}
+        if self.is_main:
+            model = nnx.merge(self.setup.graphdef, params, self._host_frozen)
+            result = dict(self.task.retrieval_eval(model) or {})
+        return self._broadcast(result)
+
+    def _broadcast(self, result: dict[str, float]) -> dict[str, float]:
+        from jax.experimental import multihost_utils
+
+        data = json.dumps({k: float(v) for k, v in result.items()}).encode()
+        if len(data) > self.BUFFER_BYTES:
+            raise ValueError(f"retrieval_eval returned {len(result)} metrics: too many to share between processes")
+        buffer = np.zeros(self.BUFFER_BYTES, np.uint8)
+        buffer[:len(data)] = np.frombuffer(data, np.uint8)
+        buffer = np.asarray(multihost_utils.broadcast_one_to_all(buffer))
+        return json.loads(bytes(buffer[buffer != 0]).decode())
 
 
 def _restore_iterator(iterator, state, workdir: Path, step: int):
@@ -190,6 +238,14 @@ def train(config: Config, *, iterator=None, progress: bool = True) -> dict[str, 
     dev_batches = task.dev_batches(t.batch_size) if t.eval_every or t.best_metric else None
     if dev_batches is not None:
         eval_step = make_eval_step(task, setup, mesh)
+    retrieval_eval = RetrievalEval(task, setup, is_main) if task.has_retrieval_eval() and t.eval_every else None
+    if task.has_retrieval_eval() and not t.eval_every:
+        log.warning("the task's dev retrieval data is set but train.eval_every is 0: no dev recall is measured")
+    peak_flops = config.get("train.peak_flops") or flops.device_peak_flops()
+    flops_per_step = None
+    flops_counted = False
+    window_steps = 0
+    eval_seconds = 0.0   # time spent evaluating in the current logging window (not step time)
     seed_key = jax.random.PRNGKey(t.seed)
     writer = MetricsWriter(workdir, t.tensorboard, is_main)
     watcher = faults.PreemptionWatcher()
@@ -235,12 +291,28 @@ def train(config: Config, *, iterator=None, progress: bool = True) -> dict[str, 
             window_tokens += stats["tokens"] * shard[1]
             if shard[1] > 1:
                 host_batch = distributed.globalize_index_fields(host_batch, task, shard[0])
-            setup.state, metrics = train_step(setup.state, setup.frozen, shard_batch(host_batch, mesh), seed_key)
+            batch = shard_batch(host_batch, mesh)
+            if not flops_counted:  # before the call (the state is donated); jit reuses this lowering
+                flops_per_step = flops.step_flops(train_step, (setup.state, setup.frozen, batch, seed_key),
+                                                  t.grad_accum_steps)
+                flops_counted = True
+            setup.state, metrics = train_step(setup.state, setup.frozen, batch, seed_key)
             done = step + 1
+            window_steps += 1
             dev = {}
-            if eval_step is not None and t.eval_every and (done % t.eval_every == 0 or done == t.steps):
+            evaluating = eval_step is not None or retrieval_eval is not None
+            if evaluating and t.eval_every and (done % t.eval_every == 0 or done == t.steps):
                 stop_if_halted()
-                dev = evaluate(eval_step, setup.state["params"], setup.frozen, dev_batches, mesh, task, shard)
+                jax.block_until_ready(metrics)   # the step's own time is not counted as evaluation time
+                eval_start = time.perf_counter()
+                if eval_step is not None:
+                    dev = evaluate(eval_step, setup.state["params"], setup.frozen, dev_batches, mesh, task, shard)
+                if retrieval_eval is not None:
+                    dev.update(retrieval_eval())
+                eval_seconds += time.perf_counter() - eval_start
+                if t.best_metric and t.best_metric not in dev:
+                    raise ValueError(f"train.best_metric={t.best_metric!r} is not among the dev metrics "
+                                     f"{sorted(dev)}; name one of them")
             if done % t.log_every == 0 or done == t.steps or dev:
                 values = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 if values.pop("halted_at"):
@@ -252,14 +324,21 @@ def train(config: Config, *, iterator=None, progress: bool = True) -> dict[str, 
                         log.warning("step %d: NaN/Inf loss or gradients: %d update(s) skipped since step %d "
                                     "(%d in all)", done, skipped - skipped_seen, done - t.log_every + 1, skipped)
                     skipped_seen = skipped
-                elapsed = max(time.perf_counter() - window_start, 1e-9)
-                values.update(examples_per_sec=window_examples / elapsed, tokens_per_sec=window_tokens / elapsed,
-                              **dev)
+                elapsed = max(time.perf_counter() - window_start - eval_seconds, 1e-9)
+                values.update(examples_per_sec=window_examples / elapsed, tokens_per_sec=window_tokens / elapsed)
+                if flops_per_step is not None:
+                    if not last:  # once, with the first record of this run
+                        values["flops_per_step"] = flops_per_step
+                    utilisation = flops.mfu(flops_per_step, elapsed / window_steps, peak_flops, jax.device_count())
+                    if utilisation is not None:
+                        values["mfu"] = utilisation
+                values.update(dev)
                 writer.write(done, values)
                 last = values
                 loss = values["loss"]
                 bar.set_postfix(loss=f"{loss:.4f}" if math.isfinite(loss) else str(loss))
-                window_examples = window_tokens = 0
+                window_examples = window_tokens = window_steps = 0
+                eval_seconds = 0.0
                 window_start = time.perf_counter()
                 data_states.forget_before(done)
             preempt = watcher.requested(done)

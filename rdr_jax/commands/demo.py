@@ -198,6 +198,7 @@ def plot_recall(path: Path, before: dict, after: dict, n_questions: int) -> None
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     ax.plot(ks, [before[str(k)] for k in ks], marker="o", label="before (MiniLM as DPR)")
     ax.plot(ks, [after[str(k)] for k in ks], marker="o", label="after RDR distillation")
+    ax.set_xticks([1, 5, 10, 15, 20])
     ax.set_xlabel("k (retrieved passages)")
     ax.set_ylabel("top-k answer recall (%)")
     ax.set_title(f"Embedded dev split ({n_questions} questions)")

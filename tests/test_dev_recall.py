@@ -25,18 +25,7 @@ N_TRAIN, N_DEV, N_OTHER = 16, 40, 120
 LQ, LP = 24, 64
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """The runs here share step shapes: compile each once."""
-    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-            "jax_persistent_cache_min_entry_size_bytes")
-    old = {k: getattr(jax.config, k) for k in keys}
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    yield
-    for k, v in old.items():
-        jax.config.update(k, v)
+pytestmark = pytest.mark.usefixtures("compilation_cache")  # the runs share step shapes
 
 
 @pytest.fixture(scope="module")

@@ -185,15 +185,21 @@ def encode_corpus(encoder: Encoder, tokenizer, passages: Iterable[dict], out_dir
     return out_dir
 
 
-def load_encoded(out_dir: str | os.PathLike) -> tuple[np.ndarray, list[str]]:
-    """All shards of an encoding: (embeddings [N, dim] float32, passage ids)."""
-    out_dir = Path(out_dir)
+def complete_encoding_meta(out_dir: Path) -> dict:
+    """The meta.json of a finished encoding; a clear error for a missing or unfinished one."""
     meta_path = out_dir / META
     if not meta_path.is_file():
         raise FileNotFoundError(f"{out_dir}: no {META}; not an encoding directory (run `rdr-jax encode`)")
     meta = json.loads(meta_path.read_text())
     if not meta.get("complete"):
         raise ValueError(f"{out_dir}: encoding is incomplete; rerun `rdr-jax encode` to finish it")
+    return meta
+
+
+def load_encoded(out_dir: str | os.PathLike) -> tuple[np.ndarray, list[str]]:
+    """All shards of an encoding: (embeddings [N, dim] float32, passage ids)."""
+    out_dir = Path(out_dir)
+    meta = complete_encoding_meta(out_dir)
     embs, ids = [], []
     for i in range(meta["num_shards"]):
         emb_path, ids_path = _shard_paths(out_dir, i)

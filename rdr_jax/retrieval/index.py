@@ -14,7 +14,7 @@ from typing import Iterable, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from rdr_jax.retrieval.encode import META, iter_shards
+from rdr_jax.retrieval.encode import complete_encoding_meta, iter_shards
 
 KINDS = ("flat", "hnsw", "ivfpq")
 
@@ -52,12 +52,7 @@ class PassageIndex:
     def build(cls, encoding_dir: str | os.PathLike, kind: str = "flat", *, train_size: int = 100_000,
               progress: bool = True, **options) -> "PassageIndex":
         encoding_dir = Path(encoding_dir)
-        meta_path = encoding_dir / META
-        if not meta_path.is_file():
-            raise FileNotFoundError(f"{encoding_dir}: no {META}; run `rdr-jax encode` first")
-        meta = json.loads(meta_path.read_text())
-        if not meta.get("complete"):
-            raise ValueError(f"{encoding_dir}: encoding is incomplete; rerun `rdr-jax encode` to finish it")
+        meta = complete_encoding_meta(encoding_dir)
         index = new_index(kind, meta["dim"], **options)
         if kind == "ivfpq":  # IVF-PQ needs a training sample; the first shards are a fair one for DPR's order
             sample = []

@@ -288,14 +288,14 @@ class DisentangledSelfAttention(nnx.Module):
 
     def __call__(self, x, mask, rel_embeddings, c2p_index, p2c_index, *, rngs=None, deterministic=True):
         query, key, value = self.query_proj(x), self.key_proj(x), self.value_proj(x)
-        # transformers divides the keys (not the scores) by the scale; same rounding here.
-        scores = jnp.einsum("bqhd,bkhd->bhqk", query, key / jnp.asarray(self.scale, key.dtype))
+        bias = None
         if self.relative_attention and self.terms:
             rel = self.pos_dropout(rel_embeddings, deterministic=deterministic, rngs=rngs)
-            scores = scores + self.relative_bias(query, key, rel, c2p_index, p2c_index)
-        probs = L.masked_softmax(scores, mask, self.dtype)
-        probs = self.dropout(probs, deterministic=deterministic, rngs=rngs)
-        return jnp.einsum("bhqk,bkhd->bqhd", probs, value)
+            bias = self.relative_bias(query, key, rel, c2p_index, p2c_index)
+        # transformers divides the keys (not the scores) by the scale; same rounding here.
+        return L.dot_product_attention(query, key / jnp.asarray(self.scale, key.dtype), value, mask=mask, bias=bias,
+                                       scale=1.0, dtype=self.dtype,
+                                       dropout=partial(self.dropout, deterministic=deterministic, rngs=rngs))
 
 
 class DebertaV2Layer(nnx.Module):

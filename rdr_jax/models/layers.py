@@ -150,28 +150,35 @@ def padding_mask(attention_mask: jax.Array) -> jax.Array:
     return attention_mask.astype(bool)[:, None, None, :]
 
 
-def masked_softmax(scores: jax.Array, mask: jax.Array | None, dtype) -> jax.Array:
-    """Softmax over the last axis in float32 with masked entries set to the float32 minimum.
-
-    ``jnp.where`` instead of adding a large negative number keeps bf16 scores from overflowing to -inf
-    (and NaN rows), whatever the compute dtype.
-    """
-    scores = scores.astype(jnp.float32)
-    if mask is not None:
-        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    return jax.nn.softmax(scores, axis=-1).astype(dtype)
-
-
 def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array, *, mask: jax.Array | None = None,
                           bias: jax.Array | None = None, scale: float | None = None,
-                          dropout: nnx.Dropout | None = None, dtype=jnp.float32) -> jax.Array:
-    """Attention over ``[batch, len, heads, kv]`` inputs; ``bias`` is added to the scaled scores."""
+                          dropout: nnx.Dropout | None = None, dtype=jnp.float32,
+                          kv_heads_first: bool = False) -> jax.Array:
+    """Attention of ``[batch, q_len, heads, kv]`` queries; returns the same layout.
+
+    ``key``/``value`` are ``[batch, k_len, heads, kv]``, or ``[batch, heads, k_len, kv]`` with
+    ``kv_heads_first`` (a decoder cache kept in that layout is then read without a transpose). ``bias`` is
+    added to the scaled scores; ``mask`` (broadcast to ``[batch, heads, q_len, k_len]``) keeps the True keys.
+
+    Both matmuls run heads-first (``[b, h, len, kv]``): with the heads axis in the middle XLA:CPU emits
+    batched matmuls several times slower (bert-base 16x256 forward: 4.7 s -> 3.5 s). The softmax is normalised
+    after the value matmul, on ``[b, h, q, kv]`` instead of ``[b, h, q, k]``: the same numbers up to rounding
+    (dropout scales the kept entries, so it commutes with the division).
+    """
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1])
-    scores = jnp.einsum("bqhd,bkhd->bhqk", query, key) * jnp.asarray(scale, query.dtype)
+    query = jnp.swapaxes(query, 1, 2)
+    if not kv_heads_first:
+        key, value = jnp.swapaxes(key, 1, 2), jnp.swapaxes(value, 1, 2)
+    scores = jnp.einsum("bhqd,bhkd->bhqk", query, key) * jnp.asarray(scale, query.dtype)
     if bias is not None:
         scores = scores + bias
-    probs = masked_softmax(scores, mask, dtype)
+    scores = scores.astype(jnp.float32)
+    if mask is not None:  # jnp.where, not a large negative bias: bf16 scores cannot overflow to -inf
+        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    weights = jnp.exp(scores - jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True)))
+    normaliser = jnp.sum(weights, axis=-1, keepdims=True)
     if dropout is not None:
-        probs = dropout(probs)
-    return jnp.einsum("bhqk,bkhd->bqhd", probs, value)
+        weights = dropout(weights)
+    context = jnp.einsum("bhqk,bhkd->bhqd", weights.astype(dtype), value) / normaliser.astype(dtype)
+    return jnp.swapaxes(context, 1, 2)

@@ -7,10 +7,26 @@
     model.save_pretrained("out_dir", format="orbax")   # native checkpoint
 """
 
-from rdr_jax import models
-from rdr_jax.models import (BartForConditionalGeneration, BertForSequenceClassification, BertModel,
-                            DebertaV2ForSequenceClassification, DebertaV2Model, DPRContextEncoder, DPRQuestionEncoder, DPRReader, T5ForConditionalGeneration,
-                            from_pretrained)
+import importlib
+
+# Resolved on first use (PEP 562), so that ``import rdr_jax.runtime`` or the ``rdr-jax`` launcher does not load
+# JAX before it has set the process up.
+_MODEL_NAMES = ("from_pretrained", "BertModel", "BertForSequenceClassification", "DPRQuestionEncoder",
+                "DPRContextEncoder", "DPRReader", "DebertaV2Model", "DebertaV2ForSequenceClassification",
+                "T5ForConditionalGeneration", "BartForConditionalGeneration")
+
+
+def __getattr__(name: str):
+    if name == "models":
+        return importlib.import_module("rdr_jax.models")
+    if name in _MODEL_NAMES:
+        return getattr(importlib.import_module("rdr_jax.models"), name)
+    raise AttributeError(f"module 'rdr_jax' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + ["models", *_MODEL_NAMES])
+
 
 __version__ = "0.1.0"
 

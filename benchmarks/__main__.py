@@ -20,6 +20,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+if __name__ == "__main__":  # the process set-up of the rdr-jax command (rdr_jax.runtime): PyTorch gains from it too
+    from rdr_jax import runtime
+
+    runtime.tune_host_process()
+
 from benchmarks import BENCHMARKS  # noqa: E402
 from benchmarks import common as C  # noqa: E402
 

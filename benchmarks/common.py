@@ -223,6 +223,8 @@ def environment(threads: int) -> dict[str, Any]:
         "transformers": __import__("transformers").__version__,
         "python": platform.python_version(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+        "torch_attention": "transformers' default (sdpa) for BERT/DPR; eager for T5 and DeBERTa",
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(unset: OpenMP default)"),
         "torch_num_threads": torch.get_num_threads(),
         "method": "interleaved A/B timing with the order flipped each round, medians reported; "

@@ -37,8 +37,7 @@ def run(opts: C.Options) -> list[C.Result]:
     buckets = [x for x in DEFAULT_BUCKETS if x <= max_length] + [max_length]
 
     encoder = Encoder(DPRContextEncoder.from_pretrained(model_dir), batch_size)
-    hf = transformers.BertModel.from_pretrained(str(model_dir), add_pooling_layer=False,
-                                                attn_implementation="eager").eval()
+    hf = transformers.BertModel.from_pretrained(str(model_dir), add_pooling_layer=False).eval()
     out_root = Path(opts.workdir) / "corpus"
     runs = iter(range(10**6))
 

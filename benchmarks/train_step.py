@@ -115,8 +115,7 @@ class TorchTrainer:
         import transformers
 
         def tower():
-            return transformers.BertModel.from_pretrained(str(model_dir), add_pooling_layer=False,
-                                                          attn_implementation="eager").train()
+            return transformers.BertModel.from_pretrained(str(model_dir), add_pooling_layer=False).train()
         self.q, self.c = tower(), tower()
         self.opt = torch.optim.AdamW(list(self.q.parameters()) + list(self.c.parameters()), lr=LR,
                                      weight_decay=WEIGHT_DECAY)

@@ -6,8 +6,9 @@ Measured on the 2-core benchmark machine (``benchmarks/README.md`` has the numbe
   step) and frees it afterwards. glibc serves such blocks with ``mmap`` and gives them back with ``munmap``,
   so every step page-faults its whole working set again: 600k faults and ~1 s of kernel time per step, and
   5-7 s after anything else (PyTorch, a pause) has run. With one arena, no ``mmap`` for large blocks and no
-  trimming, the freed block is reused: 0 faults per step. These can only be set when the process starts
-  (``GLIBC_TUNABLES``; ``mallopt`` cannot raise the trim threshold past 2 GiB), hence :func:`reexec_with_malloc_tuning`.
+  trimming, the freed block is reused: 0 faults per step. They are set when the process starts
+  (``GLIBC_TUNABLES``), hence :func:`reexec_with_malloc_tuning`: the same settings through ``mallopt`` at run
+  time (trim threshold -1) still page-faulted the first four MiniLM steps at 6.6 s each.
   The cost: memory freed by the process stays mapped to it (its RSS stays at its peak), as with the caching
   allocators that PyTorch and TensorFlow users put in with ``LD_PRELOAD``.
 

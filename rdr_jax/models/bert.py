@@ -14,6 +14,7 @@ from rdr_jax.models import layers as L
 from rdr_jax.models.base import PretrainedModel, register
 from rdr_jax.models.config import ModelConfig
 from rdr_jax.models.outputs import BaseModelOutputWithPooling, SequenceClassifierOutput
+from rdr_jax.models.packing import TokenPacking
 
 
 @dataclasses.dataclass
@@ -113,11 +114,16 @@ class BertLayer(nnx.Module):
         self.hidden_dropout = nnx.Dropout(config.hidden_dropout_prob)
         self.dtype = rt.dtype
 
-    def __call__(self, x, mask, *, rngs=None, deterministic=True):
+    def __call__(self, x, mask, packing: TokenPacking | None = None, *, rngs=None, deterministic=True):
+        """``x`` is ``[batch, length, embed]``, or ``[tokens, embed]`` with ``packing``."""
         drop = partial(self.hidden_dropout, deterministic=deterministic, rngs=rngs)
         attn_drop = partial(self.attention_dropout, deterministic=deterministic, rngs=rngs)
-        context = L.dot_product_attention(self.query(x), self.key(x), self.value(x), mask=mask,
-                                          dropout=attn_drop, dtype=self.dtype)
+        q, k, v = self.query(x), self.key(x), self.value(x)
+        if packing is not None:  # only attention mixes positions: it runs in the padded layout
+            q, k, v = packing.unpack(q), packing.unpack(k), packing.unpack(v)
+        context = L.dot_product_attention(q, k, v, mask=mask, dropout=attn_drop, dtype=self.dtype)
+        if packing is not None:
+            context = packing.pack(context)
         x = self.attention_norm(drop(self.attention_output(context)) + x)
         return self.output_norm(drop(self.output(self.act(self.intermediate(x)))) + x)
 
@@ -135,7 +141,10 @@ class BertEncoderStack(nnx.Module):
 
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, *,
                  output_hidden_states: bool = False, rngs: nnx.Rngs | None = None,
-                 deterministic: bool = True) -> BaseModelOutputWithPooling:
+                 deterministic: bool = True, packing: TokenPacking | None = None) -> BaseModelOutputWithPooling:
+        """With ``packing`` (see :mod:`rdr_jax.models.packing`, built from this ``attention_mask``) the
+        position-wise layers run on the real tokens only. Outputs are the same, except that hidden states are
+        zero at padded positions (transformers leaves values there that nothing should read)."""
         input_ids = jnp.asarray(input_ids)
         if attention_mask is None:
             attention_mask = jnp.ones_like(input_ids)
@@ -144,16 +153,21 @@ class BertEncoderStack(nnx.Module):
         if position_ids is None:
             position_ids = jnp.broadcast_to(jnp.arange(input_ids.shape[-1]), input_ids.shape)
         mask = L.padding_mask(jnp.asarray(attention_mask))
-        x = self.embeddings(input_ids, jnp.asarray(token_type_ids), position_ids, rngs=rngs,
-                            deterministic=deterministic)
-        hidden_states = [x] if output_hidden_states else None
+        token_type_ids = jnp.asarray(token_type_ids)
+        if packing is not None:
+            input_ids, token_type_ids, position_ids = map(packing.pack, (input_ids, token_type_ids,
+                                                                         jnp.asarray(position_ids)))
+        x = self.embeddings(input_ids, token_type_ids, position_ids, rngs=rngs, deterministic=deterministic)
+        padded = (lambda h: packing.check(packing.unpack(h))) if packing is not None else (lambda h: h)
+        hidden_states = [padded(x)] if output_hidden_states else None
         # rngs goes in as an argument: a remat'd function must not capture NNX state from outside.
-        run = (nnx.remat(lambda lyr, h, m, r: lyr(h, m, rngs=r, deterministic=deterministic)) if self.rt.remat
-               else lambda lyr, h, m, r: lyr(h, m, rngs=r, deterministic=deterministic))
+        run = (nnx.remat(lambda lyr, h, m, p, r: lyr(h, m, p, rngs=r, deterministic=deterministic))
+               if self.rt.remat else lambda lyr, h, m, p, r: lyr(h, m, p, rngs=r, deterministic=deterministic))
         for layer in self.layers:
-            x = run(layer, x, mask, rngs)
+            x = run(layer, x, mask, packing, rngs)
             if output_hidden_states:
-                hidden_states.append(x)
+                hidden_states.append(padded(x))
+        x = padded(x)
         pooled = jnp.tanh(self.pooler(x[:, 0])) if self.pooler is not None else None
         return BaseModelOutputWithPooling(last_hidden_state=x, pooler_output=pooled,
                                           hidden_states=tuple(hidden_states) if hidden_states else None)
@@ -230,8 +244,8 @@ class BertForSequenceClassification(_BertBase):
         return state
 
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, *, rngs=None,
-                 deterministic=True, output_hidden_states=False) -> SequenceClassifierOutput:
+                 deterministic=True, output_hidden_states=False, packing=None) -> SequenceClassifierOutput:
         out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, rngs=rngs,
-                        deterministic=deterministic, output_hidden_states=output_hidden_states)
+                        deterministic=deterministic, output_hidden_states=output_hidden_states, packing=packing)
         pooled = self.dropout(out.pooler_output, deterministic=deterministic, rngs=rngs)
         return SequenceClassifierOutput(logits=self.classifier(pooled), hidden_states=out.hidden_states)

@@ -118,7 +118,10 @@ class LayerNorm(nnx.Module):
 
 
 def _gelu_exact(x):
-    return jax.nn.gelu(x, approximate=False)
+    # transformers' formula, written with erf rather than jax.nn.gelu's erfc: XLA:CPU's YNNPACK can
+    # fuse erf (not erfc), so the activation joins the surrounding matmuls instead of costing three
+    # extra passes over the [tokens, 4*hidden] tensor (bert-base forward ~5% faster on CPU).
+    return x * 0.5 * (1.0 + jax.lax.erf(x * math.sqrt(0.5)))
 
 
 def _gelu_tanh(x):

@@ -1,0 +1,146 @@
+"""Unpadded (packed) BERT-family forward: the same numbers as transformers at every real position."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+
+import rdr_jax
+from rdr_jax.models.packing import TokenPacking, packed_length
+from hf_reference import max_abs_diff
+
+TINY = dict(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+            max_position_embeddings=64, type_vocab_size=2, attn_implementation="eager")
+TOL = 1e-5
+
+
+def ragged_batch(lengths, length, vocab=TINY["vocab_size"], seed=0):
+    """Right-padded ids with the given real lengths; token type 1 on the second half of each text."""
+    rng = np.random.RandomState(seed)
+    mask = (np.arange(length)[None, :] < np.asarray(lengths)[:, None]).astype(np.int64)
+    ids = rng.randint(1, vocab, size=mask.shape) * mask
+    types = ((np.arange(length)[None, :] >= np.asarray(lengths)[:, None] // 2) * mask).astype(np.int64)
+    return ids, mask, types
+
+
+def hf_model(tmp_path, cls, config_cls, seed=0, **overrides):
+    torch.manual_seed(seed)
+    hf = cls(config_cls(**{**TINY, **overrides})).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    return hf, rdr_jax.from_pretrained(tmp_path / "hf")
+
+
+def real(x, mask):
+    """Values at real positions only, as float64 numpy."""
+    x = x.detach().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    return x.astype(np.float64)[np.asarray(mask).astype(bool)]
+
+
+def test_packed_length_rounds_up_to_a_few_sizes():
+    mask = np.zeros((4, 8), np.int64)
+    mask[:, :5] = 1                                  # 20 real of 32
+    assert packed_length(mask, steps=4) == 24        # steps of 8
+    assert packed_length(mask, steps=32) == 20
+    assert packed_length(np.ones((4, 8)), steps=3) == 32  # never more than batch * length
+    assert packed_length(np.zeros((2, 4)), steps=2) == 4  # an all-padding batch still gets rows
+    with pytest.raises(ValueError, match=r"\[batch, length\]"):
+        packed_length(np.ones(5))
+    with pytest.raises(ValueError, match="steps"):
+        packed_length(mask, steps=0)
+
+
+def test_host_and_traced_maps_agree_and_round_trip():
+    _, mask, _ = ragged_batch([5, 2, 7, 1], 7)
+    host = TokenPacking.for_batch(mask, steps=4)
+    traced = jax.jit(TokenPacking.from_mask, static_argnums=1)(jnp.asarray(mask), host.tokens)
+    for name in ("token_position", "position_row"):
+        np.testing.assert_array_equal(np.asarray(getattr(host, name)), np.asarray(getattr(traced, name)))
+    x = np.arange(4 * 7 * 3, dtype=np.float32).reshape(4, 7, 3) + 1
+    packed = host.pack(jnp.asarray(x))
+    assert packed.shape == (host.tokens, 3)
+    np.testing.assert_array_equal(np.asarray(packed)[:mask.sum()], x[mask.astype(bool)])
+    back = np.asarray(host.unpack(packed))
+    np.testing.assert_array_equal(back, x * mask[..., None])  # zeros at padding
+
+
+def test_overflow_poisons_instead_of_dropping_tokens():
+    _, mask, _ = ragged_batch([6, 6], 6)
+    packing = TokenPacking.from_mask(jnp.asarray(mask), 8)  # 12 real tokens, 8 rows
+    out = packing.check(packing.unpack(packing.pack(jnp.ones((2, 6, 2)))))
+    assert np.isnan(np.asarray(out)).all()
+    fits = TokenPacking.from_mask(jnp.asarray(mask), 12)
+    assert not np.isnan(np.asarray(fits.check(fits.unpack(fits.pack(jnp.ones((2, 6, 2))))))).any()
+
+
+@pytest.mark.parametrize("steps", [1, 16])
+def test_bert_packed_matches_transformers(tmp_path, steps):
+    hf, model = hf_model(tmp_path, transformers.BertModel, transformers.BertConfig)
+    ids, mask, types = ragged_batch([17, 9, 1, 13], 17)
+    with torch.no_grad():
+        ref = hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), token_type_ids=torch.tensor(types),
+                 output_hidden_states=True)
+    packing = TokenPacking.for_batch(mask, steps=steps)
+    out = jax.jit(lambda m, p: m(ids, mask, types, packing=p, output_hidden_states=True))(model, packing)
+    assert out.last_hidden_state.shape == ref.last_hidden_state.shape
+    assert np.abs(real(out.last_hidden_state, mask) - real(ref.last_hidden_state, mask)).max() <= TOL
+    assert not np.asarray(out.last_hidden_state)[mask == 0].any()  # padded positions are zero
+    assert max_abs_diff(out.pooler_output, ref.pooler_output) <= TOL
+    for ours, theirs in zip(out.hidden_states, ref.hidden_states, strict=True):
+        assert np.abs(real(ours, mask) - real(theirs, mask)).max() <= TOL
+
+
+def test_cross_encoder_and_dpr_encoder_packed(tmp_path):
+    hf, model = hf_model(tmp_path / "ce", transformers.BertForSequenceClassification, transformers.BertConfig,
+                         num_labels=1)
+    ids, mask, types = ragged_batch([11, 4, 8], 11, seed=1)
+    tin = dict(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), token_type_ids=torch.tensor(types))
+    with torch.no_grad():
+        ref = hf(**tin).logits
+    assert max_abs_diff(model(ids, mask, types, packing=TokenPacking.for_batch(mask)).logits, ref) <= TOL
+
+    hf, model = hf_model(tmp_path / "ctx", transformers.DPRContextEncoder, transformers.DPRConfig, projection_dim=8)
+    with torch.no_grad():
+        ref = hf(**tin).pooler_output
+    assert max_abs_diff(model(ids, mask, types, packing=TokenPacking.for_batch(mask)).pooler_output, ref) <= TOL
+
+
+def test_reader_packed_matches_transformers(tmp_path):
+    hf, model = hf_model(tmp_path, transformers.DPRReader, transformers.DPRConfig)
+    ids, mask, _ = ragged_batch([15, 6, 10], 15, seed=2)
+    with torch.no_grad():
+        ref = hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask))
+    out = model(ids, mask, packing=TokenPacking.for_batch(mask))
+    for name in ("start_logits", "end_logits"):
+        assert np.abs(real(getattr(out, name), mask) - real(getattr(ref, name), mask)).max() <= TOL
+    assert max_abs_diff(out.relevance_logits, ref.relevance_logits) <= TOL
+
+
+def test_packed_gradients_match_padded(tmp_path):
+    _, model = hf_model(tmp_path, transformers.DPRContextEncoder, transformers.DPRConfig)
+    ids, mask, types = ragged_batch([12, 3, 7, 12], 12, seed=3)
+    packing = TokenPacking.for_batch(mask, steps=3)
+
+    def loss(m, p):
+        pooled = m(ids, mask, types, packing=p).pooler_output
+        return jnp.sum(jnp.sin(pooled))
+
+    padded = nnx.grad(loss)(model, None)
+    packed = jax.jit(nnx.grad(loss))(model, packing)
+    flat_padded, flat_packed = jax.tree.leaves(nnx.state(padded)), jax.tree.leaves(nnx.state(packed))
+    assert len(flat_padded) == len(flat_packed) > 0
+    for a, b in zip(flat_padded, flat_packed):
+        scale = max(1.0, float(jnp.abs(a).max()))
+        assert float(jnp.abs(a - b).max()) <= 1e-5 * scale
+
+
+def test_packed_training_mode_runs_dropout(tmp_path):
+    _, model = hf_model(tmp_path, transformers.BertModel, transformers.BertConfig)
+    ids, mask, types = ragged_batch([9, 5], 9, seed=4)
+    packing = TokenPacking.for_batch(mask)
+    a = model(ids, mask, types, packing=packing, rngs=nnx.Rngs(dropout=0), deterministic=False)
+    b = model(ids, mask, types, packing=packing, rngs=nnx.Rngs(dropout=1), deterministic=False)
+    assert np.isfinite(np.asarray(a.pooler_output)).all()
+    assert not np.allclose(np.asarray(a.pooler_output), np.asarray(b.pooler_output))

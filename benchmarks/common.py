@@ -258,25 +258,32 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 class CompiledForward:
     """An rdr_jax model's inference forward, jit-compiled ahead of time for one static batch shape.
 
-    Compilation is timed on its own (``compile_s``) so the timed calls are pure execution.
+    Compilation is timed on its own (``compile_s``) so the timed calls are pure execution. With ``packed``
+    the model runs unpadded (``rdr_jax.models.packing``), as rdr_jax's encode/rerank/reader runners do on one
+    device; building the packing maps on the host is part of every timed call.
     """
 
-    def __init__(self, model, batch: dict[str, np.ndarray], outputs: Callable):
+    def __init__(self, model, batch: dict[str, np.ndarray], outputs: Callable, packed: bool = False):
         import jax
         import jax.numpy as jnp
         from flax import nnx
 
         graphdef, state = nnx.split(model)
 
-        def forward(state, input_ids, attention_mask, token_type_ids):
-            return outputs(nnx.merge(graphdef, state)(input_ids, attention_mask, token_type_ids))
+        def forward(state, input_ids, attention_mask, token_type_ids, packing):
+            kw = {} if packing is None else {"packing": packing}
+            return outputs(nnx.merge(graphdef, state)(input_ids, attention_mask, token_type_ids, **kw))
 
-        self.state = state
+        self.state, self.packed, self.mask = state, packed, batch["attention_mask"]
         self.inputs = [jnp.asarray(batch[k]) for k in MODEL_INPUTS]
         t0 = time.perf_counter()
-        self.compiled = jax.jit(forward).lower(state, *self.inputs).compile()
+        self.compiled = jax.jit(forward).lower(state, *self.inputs, self._packing()).compile()
         self.compile_s = time.perf_counter() - t0
         self.flops = compiled_flops(self.compiled)
 
+    def _packing(self):
+        from rdr_jax.models.packing import TokenPacking
+        return TokenPacking.for_batch(self.mask) if self.packed else None
+
     def __call__(self):
-        return self.compiled(self.state, *self.inputs)
+        return self.compiled(self.state, *self.inputs, self._packing())

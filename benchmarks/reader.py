@@ -25,13 +25,20 @@ def run(opts: C.Options) -> list[C.Result]:
     batch = C.random_batch(b, length, config["vocab_size"], seed=2)
     batch["token_type_ids"][:] = 0  # DPRReaderTokenizer gives all-zero token types
 
+    # Span logits are compared at real tokens: at padding, transformers' values come from hidden states
+    # nothing should read, and rdr_jax's unpadded forward leaves those states zero.
     def torch_fn(tb):
         out = hf(input_ids=tb["input_ids"], attention_mask=tb["attention_mask"])  # [n_passages, length]
-        return torch.cat([out.start_logits, out.end_logits, out.relevance_logits[:, None]], dim=1)
+        real = tb["attention_mask"].to(out.start_logits.dtype)
+        return torch.cat([out.start_logits * real, out.end_logits * real, out.relevance_logits[:, None]], dim=1)
+
+    mask = batch["attention_mask"]
 
     def jax_outputs(out):
         import jax.numpy as jnp
-        return jnp.concatenate([out.start_logits, out.end_logits, out.relevance_logits[:, None]], axis=1)
+        real = jnp.asarray(mask, out.start_logits.dtype)
+        return jnp.concatenate([out.start_logits * real, out.end_logits * real, out.relevance_logits[:, None]],
+                               axis=1)
 
     name = "reader: DPRReader " + ("tiny" if opts.quick else "bert-base")
     return [compare(name, model, torch_fn, batch, jax_outputs, config, opts, notes="passages x tokens")]

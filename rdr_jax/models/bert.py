@@ -195,6 +195,7 @@ def bert_body_rules(config: BertConfig, hf: str, jx: str, *, pooler: bool) -> li
 
 class _BertBase(PretrainedModel):
     config_class = BertConfig
+    supports_packing = True
 
     def __init__(self, config: BertConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, remat: bool = False,
                  rngs: nnx.Rngs):

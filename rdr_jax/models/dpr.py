@@ -49,6 +49,7 @@ def dpr_encoder_rules(config: DPRConfig, hf: str, jx: str):
 
 class _DPRBase(PretrainedModel):
     config_class = DPRConfig
+    supports_packing = True
     # transformers' DPR body has no pooler; checkpoints converted from BertModel may still carry one.
     hf_ignore_unexpected = ("*position_ids", "*bert_model.pooler.*")
 

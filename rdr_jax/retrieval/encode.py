@@ -22,6 +22,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
 from rdr_jax.data import tokenization as tk
+from rdr_jax.models.packing import TokenPacking
 
 DEFAULT_BUCKETS = (32, 64, 128, 256)
 META = "meta.json"
@@ -33,6 +34,10 @@ class ShardedRunner:
     The batch is padded to a multiple of the device count (and callers bucket the length), so jit compiles
     once per shape; parameters are replicated, rows sharded over a 1-D ``data`` mesh. ``output_fn`` picks the
     arrays to return from the model output (a pytree of ``[rows, ...]`` arrays).
+
+    On one device, a model that ``supports_packing`` runs on the batch's real tokens only
+    (:mod:`rdr_jax.models.packing`; up to ``TokenPacking.for_batch``'s 16 compiled sizes per batch shape).
+    Over several devices the rows stay padded: packed rows would not line up with the row sharding.
     """
 
     INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -43,12 +48,14 @@ class ShardedRunner:
         n = len(devices)
         self.batch_size = max(n, (batch_size + n - 1) // n * n)
         self.row_sharding = NamedSharding(self.mesh, P("data"))
+        self.packs = n == 1 and getattr(model, "supports_packing", False)
         graphdef, params = nnx.split(model)
         self.params = jax.device_put(params, NamedSharding(self.mesh, P()))
 
         @jax.jit
-        def apply(params, input_ids, attention_mask, token_type_ids):
-            return output_fn(nnx.merge(graphdef, params)(input_ids, attention_mask, token_type_ids))
+        def apply(params, input_ids, attention_mask, token_type_ids, packing):
+            kw = {} if packing is None else {"packing": packing}
+            return output_fn(nnx.merge(graphdef, params)(input_ids, attention_mask, token_type_ids, **kw))
 
         self._apply = apply
 
@@ -63,7 +70,8 @@ class ShardedRunner:
             padded[k][:rows] = batch[k]
         padded["attention_mask"][rows:, 0] = 1  # keep padding rows well-defined
         arrays = [jax.device_put(padded[k], self.row_sharding) for k in self.INPUTS]
-        return jax.tree.map(lambda x: np.asarray(x)[:rows], self._apply(self.params, *arrays))
+        packing = TokenPacking.for_batch(padded["attention_mask"]) if self.packs else None
+        return jax.tree.map(lambda x: np.asarray(x)[:rows], self._apply(self.params, *arrays, packing))
 
 
 class Encoder(ShardedRunner):

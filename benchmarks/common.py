@@ -263,15 +263,18 @@ class CompiledForward:
     device; building the packing maps on the host is part of every timed call.
     """
 
-    def __init__(self, model, batch: dict[str, np.ndarray], outputs: Callable, packed: bool = False):
+    def __init__(self, model, batch: dict[str, np.ndarray], outputs: Callable, packed: bool = False,
+                 model_kwargs: dict | None = None):
         import jax
         import jax.numpy as jnp
         from flax import nnx
 
         graphdef, state = nnx.split(model)
 
+        model_kwargs = dict(model_kwargs or {})
+
         def forward(state, input_ids, attention_mask, token_type_ids, packing):
-            kw = {} if packing is None else {"packing": packing}
+            kw = model_kwargs if packing is None else {**model_kwargs, "packing": packing}
             return outputs(nnx.merge(graphdef, state)(input_ids, attention_mask, token_type_ids, **kw))
 
         self.state, self.packed, self.mask = state, packed, batch["attention_mask"]

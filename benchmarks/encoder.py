@@ -19,14 +19,16 @@ TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermed
 
 
 def compare(name: str, jax_model, torch_fn, batch: dict[str, np.ndarray], jax_outputs, config, opts: C.Options,
-            notes: str = "", packed: bool = True) -> C.Result:
+            notes: str = "", packed: bool = True, cls_only: bool = False) -> C.Result:
     """Time ``jax_model`` (compiled once) against ``torch_fn(torch_batch)`` interleaved; check they agree.
 
-    ``packed``: rdr_jax skips the padding (its encode/reader/rerank runners' default on one device); the
-    FLOP figures stay those of the padded batch, the work transformers does."""
+    ``packed``: rdr_jax skips the padding (its encode/reader/rerank runners' default on one device);
+    ``cls_only``: the last layer computes [CLS] alone (rdr_jax's ``Encoder`` and DPR training do). The FLOP
+    figures stay those of the full padded batch, the work transformers does."""
     import torch
 
-    fwd = C.CompiledForward(jax_model, batch, jax_outputs, packed=packed)
+    fwd = C.CompiledForward(jax_model, batch, jax_outputs, packed=packed,
+                            model_kwargs={"cls_only": True} if cls_only else None)
     tb = C.to_torch(batch)
     with torch.inference_mode():
         diff = C.max_abs_diff(fwd(), torch_fn(tb))
@@ -37,11 +39,13 @@ def compare(name: str, jax_model, torch_fn, batch: dict[str, np.ndarray], jax_ou
                                     config["intermediate_size"], b, length)
     real_tokens = int(batch["attention_mask"].sum())
     extra = {"batch": b, "length": length, "compile_s": fwd.compile_s, "max_abs_diff": diff, "packed": packed,
+             "cls_only": cls_only,
              "real_token_fraction": real_tokens / batch["attention_mask"].size,
              "analytic_flops": analytic, "jax_spread": C.spread(times["jax"]),
              "torch_spread": C.spread(times["torch"]),
              **C.compute_extra(analytic if packed else (fwd.flops or analytic), jax_ms, torch_ms, opts.peak_tflops)}
     layout = f"unpadded, {real_tokens / batch['attention_mask'].size:.0%} real tokens" if packed else "padded"
+    layout += ", last layer [CLS] only" if cls_only else ""
     note = f"{b}x{length} {layout}, compile {fwd.compile_s:.1f}s, |diff| {diff:.1e}" + (f"; {notes}" if notes else "")
     return C.Result(name, jax_ms, torch_ms, note, extra)
 
@@ -62,8 +66,8 @@ def dpr_base(opts: C.Options) -> list[C.Result]:
         return hf(**tb).pooler_output
 
     name = "encoder: DPR ctx " + ("tiny" if opts.quick else "bert-base")
-    # the padded row shows the same arithmetic as transformers', without skipping the padding
-    return [compare(name, model, torch_fn, batch, lambda out: out.pooler_output, config, opts),
+    # the padded row does transformers' arithmetic: every position, padding included
+    return [compare(name, model, torch_fn, batch, lambda out: out.pooler_output, config, opts, cls_only=True),
             compare(name + " (padded)", model, torch_fn, batch, lambda out: out.pooler_output, config, opts,
                     packed=False)]
 
@@ -86,7 +90,8 @@ def minilm(opts: C.Options) -> C.Result:
     def torch_fn(tb):
         return hf(**tb).last_hidden_state[:, 0]
 
-    return compare("encoder: MiniLM-L6 (real)", model, torch_fn, batch, lambda out: out.pooler_output, config, opts)
+    return compare("encoder: MiniLM-L6 (real)", model, torch_fn, batch, lambda out: out.pooler_output, config, opts,
+                   cls_only=True)
 
 
 def run(opts: C.Options) -> list[C.Result]:

@@ -144,3 +144,25 @@ def test_packed_training_mode_runs_dropout(tmp_path):
     b = model(ids, mask, types, packing=packing, rngs=nnx.Rngs(dropout=1), deterministic=False)
     assert np.isfinite(np.asarray(a.pooler_output)).all()
     assert not np.allclose(np.asarray(a.pooler_output), np.asarray(b.pooler_output))
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_cls_only_gives_the_same_embedding_and_gradients(tmp_path, packed):
+    hf, model = hf_model(tmp_path, transformers.DPRQuestionEncoder, transformers.DPRConfig)
+    ids, mask, types = ragged_batch([10, 4, 7], 10, seed=5)
+    packing = TokenPacking.for_batch(mask) if packed else None
+    with torch.no_grad():
+        ref = hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                 token_type_ids=torch.tensor(types)).pooler_output
+    out = model(ids, mask, types, packing=packing, cls_only=True)
+    assert out.last_hidden_state.shape == (3, 1, TINY["hidden_size"])
+    assert max_abs_diff(out.pooler_output, ref) <= TOL
+
+    def loss(m, cls_only):
+        return jnp.sum(jnp.cos(m(ids, mask, types, packing=packing, cls_only=cls_only).pooler_output))
+
+    full, cls = nnx.grad(loss)(model, False), nnx.grad(loss)(model, True)
+    for a, b in zip(jax.tree.leaves(nnx.state(full)), jax.tree.leaves(nnx.state(cls)), strict=True):
+        assert float(jnp.abs(a - b).max()) <= 1e-5 * max(1.0, float(jnp.abs(a).max()))
+    with pytest.raises(ValueError, match="output_hidden_states"):
+        model(ids, mask, types, cls_only=True, output_hidden_states=True)

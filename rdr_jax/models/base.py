@@ -57,7 +57,8 @@ class PretrainedModel(nnx.Module):
     # Glob patterns of JAX paths that keep their fresh initialisation when the checkpoint lacks them
     # (a task head on a pretrained body).
     initializable_heads: ClassVar[tuple[str, ...]] = ()
-    # Whether ``__call__`` takes ``packing=`` (a :class:`rdr_jax.models.packing.TokenPacking`) to skip padding.
+    # Whether ``__call__`` takes ``packing=`` (a :class:`rdr_jax.models.packing.TokenPacking`, to skip padding)
+    # and ``cls_only=`` (compute only the [CLS] row in the last layer): the BERT-family bodies.
     supports_packing: ClassVar[bool] = False
 
     config: ModelConfig

@@ -114,15 +114,21 @@ class BertLayer(nnx.Module):
         self.hidden_dropout = nnx.Dropout(config.hidden_dropout_prob)
         self.dtype = rt.dtype
 
-    def __call__(self, x, mask, packing: TokenPacking | None = None, *, rngs=None, deterministic=True):
-        """``x`` is ``[batch, length, embed]``, or ``[tokens, embed]`` with ``packing``."""
+    def __call__(self, x, mask, packing: TokenPacking | None = None, *, cls_only: bool = False, rngs=None,
+                 deterministic=True):
+        """``x`` is ``[batch, length, embed]``, or ``[tokens, embed]`` with ``packing``. With ``cls_only`` only
+        position 0 is computed past the keys and values: the output is ``[batch, 1, embed]``."""
         drop = partial(self.hidden_dropout, deterministic=deterministic, rngs=rngs)
         attn_drop = partial(self.attention_dropout, deterministic=deterministic, rngs=rngs)
-        q, k, v = self.query(x), self.key(x), self.value(x)
+        k, v = self.key(x), self.value(x)
+        if cls_only:
+            x = x[:, :1] if packing is None else packing.first(x)
+        q = self.query(x)
         if packing is not None:  # only attention mixes positions: it runs in the padded layout
-            q, k, v = packing.unpack(q), packing.unpack(k), packing.unpack(v)
+            k, v = packing.unpack(k), packing.unpack(v)
+            q = q if cls_only else packing.unpack(q)
         context = L.dot_product_attention(q, k, v, mask=mask, dropout=attn_drop, dtype=self.dtype)
-        if packing is not None:
+        if packing is not None and not cls_only:
             context = packing.pack(context)
         x = self.attention_norm(drop(self.attention_output(context)) + x)
         return self.output_norm(drop(self.output(self.act(self.intermediate(x)))) + x)
@@ -141,10 +147,18 @@ class BertEncoderStack(nnx.Module):
 
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, *,
                  output_hidden_states: bool = False, rngs: nnx.Rngs | None = None,
-                 deterministic: bool = True, packing: TokenPacking | None = None) -> BaseModelOutputWithPooling:
+                 deterministic: bool = True, packing: TokenPacking | None = None,
+                 cls_only: bool = False) -> BaseModelOutputWithPooling:
         """With ``packing`` (see :mod:`rdr_jax.models.packing`, built from this ``attention_mask``) the
         position-wise layers run on the real tokens only. Outputs are the same, except that hidden states are
-        zero at padded positions (transformers leaves values there that nothing should read)."""
+        zero at padded positions (transformers leaves values there that nothing should read).
+
+        ``cls_only``: the last layer computes position 0 alone, for callers that read only the [CLS] state
+        (DPR's embeddings, a cross-encoder's pooled logits); ``last_hidden_state`` is then ``[batch, 1, embed]``.
+        """
+        if cls_only and output_hidden_states:
+            raise ValueError("cls_only computes only the [CLS] state of the last layer; it cannot also return "
+                             "every hidden state (output_hidden_states)")
         input_ids = jnp.asarray(input_ids)
         if attention_mask is None:
             attention_mask = jnp.ones_like(input_ids)
@@ -160,14 +174,20 @@ class BertEncoderStack(nnx.Module):
         x = self.embeddings(input_ids, token_type_ids, position_ids, rngs=rngs, deterministic=deterministic)
         padded = (lambda h: packing.check(packing.unpack(h))) if packing is not None else (lambda h: h)
         hidden_states = [padded(x)] if output_hidden_states else None
-        # rngs goes in as an argument: a remat'd function must not capture NNX state from outside.
-        run = (nnx.remat(lambda lyr, h, m, p, r: lyr(h, m, p, rngs=r, deterministic=deterministic))
-               if self.rt.remat else lambda lyr, h, m, p, r: lyr(h, m, p, rngs=r, deterministic=deterministic))
-        for layer in self.layers:
-            x = run(layer, x, mask, packing, rngs)
+        def runner(cls):
+            # rngs goes in as an argument: a remat'd function must not capture NNX state from outside.
+            fn = lambda lyr, h, m, p, r: lyr(h, m, p, cls_only=cls, rngs=r, deterministic=deterministic)
+            return nnx.remat(fn) if self.rt.remat else fn
+
+        run, run_last = runner(False), runner(cls_only)
+        for i, layer in enumerate(self.layers):
+            x = (run_last if i == len(self.layers) - 1 else run)(layer, x, mask, packing, rngs)
             if output_hidden_states:
                 hidden_states.append(padded(x))
-        x = padded(x)
+        if cls_only:  # already [batch, 1, embed]
+            x = packing.check(x) if packing is not None else x
+        else:
+            x = padded(x)
         pooled = jnp.tanh(self.pooler(x[:, 0])) if self.pooler is not None else None
         return BaseModelOutputWithPooling(last_hidden_state=x, pooler_output=pooled,
                                           hidden_states=tuple(hidden_states) if hidden_states else None)
@@ -246,7 +266,9 @@ class BertForSequenceClassification(_BertBase):
 
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, *, rngs=None,
                  deterministic=True, output_hidden_states=False, packing=None) -> SequenceClassifierOutput:
+        # the logits read only [CLS]: the last layer skips every other position unless states are asked for
         out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, rngs=rngs,
-                        deterministic=deterministic, output_hidden_states=output_hidden_states, packing=packing)
+                        deterministic=deterministic, output_hidden_states=output_hidden_states, packing=packing,
+                        cls_only=not output_hidden_states)
         pooled = self.dropout(out.pooler_output, deterministic=deterministic, rngs=rngs)
         return SequenceClassifierOutput(logits=self.classifier(pooled), hidden_states=out.hidden_states)

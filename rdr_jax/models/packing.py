@@ -70,6 +70,11 @@ class TokenPacking:
         rows = jnp.take(x, self.position_row, axis=0, mode="fill", fill_value=0)
         return rows.reshape(self.batch, self.length, *x.shape[1:])
 
+    def first(self, x: jax.Array) -> jax.Array:
+        """``[tokens, ...]`` -> ``[batch, 1, ...]``: each sequence's position 0 (its [CLS])."""
+        rows = jnp.take(x, self.position_row[::self.length], axis=0, mode="fill", fill_value=0)
+        return rows[:, None]
+
     def check(self, x: jax.Array) -> jax.Array:
         """``x`` unchanged, or all NaN when real tokens did not fit in the packed rows."""
         return jnp.where(self.overflow, jnp.asarray(jnp.nan, x.dtype), x)

@@ -42,8 +42,10 @@ class ShardedRunner:
 
     INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
-    def __init__(self, model: nnx.Module, output_fn, batch_size: int, devices: Sequence | None = None):
+    def __init__(self, model: nnx.Module, output_fn, batch_size: int, devices: Sequence | None = None,
+                 model_kwargs: dict | None = None):
         devices = list(devices or jax.devices())
+        model_kwargs = dict(model_kwargs or {})
         self.mesh = Mesh(np.array(devices), ("data",))
         n = len(devices)
         self.batch_size = max(n, (batch_size + n - 1) // n * n)
@@ -54,7 +56,7 @@ class ShardedRunner:
 
         @jax.jit
         def apply(params, input_ids, attention_mask, token_type_ids, packing):
-            kw = {} if packing is None else {"packing": packing}
+            kw = model_kwargs if packing is None else {**model_kwargs, "packing": packing}
             return output_fn(nnx.merge(graphdef, params)(input_ids, attention_mask, token_type_ids, **kw))
 
         self._apply = apply
@@ -75,10 +77,13 @@ class ShardedRunner:
 
 
 class Encoder(ShardedRunner):
-    """Embeds tokenised batches with a DPR encoder's ``pooler_output`` (float32 ``[rows, dim]``)."""
+    """Embeds tokenised batches with a DPR encoder's ``pooler_output`` (float32 ``[rows, dim]``).
+
+    The embedding is the [CLS] state, so a BERT-family encoder computes only that row in its last layer."""
 
     def __init__(self, model: nnx.Module, batch_size: int, devices: Sequence | None = None):
-        super().__init__(model, lambda out: out.pooler_output.astype(jnp.float32), batch_size, devices)
+        kw = {"cls_only": True} if getattr(model, "supports_packing", False) else None
+        super().__init__(model, lambda out: out.pooler_output.astype(jnp.float32), batch_size, devices, kw)
 
 
 def encode_texts(encoder: Encoder, tokenizer, texts: Sequence[str], *, titles: Sequence[str] | None = None,

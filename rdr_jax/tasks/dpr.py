@@ -243,7 +243,8 @@ class DPRData:
 
 
 def encode(encoder, ids, mask, *, rngs, deterministic):
-    return encoder(ids, mask, rngs=rngs, deterministic=deterministic).pooler_output
+    # the embedding is the [CLS] state: the last layer computes that row alone
+    return encoder(ids, mask, rngs=rngs, deterministic=deterministic, cls_only=True).pooler_output
 
 
 # ---- dev top-k answer recall (Task.retrieval_eval) ---------------------------------------------------------

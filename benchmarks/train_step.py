@@ -28,18 +28,18 @@ def make_batch(num_q: int, lq: int, lp: int, vocab: int) -> dict[str, np.ndarray
             "positive_index": (np.arange(num_q) * 2).astype(np.int32)}
 
 
-def engine_step(model_dir: Path, workdir: Path):
-    """(step() -> loss, compiled executable) with the project's training engine."""
+def engine_step(model_dir: Path, workdir: Path, unpad: bool):
+    """(setup, jitted step, batch sharding, task) of the project's training engine."""
     import jax
     import optax
-    from rdr_jax.tasks.dpr import DPRTask, MODEL_DEFAULTS
+    from rdr_jax.tasks.dpr import BI_ENCODER_MODEL_DEFAULTS, DPRTask
     from rdr_jax.training.config import Config
     from rdr_jax.training.partitioning import batch_sharding, make_mesh
     from rdr_jax.training.state import create_train_state
     from rdr_jax.training.step import make_train_step
 
     config = Config({"task": {"name": "dpr", "train_question_encoder": True, "train_context_encoder": True},
-                     "model": dict(MODEL_DEFAULTS, question_encoder=str(model_dir)),
+                     "model": dict(BI_ENCODER_MODEL_DEFAULTS, question_encoder=str(model_dir), unpad=unpad),
                      "data": {}, "train": {"seed": 0}})
     task = DPRTask(config, workdir)
     model = task.build_model()
@@ -47,7 +47,7 @@ def engine_step(model_dir: Path, workdir: Path):
     tx = optax.adamw(LR, weight_decay=WEIGHT_DECAY)
     setup = create_train_state(model, task.trainable_filter(), tx, mesh)
     step = make_train_step(task, setup, tx, lambda _: LR, mesh)
-    return setup, step, batch_sharding(mesh)
+    return setup, step, batch_sharding(mesh), task
 
 
 def direct_step(model_dir: Path):
@@ -83,14 +83,18 @@ def direct_step(model_dir: Path):
 
 
 class JaxTrainer:
-    def __init__(self, model_dir: Path, batch: dict[str, np.ndarray], workdir: Path):
+    """``unpad``: the task's ``model.unpad`` (encoders on real tokens only); its packing maps are built for
+    the batch once, as the task's iterator would (host work outside the timed step)."""
+
+    def __init__(self, model_dir: Path, batch: dict[str, np.ndarray], workdir: Path, unpad: bool = False):
         import jax
 
         key = jax.random.key(0)
         try:
-            setup, step, sharding = engine_step(model_dir, workdir)
+            setup, step, sharding, task = engine_step(model_dir, workdir, unpad)
             self.kind = "rdr_jax.training engine (DPRTask + make_train_step)"
-            self.batch = jax.device_put(dict(batch), sharding)
+            batch = task.batch_maker(lambda idx, rng: dict(batch))(None, None)
+            self.batch = jax.device_put(batch, sharding)
             self.state, frozen = setup.state, setup.frozen
             args = (frozen, self.batch, key)
         except ImportError as e:  # the engine is optional here: fall back to a direct step
@@ -152,21 +156,31 @@ def run(opts: C.Options) -> list[C.Result]:
         num_q, lq, lp = 16, 32, 128
     config = json.loads((model_dir / "config.json").read_text())
     batch = make_batch(num_q, lq, lp, config["vocab_size"])
-    jax_step = JaxTrainer(model_dir, batch, Path(opts.workdir) / "train_work")
     torch_step = TorchTrainer(model_dir, batch, opts.threads)
-    first = {"jax": float(jax_step()), "torch": float(torch_step())}
-    times = C.interleaved({"jax": jax_step, "torch": torch_step}, opts.repeats, opts.warmup, desc="train step")
-    jax_ms, torch_ms = C.median_ms(times["jax"]), C.median_ms(times["torch"])
 
     def fwd(b, length):
         return C.bert_forward_flops(config["num_hidden_layers"], config["hidden_size"],
                                     config["intermediate_size"], b, length)
     analytic = 3 * (fwd(num_q, lq) + fwd(2 * num_q, lp))  # backward ~ 2x forward
-    extra = {"questions": num_q, "passages": 2 * num_q, "q_len": lq, "p_len": lp, "jax_step": jax_step.kind,
-             "compile_s": jax_step.compile_s, "first_step_loss": first, "analytic_flops": analytic,
-             "jax_spread": C.spread(times["jax"]), "torch_spread": C.spread(times["torch"]),
-             **C.compute_extra(jax_step.flops or analytic, jax_ms, torch_ms, opts.peak_tflops)}
+    results = []
+    # model.unpad on (single device), then the padded step doing transformers' arithmetic
+    for unpad in (True, False):
+        jax_step = JaxTrainer(model_dir, batch, Path(opts.workdir) / f"train_work_{unpad}", unpad=unpad)
+        first = {"jax": float(jax_step()), "torch": float(torch_step())}
+        times = C.interleaved({"jax": jax_step, "torch": torch_step}, opts.repeats, opts.warmup,
+                              desc="train step")
+        jax_ms, torch_ms = C.median_ms(times["jax"]), C.median_ms(times["torch"])
+        extra = {"questions": num_q, "passages": 2 * num_q, "q_len": lq, "p_len": lp, "jax_step": jax_step.kind,
+                 "unpad": unpad, "compile_s": jax_step.compile_s, "first_step_loss": first,
+                 "analytic_flops": analytic, "jax_spread": C.spread(times["jax"]),
+                 "torch_spread": C.spread(times["torch"]),
+                 **C.compute_extra(analytic if unpad else (jax_step.flops or analytic), jax_ms, torch_ms,
+                                   opts.peak_tflops)}
+        kind = "engine" if "engine" in jax_step.kind and "not" not in jax_step.kind else "direct"
+        notes = (f"{num_q}q x 2p, Lq {lq}, Lp {lp}, {'unpadded' if unpad else 'padded'}, AdamW, dropout "
+                 f"{'off' if opts.quick else 'on'}; compile {jax_step.compile_s:.1f}s; {kind} step")
+        name = "train step: DPR " + ("tiny" if opts.quick else "MiniLM") + ("" if unpad else " (padded)")
+        results.append(C.Result(name, jax_ms, torch_ms, notes, extra))
+        del jax_step
     del torch
-    notes = (f"{num_q}q x 2p, Lq {lq}, Lp {lp}, AdamW, dropout {'off' if opts.quick else 'on'}; compile {jax_step.compile_s:.1f}s; "
-             f"{'engine' if 'engine' in jax_step.kind and 'not' not in jax_step.kind else 'direct'} step")
-    return [C.Result("train step: DPR " + ("tiny" if opts.quick else "MiniLM"), jax_ms, torch_ms, notes, extra)]
+    return results

@@ -83,6 +83,13 @@ def test_readme_python_example_runs(minilm_dir, tmp_path, monkeypatch):
     assert (tmp_path / "ctx_hf" / "model.safetensors").is_file()
     assert (tmp_path / "ctx_native" / "orbax").is_dir()
     assert float((namespace["q"] @ namespace["p"].T)[0, 0]) > 0
+    # the unpadded example continues the first one and must give the padded forward's embeddings
+    exec(compile(code_blocks(README, "python")[1], "README.md", "exec"), namespace)
+    unpadded = namespace["embed"](namespace["ctx"], namespace["batch"], namespace["packing"])
+    padded = namespace["ctx"](**namespace["batch"]).pooler_output
+    assert unpadded.shape == padded.shape == (2, 384)
+    assert float(abs(unpadded - padded).max()) < 1e-4
+    assert namespace["batch"]["attention_mask"].min() == 0  # the example's batch does have padding
 
 
 def test_readme_training_commands(tmp_path):

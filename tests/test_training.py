@@ -152,3 +152,40 @@ def test_config_errors_name_the_key(files, tmp_path, capsys):
     assert main(["train", str(path), "--workdir", str(tmp_path), "--set", "optim.warmup_stepz=1"]) == 2
     err = capsys.readouterr().err.strip()
     assert "optim.warmup_stepz" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("task", ["dpr", "rdr"])
+def test_unpadded_step_equals_padded_step(files, task):
+    """model.unpad: the encoders run on real tokens only; one step gives the padded step's numbers."""
+    results = {}
+    for unpad in (False, True):
+        config = load_config(testing.TINY_CONFIGS / f"{task}.yaml",
+                             testing.tiny_overrides(task, files["bert_no_dropout"], files[task])
+                             + ["train.batch_size=8", "optim.warmup_steps=0", "optim.adam_eps=1e-3",
+                                f"model.unpad={str(unpad).lower()}"],
+                             workdir=str(files["tmp"] / f"unpad_{task}_{unpad}"))
+        trainer = prepare(config, mesh=make_mesh(1, 1, 1))
+        batch = next(trainer.task.train_iterator(8, 0))
+        assert ("p_token_position" in batch) == unpad
+        if unpad:  # the questions have padding to skip
+            assert batch["q_token_position"].shape[0] < batch["q_attention_mask"].size
+        state, metrics = trainer.train_step(trainer.setup.state, trainer.setup.frozen,
+                                            shard_batch(batch, trainer.mesh), jax.random.PRNGKey(0))
+        results[unpad] = ({k: float(v) for k, v in metrics.items()},
+                          [np.asarray(x) for x in jax.tree.leaves(state["params"])])
+    (m0, p0), (m1, p1) = results[False], results[True]
+    np.testing.assert_allclose(m1["loss"], m0["loss"], rtol=1e-5)
+    # the norm sums every gradient, zeros of the padding's embedding rows' rounding noise included
+    np.testing.assert_allclose(m1["grad_norm"], m0["grad_norm"], rtol=1e-4)
+    # Adam divides by sqrt(v): rounding-level gradient differences move parameters by ~1e-5 relative;
+    # a wrong gradient would move them by the step itself (lr 1e-3 ~ 2e-2 relative)
+    for a, b in zip(p0, p1, strict=True):
+        assert np.max(np.abs(a - b)) / max(np.max(np.abs(a)), 0.02) <= 1e-4
+
+
+def test_unpad_refuses_gradient_accumulation(files, tmp_path):
+    with pytest.raises(ConfigError, match="model.unpad"):
+        load_config(testing.TINY_CONFIGS / "dpr.yaml",
+                    testing.tiny_overrides("dpr", files["bert"], files["dpr"])
+                    + ["model.unpad=true", "train.batch_size=8", "train.grad_accum_steps=2"],
+                    workdir=str(tmp_path))

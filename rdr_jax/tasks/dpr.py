@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
@@ -35,6 +36,7 @@ from rdr_jax.data.readers import read_dpr_passages, read_qa
 from rdr_jax.data.tokenization import load_tokenizer
 from rdr_jax.models.bert import BertModel
 from rdr_jax.models.dpr import DPRContextEncoder, DPRQuestionEncoder
+from rdr_jax.models.packing import TokenPacking
 from rdr_jax.retrieval.answers import MATCH_TYPES, AnswerMatcher, default_tokenizer
 from rdr_jax.retrieval.encode import Encoder, encode_texts
 from rdr_jax.retrieval.metrics import top_k_answer_recall
@@ -51,6 +53,11 @@ MODEL_DEFAULTS = {
     "dtype": "float32",         # compute dtype (bfloat16: mixed precision, float32 master weights)
     "param_dtype": "float32",
     "remat": False,             # recompute each layer in the backward pass (saves activation memory)
+}
+BI_ENCODER_MODEL_DEFAULTS = {
+    **MODEL_DEFAULTS,
+    "unpad": False,             # encoders run on real tokens only (one device, no grad accumulation);
+                                # each distinct packed size (at most 16 per batch shape) compiles once
 }
 
 
@@ -242,9 +249,33 @@ class DPRData:
                 "p_attention_mask": p_mask, "positive_index": (np.arange(len(idx)) * per).astype(np.int32)}
 
 
-def encode(encoder, ids, mask, *, rngs, deterministic):
+PACKED_FIELDS = ("token_position", "position_row")
+
+
+def add_packing(batch: dict[str, np.ndarray], prefixes=("q_", "p_")) -> dict[str, np.ndarray]:
+    """Host side (``model.unpad``): the packing maps of each ``{prefix}attention_mask``, as batch fields."""
+    out = dict(batch)
+    for prefix in prefixes:
+        if f"{prefix}attention_mask" in batch:
+            packing = TokenPacking.for_batch(batch[f"{prefix}attention_mask"])
+            for name in PACKED_FIELDS:
+                out[f"{prefix}{name}"] = np.asarray(getattr(packing, name))
+    return out
+
+
+def batch_packing(batch, prefix: str) -> TokenPacking | None:
+    """The :class:`TokenPacking` that :func:`add_packing` put in a (traced) batch, or None."""
+    if f"{prefix}token_position" not in batch:
+        return None
+    b, length = batch[f"{prefix}attention_mask"].shape
+    return TokenPacking(batch[f"{prefix}token_position"], batch[f"{prefix}position_row"], jnp.asarray(False),
+                        b, length)
+
+
+def encode(encoder, ids, mask, *, rngs, deterministic, packing: TokenPacking | None = None):
     # the embedding is the [CLS] state: the last layer computes that row alone
-    return encoder(ids, mask, rngs=rngs, deterministic=deterministic, cls_only=True).pooler_output
+    return encoder(ids, mask, rngs=rngs, deterministic=deterministic, cls_only=True,
+                   packing=packing).pooler_output
 
 
 # ---- dev top-k answer recall (Task.retrieval_eval) ---------------------------------------------------------
@@ -365,6 +396,15 @@ class BiEncoderTask(Task):
         self._dev_encoders: dict[str, Encoder] = {}
         self._dev_passage_cache: tuple[np.ndarray, list[str]] | None = None
 
+    def batch_maker(self, make_batch):
+        """``make_batch``, adding the packing maps of the encoders' inputs when ``model.unpad`` is set."""
+        if not self.config.model.unpad:
+            return make_batch
+        if jax.device_count() > 1:
+            raise ConfigError(f"'model.unpad' runs on one device; this run has {jax.device_count()} (packed "
+                              "rows would not follow the batch sharding): set it to false")
+        return lambda idx, rng: add_packing(make_batch(idx, rng))
+
     def paths(self) -> tuple[str, str, str]:
         """(question encoder dir, context encoder dir, tokenizer dir)."""
         if self._paths is None:
@@ -423,6 +463,12 @@ class BiEncoderTask(Task):
         return encoders[name]
 
 
+def check_unpad_config(c: dict) -> None:
+    if c["model"]["unpad"] and c["train"]["grad_accum_steps"] > 1:
+        raise ConfigError("'model.unpad' packs each whole batch; it cannot be split into "
+                          f"'train.grad_accum_steps' ({c['train']['grad_accum_steps']}) micro-batches")
+
+
 def check_min(section: dict, name: str, keys, minimum: int) -> None:
     """ConfigError naming ``name.key`` for each value below ``minimum``."""
     for key in keys:
@@ -439,7 +485,7 @@ class DPRTask(BiEncoderTask):
     def config_schema(cls):
         return {
             "task": {"name": REQUIRED, "train_question_encoder": True, "train_context_encoder": True},
-            "model": dict(MODEL_DEFAULTS),
+            "model": dict(BI_ENCODER_MODEL_DEFAULTS),
             "data": {"train_file": REQUIRED, "dev_file": None, "max_question_length": 256,
                      "max_passage_length": 256, "hard_negatives": 1, "shuffle": True, **DEV_RECALL_DEFAULTS},
         }
@@ -450,6 +496,7 @@ class DPRTask(BiEncoderTask):
         check_min(d, "data", ("max_question_length", "max_passage_length"), 4)
         check_min(d, "data", ("hard_negatives",), 0)
         check_dev_recall_config(d)
+        check_unpad_config(c)
         if not (c["task"]["train_question_encoder"] or c["task"]["train_context_encoder"]):
             raise ConfigError("'task.train_question_encoder' and 'task.train_context_encoder' are both false: "
                               "nothing would train")
@@ -468,9 +515,9 @@ class DPRTask(BiEncoderTask):
     def loss(self, model, batch, *, rngs, deterministic):
         train_ctx = "context_encoder" in self.trainable_submodules()
         q = encode(model.question_encoder, batch["q_input_ids"], batch["q_attention_mask"], rngs=rngs,
-                   deterministic=deterministic)
+                   deterministic=deterministic, packing=batch_packing(batch, "q_"))
         p = encode(model.context_encoder, batch["p_input_ids"], batch["p_attention_mask"], rngs=rngs,
-                   deterministic=deterministic or not train_ctx)
+                   deterministic=deterministic or not train_ctx, packing=batch_packing(batch, "p_"))
         scores = losses.dot_scores(q, p)
         positive = batch["positive_index"]
         loss = losses.dpr_nll_from_scores(scores, positive)
@@ -483,7 +530,8 @@ class DPRTask(BiEncoderTask):
 
     def train_iterator(self, batch_size: int, seed: int) -> Iterator[dict[str, np.ndarray]]:
         data = self._data(self.config.data.train_file)
-        return EpochIterator(len(data), batch_size, seed, data.make_batch, shuffle=self.config.data.shuffle)
+        return EpochIterator(len(data), batch_size, seed, self.batch_maker(data.make_batch),
+                             shuffle=self.config.data.shuffle)
 
     def dev_batches(self, batch_size):
         if not self.config.data.dev_file:
@@ -492,4 +540,4 @@ class DPRTask(BiEncoderTask):
         return DevBatches(data, batch_size)
 
 
-__all__ = ["DPRTask", "BiEncoderTask", "DPRData", "DevRecall", "exact_top_k", "EpochIterator", "encoder_paths", "model_runtime_kwargs", "load_tokenizer"]
+__all__ = ["DPRTask", "BiEncoderTask", "BI_ENCODER_MODEL_DEFAULTS", "DPRData", "DevRecall", "exact_top_k", "EpochIterator", "encoder_paths", "model_runtime_kwargs", "load_tokenizer"]

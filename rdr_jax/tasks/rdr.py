@@ -46,8 +46,9 @@ from rdr_jax import losses
 from rdr_jax.models.dpr import DPRContextEncoder, DPRQuestionEncoder, DPRReader
 from rdr_jax.tasks.base import ModelBundle, register_task, resolve_path
 from rdr_jax.data.tokenization import encode_reader_inputs
-from rdr_jax.tasks.dpr import (DEV_RECALL_DEFAULTS, MODEL_DEFAULTS, BiEncoderTask, DevBatches, DevRecall,
-                               EpochIterator, check_dev_recall_config, check_min, encode, model_runtime_kwargs,
+from rdr_jax.tasks.dpr import (BI_ENCODER_MODEL_DEFAULTS, DEV_RECALL_DEFAULTS, BiEncoderTask, DevBatches, DevRecall,
+                               EpochIterator, batch_packing, check_dev_recall_config, check_min, check_unpad_config,
+                               encode, model_runtime_kwargs,
                                passage_arrays, question_arrays, read_json_records, resolve_data_path,
                                save_random_model)
 from rdr_jax.training.config import REQUIRED, ConfigError
@@ -202,7 +203,7 @@ class RDRTask(BiEncoderTask):
                      "scale_by_temperature_squared": False, "nll_weight": 0.0,
                      # A DPRReader directory: its relevance logits, computed in the step, are the teacher.
                      "teacher_model": None},
-            "model": dict(MODEL_DEFAULTS),
+            "model": dict(BI_ENCODER_MODEL_DEFAULTS),
             "data": {"train_file": REQUIRED, "dev_file": None, "train_split": "train", "dev_split": "dev",
                      "teacher_score": "relevance", "passage_embeddings": None, "top_k": 100,
                      "max_question_length": 256, "max_passage_length": 256, "max_reader_length": 350,
@@ -219,6 +220,7 @@ class RDRTask(BiEncoderTask):
         check_min(d, "data", ("top_k",), 1)
         check_min(d, "data", ("max_question_length", "max_passage_length", "max_reader_length"), 4)
         check_dev_recall_config(d)
+        check_unpad_config(c)
         if d["passage_embeddings"] and t["train_context_encoder"]:
             raise ConfigError("'data.passage_embeddings' needs a frozen context encoder "
                               "('task.train_context_encoder: false'): trained passages must be re-encoded")
@@ -263,12 +265,13 @@ class RDRTask(BiEncoderTask):
     def loss(self, model, batch, *, rngs, deterministic):
         t = self.config.task
         q = encode(model.question_encoder, batch["q_input_ids"], batch["q_attention_mask"], rngs=rngs,
-                   deterministic=deterministic)
+                   deterministic=deterministic, packing=batch_packing(batch, "q_"))
         if "p_emb" in batch:  # the index's embeddings of the frozen context encoder
             p = batch["p_emb"]
         else:
             p = encode(model.context_encoder, batch["p_input_ids"], batch["p_attention_mask"], rngs=rngs,
-                       deterministic=deterministic or not t.train_context_encoder)
+                       deterministic=deterministic or not t.train_context_encoder,
+                       packing=batch_packing(batch, "p_"))
         if not t.train_context_encoder:
             p = jax.lax.stop_gradient(p)
         num_q = q.shape[0]
@@ -310,7 +313,8 @@ class RDRTask(BiEncoderTask):
 
     def train_iterator(self, batch_size: int, seed: int) -> Iterator[dict[str, np.ndarray]]:
         data = self._data(self.config.data.train_file, self.config.data.train_split)
-        return EpochIterator(len(data), batch_size, seed, data.make_batch, shuffle=self.config.data.shuffle)
+        return EpochIterator(len(data), batch_size, seed, self.batch_maker(data.make_batch),
+                             shuffle=self.config.data.shuffle)
 
     def dev_batches(self, batch_size):
         if not self.config.data.dev_file:

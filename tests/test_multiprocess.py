@@ -149,7 +149,7 @@ def _global_batch(b=8, k=3):
 
 
 def test_process_blocks_put_together_are_the_global_batch():
-    from rdr_jax.tasks.dpr import EpochIterator
+    from rdr_jax.tasks.batches import EpochIterator
 
     def make_batch(idx, rng):
         k = 3

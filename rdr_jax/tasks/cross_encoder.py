@@ -49,7 +49,6 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -64,8 +63,9 @@ from rdr_jax.models.config import read_config_json
 from rdr_jax.models.bert import BertForSequenceClassification
 from rdr_jax.models.deberta_v2 import DebertaV2ForSequenceClassification
 from rdr_jax.retrieval.rerank import CrossEncoderScorer, default_label_index, passage_text
-from rdr_jax.tasks.base import ModelBundle, Task, dtype_from_name, register_task, resolve_path
-from rdr_jax.tasks.dpr import DevBatches, EpochIterator, resolve_data_path, save_random_model
+from rdr_jax.tasks.base import ModelBundle, dtype_from_name, register_task, resolve_path
+from rdr_jax.tasks.batches import FileDataTask
+from rdr_jax.tasks.dpr import resolve_data_path, save_random_model
 from rdr_jax.training.config import REQUIRED, ConfigError
 
 log = logging.getLogger(__name__)
@@ -372,7 +372,7 @@ def label_index(model, configured: int | None, what: str) -> int:
 
 
 @register_task
-class CrossEncoderTask(Task):
+class CrossEncoderTask(FileDataTask):
     name = "cross_encoder"
     question_field = "passage_mask"
 
@@ -544,14 +544,6 @@ class CrossEncoderTask(Task):
                                 need_teacher=uses_file_scores, need_labels=self.needs_labels,
                                 stand_in=d.stand_in_teacher, teacher_pairs=teacher_pairs)
 
-    def train_iterator(self, batch_size: int, seed: int) -> Iterator[dict[str, np.ndarray]]:
-        data = self._data(self.config.data.train_file)
-        return EpochIterator(len(data), batch_size, seed, data.make_batch, shuffle=self.config.data.shuffle)
-
-    def dev_batches(self, batch_size):
-        if not self.config.data.dev_file:
-            return None
-        return DevBatches(self._data(self.config.data.dev_file), batch_size)
 
     def batch_stats(self, batch):
         return {"examples": int(batch["passage_mask"].shape[0]), "tokens": int(np.sum(batch["attention_mask"]))}

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -52,7 +51,7 @@ import numpy as np
 
 from rdr_jax import ranking_losses
 from rdr_jax.tasks.base import register_task
-from rdr_jax.tasks.dpr import DevBatches, EpochIterator, read_json_records
+from rdr_jax.tasks.dpr import read_json_records
 from rdr_jax.tasks.seq2seq_index import (GENERATOR_MODEL_DEFAULTS, IDENTIFIER_DATA_DEFAULTS, RETRIEVER, GenerativeTask,
                                          encode_inputs, identifier_mapping, pad_rows, passage_scores,
                                          sequence_cross_entropy, tokenize_identifiers)
@@ -260,14 +259,6 @@ class DGRTask(GenerativeTask):
                        max_question_length=d.max_question_length, max_identifier_length=d.max_identifier_length,
                        stand_in_teacher=d.stand_in_teacher, gold_file=d.gold_file)
 
-    def train_iterator(self, batch_size: int, seed: int) -> Iterator[dict[str, np.ndarray]]:
-        data = self._data(self.config.data.train_file)
-        return EpochIterator(len(data), batch_size, seed, data.make_batch, shuffle=self.config.data.shuffle)
-
-    def dev_batches(self, batch_size):
-        if not self.config.data.dev_file:
-            return None
-        return DevBatches(self._data(self.config.data.dev_file), batch_size)
 
     def loss(self, model, batch, *, rngs, deterministic):
         t = self.config.task

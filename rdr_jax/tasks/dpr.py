@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -40,7 +40,8 @@ from rdr_jax.models.packing import TokenPacking
 from rdr_jax.retrieval.answers import MATCH_TYPES, AnswerMatcher, default_tokenizer
 from rdr_jax.retrieval.encode import Encoder, encode_texts
 from rdr_jax.retrieval.metrics import top_k_answer_recall
-from rdr_jax.tasks.base import ModelBundle, Task, dtype_from_name, register_task, resolve_path
+from rdr_jax.tasks.base import ModelBundle, dtype_from_name, register_task, resolve_path
+from rdr_jax.tasks.batches import FileDataTask
 from rdr_jax.training.config import REQUIRED, ConfigError
 
 log = logging.getLogger(__name__)
@@ -134,68 +135,6 @@ def read_json_records(path: str | Path, what: str) -> list[dict]:
     if not isinstance(data, list):
         raise ValueError(f"{path}: expected a JSON list of examples")
     return data
-
-
-class EpochIterator:
-    """Batches of example indices: a fresh permutation per epoch from (seed, epoch), dropping the last
-    partial batch. State (epoch, position) makes a resumed run see exactly the batches it would have.
-
-    Multi-process (``set_shard(index, count)``): every process walks the same global order and tokenises only
-    its contiguous block ``index`` of ``count`` of each global batch (the rows its devices hold), so the
-    processes' blocks put together are the 1-process batch, in the same order. Index fields stay local to the
-    block (the training loop re-bases them)."""
-
-    def __init__(self, num_examples: int, batch_size: int, seed: int, make_batch, shuffle: bool = True):
-        if num_examples < batch_size:
-            raise ValueError(f"{num_examples} training examples are fewer than train.batch_size={batch_size}")
-        self.n, self.batch_size, self.seed, self.shuffle = num_examples, batch_size, seed, shuffle
-        self.make_batch = make_batch
-        self.epoch, self.position = 0, 0
-        self.shard_index, self.shard_count = 0, 1
-
-    def set_shard(self, index: int, count: int) -> None:
-        if self.batch_size % count or not 0 <= index < count:
-            raise ValueError(f"train.batch_size={self.batch_size} cannot be split into {count} equal process "
-                             f"shards (shard {index})")
-        self.shard_index, self.shard_count = index, count
-
-    def _order(self) -> np.ndarray:
-        if not self.shuffle:
-            return np.arange(self.n)
-        return np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        if self.position + self.batch_size > self.n:
-            self.epoch, self.position = self.epoch + 1, 0
-        idx = self._order()[self.position:self.position + self.batch_size]
-        rng = np.random.default_rng([self.seed, self.epoch, self.position, 1])
-        if self.shard_count > 1:
-            per = self.batch_size // self.shard_count
-            idx = idx[self.shard_index * per:(self.shard_index + 1) * per]
-            rng = np.random.default_rng([self.seed, self.epoch, self.position, 1, self.shard_index])
-        self.position += self.batch_size
-        return self.make_batch(idx, rng)
-
-    def get_state(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position}
-
-    def set_state(self, state: dict) -> None:
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
-
-
-class DevBatches:
-    """The dev set in fixed batches, in order, tokenised afresh on each pass (not held in memory)."""
-
-    def __init__(self, data, batch_size: int):
-        self.data, self.batch_size = data, batch_size
-
-    def __iter__(self):
-        for start in range(0, len(self.data) - self.batch_size + 1, self.batch_size):
-            idx = np.arange(start, start + self.batch_size)
-            yield self.data.make_batch(idx, np.random.default_rng([0, start]))
 
 
 def _passage(ctx: dict) -> tuple[str, str]:
@@ -385,7 +324,7 @@ class DevRecall:
         return {f"dev_top{k}": v for k, v in top_k_answer_recall(hits, self.ks).items()}
 
 
-class BiEncoderTask(Task):
+class BiEncoderTask(FileDataTask):
     """Shared by the tasks that train DPR encoders: model paths (or a random BERT) and the tokenizer."""
 
     def __init__(self, config, workdir):
@@ -528,16 +467,6 @@ class DPRTask(BiEncoderTask):
         return DPRData(path, self.tokenizer, max_question_length=d.max_question_length,
                        max_passage_length=d.max_passage_length, hard_negatives=d.hard_negatives)
 
-    def train_iterator(self, batch_size: int, seed: int) -> Iterator[dict[str, np.ndarray]]:
-        data = self._data(self.config.data.train_file)
-        return EpochIterator(len(data), batch_size, seed, self.batch_maker(data.make_batch),
-                             shuffle=self.config.data.shuffle)
-
-    def dev_batches(self, batch_size):
-        if not self.config.data.dev_file:
-            return None
-        data = self._data(self.config.data.dev_file)
-        return DevBatches(data, batch_size)
 
 
-__all__ = ["DPRTask", "BiEncoderTask", "BI_ENCODER_MODEL_DEFAULTS", "DPRData", "DevRecall", "exact_top_k", "EpochIterator", "encoder_paths", "model_runtime_kwargs", "load_tokenizer"]
+__all__ = ["DPRTask", "BiEncoderTask", "BI_ENCODER_MODEL_DEFAULTS", "DPRData", "DevRecall", "exact_top_k", "encoder_paths", "model_runtime_kwargs", "load_tokenizer"]

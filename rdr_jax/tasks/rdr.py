@@ -36,7 +36,6 @@ best checkpoint by it with ``train.best_metric: dev_top1`` and ``train.best_mode
 from __future__ import annotations
 
 import logging
-from typing import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -46,8 +45,8 @@ from rdr_jax import losses
 from rdr_jax.models.dpr import DPRContextEncoder, DPRQuestionEncoder, DPRReader
 from rdr_jax.tasks.base import ModelBundle, register_task, resolve_path
 from rdr_jax.data.tokenization import encode_reader_inputs
-from rdr_jax.tasks.dpr import (BI_ENCODER_MODEL_DEFAULTS, DEV_RECALL_DEFAULTS, BiEncoderTask, DevBatches, DevRecall,
-                               EpochIterator, batch_packing, check_dev_recall_config, check_min, check_unpad_config,
+from rdr_jax.tasks.dpr import (BI_ENCODER_MODEL_DEFAULTS, DEV_RECALL_DEFAULTS, BiEncoderTask, DevRecall,
+                               batch_packing, check_dev_recall_config, check_min, check_unpad_config,
                                encode, model_runtime_kwargs,
                                passage_arrays, question_arrays, read_json_records, resolve_data_path,
                                save_random_model)
@@ -311,12 +310,6 @@ class RDRTask(BiEncoderTask):
                        reader_length=d.max_reader_length if self.teacher_path else None, split=split,
                        teacher_score=d.teacher_score, embeddings=self._embeddings)
 
-    def train_iterator(self, batch_size: int, seed: int) -> Iterator[dict[str, np.ndarray]]:
-        data = self._data(self.config.data.train_file, self.config.data.train_split)
-        return EpochIterator(len(data), batch_size, seed, self.batch_maker(data.make_batch),
-                             shuffle=self.config.data.shuffle)
-
-    def dev_batches(self, batch_size):
-        if not self.config.data.dev_file:
-            return None
-        return DevBatches(self._data(self.config.data.dev_file, self.config.data.dev_split), batch_size)
+    def split_data(self, split: str) -> RDRData:
+        d = self.config.data
+        return self._data(getattr(d, f"{split}_file"), getattr(d, f"{split}_split"))

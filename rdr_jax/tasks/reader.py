@@ -20,7 +20,6 @@ Batch (``B`` questions, ``M`` passages each, ``S`` gold-span slots)::
 from __future__ import annotations
 
 import logging
-from typing import Iterator
 
 import jax.numpy as jnp
 import numpy as np
@@ -28,8 +27,9 @@ import numpy as np
 from rdr_jax import losses
 from rdr_jax.data.tokenization import encode_reader_inputs
 from rdr_jax.models.dpr import DPRReader
-from rdr_jax.tasks.base import ModelBundle, Task, register_task, resolve_path
-from rdr_jax.tasks.dpr import (MODEL_DEFAULTS, DevBatches, EpochIterator, build_random_bert, check_min, load_tokenizer,
+from rdr_jax.tasks.base import ModelBundle, register_task, resolve_path
+from rdr_jax.tasks.batches import FileDataTask
+from rdr_jax.tasks.dpr import (MODEL_DEFAULTS, build_random_bert, check_min, load_tokenizer,
                                model_runtime_kwargs, read_json_records)
 from rdr_jax.training.config import REQUIRED, ConfigError
 
@@ -119,7 +119,7 @@ class ReaderData:
 
 
 @register_task
-class ReaderTask(Task):
+class ReaderTask(FileDataTask):
     name = "reader"
     question_field = "span_starts"
 
@@ -181,11 +181,3 @@ class ReaderTask(Task):
         return ReaderData(path, self.tokenizer, passages=d.passages_per_question, max_length=d.max_length,
                           max_spans=d.max_spans)
 
-    def train_iterator(self, batch_size: int, seed: int) -> Iterator[dict[str, np.ndarray]]:
-        data = self._data(self.config.data.train_file)
-        return EpochIterator(len(data), batch_size, seed, data.make_batch, shuffle=self.config.data.shuffle)
-
-    def dev_batches(self, batch_size):
-        if not self.config.data.dev_file:
-            return None
-        return DevBatches(self._data(self.config.data.dev_file), batch_size)

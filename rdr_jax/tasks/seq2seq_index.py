@@ -43,8 +43,9 @@ import numpy as np
 
 from rdr_jax.decoding.identifiers import atomic_identifiers, read_identifier_tsv, title_identifiers
 from rdr_jax.models.seq2seq import Seq2SeqLM, shift_right
-from rdr_jax.tasks.base import ModelBundle, Task, register_task, resolve_path
-from rdr_jax.tasks.dpr import (DevBatches, EpochIterator, model_runtime_kwargs, read_json_records, resolve_data_path,
+from rdr_jax.tasks.base import ModelBundle, register_task, resolve_path
+from rdr_jax.tasks.batches import DevBatches, EpochIterator, FileDataTask
+from rdr_jax.tasks.dpr import (model_runtime_kwargs, read_json_records, resolve_data_path,
                                save_random_model)
 from rdr_jax.training.config import REQUIRED, ConfigError
 
@@ -255,7 +256,7 @@ def passage_scores(model, input_ids, attention_mask, target_ids, target_mask, *,
 
 
 # ---- the shared task base --------------------------------------------------------------------------------------
-class GenerativeTask(Task):
+class GenerativeTask(FileDataTask):
     """Model, tokenizer and identifiers of a generative retriever (one trained submodule, ``retriever``)."""
 
     def __init__(self, config, workdir):

@@ -7,8 +7,6 @@ DeBERTa training sharded data=4 x tensor=2 over 8 simulated devices matches 1 de
 
 import json
 import os
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -238,15 +236,10 @@ def test_tiny_config_trains_exports_and_reranks(tmp_path):
 
 
 SHARDED = textwrap.dedent("""
-    import json, os, sys
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    import json, sys
     import jax
     jax.config.update("jax_default_matmul_precision", "highest")
-    import numpy as np
     from rdr_jax.training.config import load_config
-    from rdr_jax.training.loop import prepare
-    from rdr_jax.training.partitioning import make_mesh, shard_batch
-    from rdr_jax.training.checkpoints import flatten_state
     from rdr_jax.training import testing
 
     # Exactly zero gradient (Adam would turn rounding noise into full steps): the classifier bias shifts every
@@ -257,41 +250,13 @@ SHARDED = textwrap.dedent("""
     config = load_config(testing.TINY_CONFIGS / "cross_encoder.yaml",
                          ["optim.adam_eps=1e-3", "train.batch_size=4", "model.init.num_hidden_layers=1"],
                          workdir=workdir)
-    out, ref, batches = {}, None, None
-    for name, (shape, devices) in {"single": ((1, 1, 1), jax.devices()[:1]), "data4_tensor2": ((4, 1, 2), None)}.items():
-        trainer = prepare(config, mesh=make_mesh(*shape, devices=devices))
-        if batches is None:
-            it = trainer.task.train_iterator(4, 0)
-            batches = [next(it) for _ in range(3)]
-        losses = []
-        for batch in batches:
-            trainer.setup.state, metrics = trainer.train_step(trainer.setup.state, trainer.setup.frozen,
-                                                              shard_batch(batch, trainer.mesh), jax.random.PRNGKey(0))
-            losses.append(float(metrics["loss"]))
-        flat, _ = flatten_state(trainer.setup.state["params"])
-        params = {k: np.asarray(jax.device_get(v)) for k, v in flat.items()}
-        result = {"losses": losses, "specs": {k: str(v.sharding.spec) for k, v in flat.items()}}
-        if ref is None:
-            ref = (losses, params)
-        else:
-            result["loss_rel_diff"] = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(losses, ref[0]))
-            rel = {k: float(np.max(np.abs(params[k] - ref[1][k])) / max(np.max(np.abs(ref[1][k])), 0.02))
-                   for k in params if not ZERO_GRADIENT(k)}
-            result["param_rel_diff"] = max(rel.values())
-            result["worst_param"] = max(rel, key=rel.get)
-            result["moved"] = float(max(np.max(np.abs(params[k] - ref[1][k])) for k in params))
-        out[name] = result
-    print("RESULT " + json.dumps(out))
+    meshes = {"single": ((1, 1, 1), jax.devices()[:1]), "data4_tensor2": ((4, 1, 2), None)}
+    print("RESULT " + json.dumps(testing.steps_on_meshes(config, meshes, 4, 3, ignore=ZERO_GRADIENT)))
 """)
 
 
 def test_deberta_sharded_data4_tensor2_matches_one_device(tmp_path):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-c", SHARDED, str(tmp_path / "run")], capture_output=True, text=True,
-                          env=env, timeout=600)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, f"subprocess failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    out = json.loads(lines[-1][len("RESULT "):])
+    out = testing.run_on_simulated_devices(SHARDED, tmp_path / "run")
     single, sharded = out["single"], out["data4_tensor2"]
     assert all(np.isfinite(single["losses"])) and single["losses"][0] != single["losses"][-1]
     assert sharded["loss_rel_diff"] <= 1e-5, (sharded["losses"], single["losses"])

@@ -2,9 +2,6 @@
 sharded (data=4 x tensor=2) vs 1-device steps, and resume equality."""
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -244,55 +241,22 @@ def test_reranked_results_with_gold_file(tmp_path):
 
 # ---- sharded vs 1 device -----------------------------------------------------------------------------------------
 SCRIPT = textwrap.dedent("""
-    import json, os, sys
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    import json, sys
     import jax
-    import numpy as np
     from rdr_jax.training.config import load_config
-    from rdr_jax.training.loop import prepare
-    from rdr_jax.training.partitioning import make_mesh, shard_batch
-    from rdr_jax.training.checkpoints import flatten_state
     from rdr_jax.training import testing
 
     workdir, model = sys.argv[1:]
     assert len(jax.devices()) == 8, jax.devices()
     config = load_config(testing.TINY_CONFIGS / "dgr.yaml", [f"model.path={model}", "train.batch_size=8",
                          "optim.adam_eps=1e-3", "optim.warmup_steps=0"], workdir=workdir)
-    out, ref, batches = {}, None, None
-    for name, (shape, devices) in {"single": ((1, 1, 1), jax.devices()[:1]), "data4_tensor2": ((4, 1, 2), None)}.items():
-        trainer = prepare(config, mesh=make_mesh(*shape, devices=devices))
-        if batches is None:
-            it = trainer.task.train_iterator(8, 0)
-            batches = [next(it) for _ in range(2)]
-        losses = []
-        for batch in batches:
-            trainer.setup.state, metrics = trainer.train_step(trainer.setup.state, trainer.setup.frozen,
-                                                              shard_batch(batch, trainer.mesh), jax.random.PRNGKey(0))
-            losses.append(float(metrics["loss"]))
-        flat, _ = flatten_state(trainer.setup.state["params"])
-        params = {k: np.asarray(jax.device_get(v)) for k, v in flat.items()}
-        result = {"losses": losses, "specs": {k: str(v.sharding.spec) for k, v in flat.items()},
-                  "max_shards": max(len({str(s.index) for s in v.addressable_shards}) for v in flat.values())}
-        if ref is None:
-            ref = (losses, params)
-        else:
-            result["loss_rel_diff"] = max(abs(a - b) / abs(b) for a, b in zip(losses, ref[0]))
-            rel = {k: float(np.max(np.abs(params[k] - ref[1][k])) / max(np.max(np.abs(ref[1][k])), 0.02))
-                   for k in params}
-            result["param_rel_diff"] = max(rel.values())
-            result["worst_param"] = max(rel, key=rel.get)
-        out[name] = result
-    print("RESULT " + json.dumps(out))
+    meshes = {"single": ((1, 1, 1), jax.devices()[:1]), "data4_tensor2": ((4, 1, 2), None)}
+    print("RESULT " + json.dumps(testing.steps_on_meshes(config, meshes, 8, 2)))
 """)
 
 
 def test_sharded_steps_match_single_device(tmp_path, t5_dir):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path / "run"), str(t5_dir)], capture_output=True, text=True,
-                          env=env, timeout=600)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, f"subprocess failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    result = json.loads(lines[-1][len("RESULT "):])
+    result = testing.run_on_simulated_devices(SCRIPT, tmp_path / "run", t5_dir)
     single, sharded = result["single"], result["data4_tensor2"]
     assert all(np.isfinite(single["losses"])) and single["losses"][0] != single["losses"][-1]
     assert sharded["loss_rel_diff"] <= 1e-5, (sharded["losses"], single["losses"])

@@ -9,10 +9,6 @@ So the runs use ``adam_eps=1e-3`` (updates continuous in the gradient), paramete
 max(|tensor|, 0.02 = the init scale), and the few parameters with an exactly zero gradient are left out.
 """
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -21,13 +17,8 @@ from rdr_jax.training import testing
 
 SCRIPT = textwrap.dedent("""
     import json, os, sys
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
     import jax
-    import numpy as np
     from rdr_jax.training.config import load_config
-    from rdr_jax.training.loop import prepare
-    from rdr_jax.training.partitioning import make_mesh, shard_batch
-    from rdr_jax.training.checkpoints import flatten_state
     from rdr_jax.training import testing
 
     # Parameters whose gradient is exactly zero in exact arithmetic, where Adam turns rounding noise into
@@ -45,34 +36,7 @@ SCRIPT = textwrap.dedent("""
         config = load_config(testing.TINY_CONFIGS / f"{task}.yaml",
                              testing.tiny_overrides(task, bert, data) + extra + ["train.batch_size=8", "optim.adam_eps=1e-3"],
                              workdir=os.path.join(workdir, task))
-        batches = None
-        ref = None
-        for name, (shape, devices) in meshes.items():
-            trainer = prepare(config, mesh=make_mesh(*shape, devices=devices))
-            if batches is None:
-                it = trainer.task.train_iterator(8, 0)
-                batches = [next(it) for _ in range(3)]
-            key = jax.random.PRNGKey(0)
-            losses = []
-            for batch in batches:
-                trainer.setup.state, metrics = trainer.train_step(trainer.setup.state, trainer.setup.frozen,
-                                                                  shard_batch(batch, trainer.mesh), key)
-                losses.append(float(metrics["loss"]))
-            flat, _ = flatten_state(trainer.setup.state["params"])
-            specs = {k: str(v.sharding.spec) for k, v in flat.items()}
-            params = {k: np.asarray(jax.device_get(v)) for k, v in flat.items()}
-            n_shards = {k: len({str(s.index) for s in v.addressable_shards}) for k, v in flat.items()}
-            result = {"losses": losses, "specs": specs, "max_shards": max(n_shards.values())}
-            if ref is None:
-                ref = (losses, params)
-            else:
-                result["loss_rel_diff"] = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(losses, ref[0]))
-                # Relative to the tensor's magnitude, at least the init scale (0.02): biases start at zero
-                # and have no scale of their own.
-                rel = {k: float(np.max(np.abs(params[k] - ref[1][k])) / max(np.max(np.abs(ref[1][k])), 0.02))
-                       for k in params if not ZERO_GRADIENT(k)}
-                result["param_rel_diff"] = max(rel.values())
-                result["worst_param"] = max(rel, key=rel.get)
+        for name, result in testing.steps_on_meshes(config, meshes, 8, 3, ignore=ZERO_GRADIENT).items():
             out[f"{task}/{name}"] = result
     print("RESULT " + json.dumps(out))
 """)
@@ -84,12 +48,7 @@ def sharded_results(tmp_path_factory):
     bert = testing.tiny_bert_dir(tmp / "bert")
     dpr_data = testing.write_biencoder_json(tmp / "dpr.json", 24)
     rdr_data = testing.write_rdr_jsonl(tmp / "rdr.jsonl", 24, k=4)
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(bert), str(dpr_data), str(rdr_data), str(tmp / "runs")],
-                          capture_output=True, text=True, env=env, timeout=600)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, f"subprocess failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return json.loads(lines[-1][len("RESULT "):])
+    return testing.run_on_simulated_devices(SCRIPT, bert, dpr_data, rdr_data, tmp / "runs")
 
 
 @pytest.mark.parametrize("task", ["dpr", "rdr"])

@@ -7,6 +7,9 @@ fits it), the RDR JSONL is made from the embedded bi-encoder data when it exists
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -98,3 +101,58 @@ def tiny_overrides(task: str, bert_dir: str | Path, data_file: str | Path) -> li
     if task == "rdr":
         out.append("task.teacher_model=null")
     return out
+
+
+# ---- sharded vs one device ---------------------------------------------------------------------------------
+def steps_on_meshes(config, meshes: dict, batch_size: int, steps: int, ignore=lambda key: False) -> dict:
+    """Train ``steps`` steps from the same start on the same batches on each mesh (``name -> (make_mesh
+    shape, devices or None)``); the first mesh is the reference.
+
+    Per mesh: the losses, every parameter's sharding spec and the most shards of one parameter; against the
+    reference, the largest relative loss difference, the largest parameter difference relative to
+    max(|tensor|, 0.02 = the init scale: biases start at zero), leaving out parameters ``ignore(key)``, the
+    worst parameter, and the largest absolute move.
+    """
+    import jax
+    from rdr_jax.training.checkpoints import flatten_state
+    from rdr_jax.training.loop import prepare
+    from rdr_jax.training.partitioning import make_mesh, shard_batch
+
+    out, ref, batches = {}, None, None
+    for name, (shape, devices) in meshes.items():
+        trainer = prepare(config, mesh=make_mesh(*shape, devices=devices))
+        if batches is None:
+            it = trainer.task.train_iterator(batch_size, 0)
+            batches = [next(it) for _ in range(steps)]
+        losses = []
+        for batch in batches:
+            trainer.setup.state, metrics = trainer.train_step(trainer.setup.state, trainer.setup.frozen,
+                                                              shard_batch(batch, trainer.mesh), jax.random.PRNGKey(0))
+            losses.append(float(metrics["loss"]))
+        flat, _ = flatten_state(trainer.setup.state["params"])
+        params = {k: np.asarray(jax.device_get(v)) for k, v in flat.items()}
+        result = {"losses": losses, "specs": {k: str(v.sharding.spec) for k, v in flat.items()},
+                  "max_shards": max(len({str(s.index) for s in v.addressable_shards}) for v in flat.values())}
+        if ref is None:
+            ref = (losses, params)
+        else:
+            result["loss_rel_diff"] = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(losses, ref[0]))
+            rel = {k: float(np.max(np.abs(params[k] - ref[1][k])) / max(np.max(np.abs(ref[1][k])), 0.02))
+                   for k in params if not ignore(k)}
+            result["param_rel_diff"] = max(rel.values())
+            result["worst_param"] = max(rel, key=rel.get)
+            result["moved"] = float(max(np.max(np.abs(params[k] - ref[1][k])) for k in params))
+        out[name] = result
+    return out
+
+
+def run_on_simulated_devices(script: str, *args, devices: int = 8, timeout: int = 600) -> dict:
+    """Run ``script`` (Python source) in a subprocess with ``devices`` simulated CPU devices (the XLA flag
+    must be set before jax is imported) and return the JSON of its last ``RESULT {...}`` line."""
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", script, *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=timeout)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise AssertionError(f"subprocess failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return json.loads(lines[-1][len("RESULT "):])

@@ -79,8 +79,24 @@ def jit_forward(model, ids, mask, types=None):
 def test_log_bucket_position_matches_transformers(buckets, max_position):
     rel = np.arange(-3000, 3001)
     ours = make_log_bucket_position(rel, buckets, max_position)
+    # transformers' formula carried out in float64 (its divisions follow torch's default dtype): the buckets of
+    # the exact arithmetic, which ours must give at every distance.
+    torch.set_default_dtype(torch.float64)
+    try:
+        exact = hf_deberta.make_log_bucket_position(torch.tensor(rel), buckets, max_position).long().numpy()
+    finally:
+        torch.set_default_dtype(torch.float32)
+    np.testing.assert_array_equal(ours, exact)
+    # transformers as it runs, in float32. Its vectorised and scalar log paths can differ by ~1e-5 relative on
+    # some CPUs (CI saw -2738 and +2738 land in different buckets within one call), so distances whose
+    # log-scaled value lies that close to a bucket boundary are left to the exact comparison above.
     ref = hf_deberta.make_log_bucket_position(torch.tensor(rel), buckets, max_position).long().numpy()
-    np.testing.assert_array_equal(ours, ref)
+    mid = buckets // 2
+    scaled = np.log(np.maximum(np.abs(rel), mid) / mid) / np.log((max_position - 1) / mid) * (mid - 1)
+    boundary_gap = np.abs(scaled - np.round(scaled)) / np.maximum(scaled, 1.0)
+    clear = (boundary_gap > 1e-4) | (np.abs(rel) <= mid)
+    assert clear.mean() > 0.9
+    np.testing.assert_array_equal(ours[clear], ref[clear])
     # Distances up to max_position - 1 use exactly the bucket range; longer ones are clamped by the caller.
     assert np.abs(ours[np.abs(rel) < max_position]).max() == buckets - 1
 

@@ -4,6 +4,7 @@ matmul must give the textbook softmax(q k^T * scale + bias) v, masks and layouts
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from rdr_jax.models import layers as L
@@ -99,3 +100,20 @@ def test_jit_and_grad_through_the_stop_gradient_max():
         return jnp.sum(jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, -1), jnp.asarray(v)) ** 2)
 
     np.testing.assert_allclose(np.asarray(g), np.asarray(jax.grad(ref_f)(jnp.asarray(q))), rtol=1e-4, atol=1e-5)
+
+
+def test_query_rows_sharing_key_rows():
+    # Beam search: 3 query rows per key row (the beams of one question) equal the key rows repeated.
+    q, k, v, rng = inputs(b=6, lq=1, lk=7)
+    k, v = k[:2], v[:2]
+    mask = np.ones((2, 1, 1, 7), bool)
+    mask[1, ..., 5:] = False
+    heads_first = [jnp.swapaxes(jnp.asarray(a), 1, 2) for a in (k, v)]
+    out = L.dot_product_attention(jnp.asarray(q), *heads_first, mask=jnp.asarray(mask), kv_heads_first=True)
+    rows = np.repeat(np.arange(2), 3)
+    np.testing.assert_allclose(np.asarray(out), reference(q, k[rows], v[rows], mask[rows]), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="cannot share"):  # a causal mask has a query axis: no grouping
+        L.dot_product_attention(jnp.asarray(q), *heads_first, mask=jnp.ones((2, 1, 1, 7), bool)[:, :, [0, 0]],
+                                kv_heads_first=True)
+    with pytest.raises(ValueError, match="cannot share"):
+        L.dot_product_attention(jnp.asarray(q[:5]), *heads_first, kv_heads_first=True)

@@ -125,7 +125,7 @@ def test_cached_decoding_matches_full_forward(pair):
     # Eager, cross keys/values recomputed each step, a 2-token prefix then single tokens.
     encoder_hidden = model.encode(input_ids, attention_mask)
     cache = model.init_cache(batch, steps)
-    assert cache.cross_keys is None and cache.self_keys[0].shape[1] == steps
+    assert cache.cross_keys is None and cache.self_keys[0].shape[2] == steps
     chunks, pieces = [decoder_input_ids[:, :2]] + [decoder_input_ids[:, t:t + 1] for t in range(2, steps)], []
     for chunk in chunks:
         step_logits, cache = model.decode(chunk, encoder_hidden, attention_mask, cache)
@@ -150,6 +150,29 @@ def test_reorder_cache_gathers_rows(pair):
                              attention_mask[np.array([2, 2, 0])], moved)
     full = model(input_ids[[2, 2, 0]], attention_mask[[2, 2, 0]], decoder_input_ids[[2, 2, 0], :3]).logits
     np.testing.assert_allclose(np.asarray(logits[:, 0]), np.asarray(full[:, 2]), atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("pair", ["v1_1"], indirect=True)  # the code paths do not depend on width
+def test_decoder_rows_sharing_an_encoder_row(pair):
+    # Beam search: 2 decoder rows per question read one cached encoder row; the logits equal decoding with the
+    # encoder output repeated for every row, and the grouped cache refuses a cross reorder.
+    _, _, _, model = pair
+    input_ids, attention_mask, decoder_input_ids, _ = padded_batch(seed=4)
+    group, steps = 2, 3
+    encoder_hidden = model.encode(input_ids, attention_mask)
+    rows = np.repeat(np.arange(len(input_ids)), group)
+    tokens = np.asarray(decoder_input_ids)[rows[::-1], :steps]  # rows of one question decode different tokens
+    shared = model.init_cache(len(rows), steps, encoder_hidden)
+    assert shared.cross_keys[0].shape[0] == len(input_ids) and shared.self_keys[0].shape[0] == len(rows)
+    repeated = model.init_cache(len(rows), steps, encoder_hidden[rows])
+    for t in range(steps):
+        got, shared = model.decode(tokens[:, t:t + 1], encoder_hidden, attention_mask, shared)
+        want, repeated = model.decode(tokens[:, t:t + 1], encoder_hidden[rows], attention_mask[rows], repeated)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="cross=False"):
+        reorder_cache(shared, jnp.arange(len(rows)))
+    with pytest.raises(ValueError, match="multiple of the encoder rows"):
+        model.init_cache(len(input_ids) + 1, steps, encoder_hidden)
 
 
 def test_sequence_log_probs_matches_transformers(pair):

@@ -49,6 +49,36 @@ def _take(values: jax.Array, indices: jax.Array) -> jax.Array:
     return jnp.take_along_axis(values, indices, axis=1)
 
 
+def _top(scores: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """``lax.top_k`` over the last axis, -inf padded to at least ``k`` columns."""
+    if scores.shape[-1] < k:
+        scores = jnp.pad(scores, ((0, 0), (0, k - scores.shape[-1])), constant_values=-jnp.inf)
+    return jax.lax.top_k(scores, k)
+
+
+def _root_candidates(trie: DeviceTrie, token_log_probs, alive_scores, count: int, vocab_size: int):
+    """First step: only beam 0 lives, at the root, whose allowed tokens are a dense mask. Returns the best
+    ``count`` continuations as ``(scores, parent, token, child)``, each ``[B, count]``."""
+    V = vocab_size
+    scores = jnp.where(trie.root_allowed(V), token_log_probs(None)[:, 0] + alive_scores[:, :1], -jnp.inf)
+    top_scores, token = _top(scores, count)
+    token = jnp.minimum(token, V - 1)
+    return top_scores, jnp.zeros_like(token), token, trie.child(jnp.zeros_like(token), token)
+
+
+def _edge_candidates(trie: DeviceTrie, token_log_probs, alive_scores, nodes, count: int):
+    """Later steps: each beam's candidates are its node's edges (``trie.max_degree`` wide, not the vocabulary),
+    so the top-k reads ``K * max_degree`` scores. Same order as over ``K * V``: edges are sorted by token."""
+    B, K = alive_scores.shape
+    tokens, children = trie.edges(nodes)  # [B, K, D]
+    D = tokens.shape[-1]
+    scores = jnp.where(tokens >= 0, token_log_probs(jnp.maximum(tokens, 0)) + alive_scores[..., None], -jnp.inf)
+    top_scores, index = _top(scores.reshape(B, K * D), count)
+    index = jnp.minimum(index, K * D - 1)  # padding columns (-inf) read any real slot
+    pick = lambda a: jnp.take_along_axis(a.reshape(B, K * D), index, axis=1)
+    return top_scores, index // D, pick(tokens), pick(children)
+
+
 def _search_step(model, trie: DeviceTrie, encoder_hidden, encoder_mask, state: _SearchState, *, num_beams: int,
                  vocab_size: int, eos_token_id: int) -> _SearchState:
     K, V = num_beams, vocab_size
@@ -56,12 +86,20 @@ def _search_step(model, trie: DeviceTrie, encoder_hidden, encoder_mask, state: _
     previous = jnp.take(state.alive_tokens, jnp.maximum(state.step - 1, 0), axis=2)
     last_tokens = jnp.where(state.step == 0, model.decoder_start_token_id, previous)
     logits, cache = model.decode(last_tokens.reshape(B * K, 1), encoder_hidden, encoder_mask, state.cache)
-    log_probs = jax.nn.log_softmax(logits[:, 0, :V].astype(jnp.float32), axis=-1).reshape(B, K, V)
-    allowed = trie.allowed_mask(state.alive_nodes, V)
-    candidates = jnp.where(allowed, log_probs + state.alive_scores[..., None], -jnp.inf).reshape(B, K * V)
+    logits = logits[:, 0, :V].astype(jnp.float32).reshape(B, K, V)
+    # jax.nn.log_softmax's arithmetic ((x - max) - log(sum(exp(x - max)))), evaluated only at the tokens read.
+    shift = jnp.max(logits, axis=-1, keepdims=True)
+    log_normaliser = jnp.log(jnp.sum(jnp.exp(logits - shift), axis=-1, keepdims=True))
 
-    top_scores, top_index = jax.lax.top_k(candidates, 2 * K)
-    parent, token = top_index // V, (top_index % V).astype(jnp.int32)
+    def token_log_probs(tokens):  # tokens [B, K, N] -> log-probs; None: the whole vocabulary
+        picked = logits if tokens is None else jnp.take_along_axis(logits, tokens, axis=-1)
+        return (picked - shift) - log_normaliser
+
+    # Top 2K continuations of all beams, as (score, parent beam, token, trie node reached).
+    top_scores, parent, token, child = jax.lax.cond(
+        state.step == 0,
+        lambda: _root_candidates(trie, token_log_probs, state.alive_scores, 2 * K, V),
+        lambda: _edge_candidates(trie, token_log_probs, state.alive_scores, state.alive_nodes, 2 * K))
     position = jnp.arange(state.alive_tokens.shape[-1]) == state.step
     top_tokens = jnp.where(position, token[..., None], _take(state.alive_tokens, parent))  # [B, 2K, T]
     is_eos = token == eos_token_id
@@ -75,9 +113,8 @@ def _search_step(model, trie: DeviceTrie, encoder_hidden, encoder_mask, state: _
 
     # Alive: the best K candidates that did not end.
     alive_scores, keep = jax.lax.top_k(jnp.where(is_eos, -jnp.inf, top_scores), K)
-    alive_parent, alive_token = _take(parent, keep), _take(token, keep)
-    alive_nodes = trie.child(_take(state.alive_nodes, alive_parent), alive_token)
-    alive_nodes = jnp.where(jnp.isfinite(alive_scores), alive_nodes, -1)
+    alive_parent = _take(parent, keep)
+    alive_nodes = jnp.where(jnp.isfinite(alive_scores), _take(child, keep), -1)
     rows = (jnp.arange(B)[:, None] * K + alive_parent).reshape(-1)
 
     done = (state.done | (jnp.sum(jnp.isfinite(finished_scores), axis=1) >= K)
@@ -94,10 +131,9 @@ def _search(graphdef, params, trie: DeviceTrie, input_ids, attention_mask, *, nu
     K, (B, _) = num_beams, input_ids.shape
     vocab_size = model.config.vocab_size
     pad = model.pad_token_id
+    # The K beams of a question share its encoder row: its cross keys/values are projected and read once.
     encoder_hidden = model.encode(input_ids, attention_mask)
-    # every beam of a row reads the same encoder output
-    encoder_hidden = jnp.repeat(encoder_hidden, K, axis=0)
-    encoder_mask = jnp.repeat(attention_mask, K, axis=0)
+    encoder_mask = attention_mask
     empty = jnp.full((B, K, max_length), pad, jnp.int32)
     state = _SearchState(
         step=jnp.zeros((), jnp.int32),

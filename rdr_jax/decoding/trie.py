@@ -13,9 +13,10 @@ A node is terminal when its incoming edge is EOS, so "finished" is "EOS chosen".
 with EOS get it appended. Building is vectorised numpy (sort the padded identifiers, find each row's longest
 common prefix with the previous one, number the new prefixes); a million identifiers take seconds.
 
-Inside jit (:class:`DeviceTrie`): the allowed-token mask of a batch of nodes gathers each node's edge slice,
-padded to the largest out-degree, and scatters it into a ``[..., vocab]`` boolean mask; the child for a chosen
-token is a fixed-length binary search of the slice. No host callback per step.
+Inside jit (:class:`DeviceTrie`): a batch of nodes gathers each node's edge slice, padded to the largest
+out-degree below the root (``edges``: tokens and children), which beam search scores directly; the root keeps a
+dense mask. ``allowed_mask`` scatters the slices into a ``[..., vocab]`` boolean mask, and the child for a
+chosen token is a fixed-length binary search of the slice. No host callback per step.
 """
 
 from __future__ import annotations
@@ -85,22 +86,31 @@ class DeviceTrie:
     max_degree: int = struct.field(pytree_node=False)  # slice width: the largest out-degree below the root
     search_iterations: int = struct.field(pytree_node=False)
 
+    def edges(self, nodes: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """``(tokens, children)``, each ``nodes.shape + (max_degree,)``: the edges leaving each node below the
+        root, in token order, -1 past the node's last edge, for node -1 and for the root (see ``root_mask``)."""
+        below_root = nodes > 0
+        n = jnp.where(below_root, nodes, 0)
+        start = self.offsets[n]
+        end = jnp.where(below_root, self.offsets[n + 1], start)
+        edge = start[..., None] + jnp.arange(self.max_degree, dtype=start.dtype)
+        present = edge < end[..., None]
+        tokens = jnp.where(present, self.tokens[jnp.minimum(edge, self.tokens.shape[0] - 1)], -1)
+        return tokens, jnp.where(present, edge + 1, -1)
+
+    def root_allowed(self, vocab_size: int) -> jax.Array:
+        """Boolean ``[vocab_size]``: the first tokens of the identifiers."""
+        root = self.root_mask[:vocab_size]
+        return jnp.pad(root, (0, vocab_size - root.shape[0]))
+
     def allowed_mask(self, nodes: jax.Array, vocab_size: int) -> jax.Array:
         """Boolean ``nodes.shape + (vocab_size,)``: the tokens that continue each node (none for node -1)."""
-        valid = nodes >= 0
-        n = jnp.where(valid, nodes, 0)
-        start = self.offsets[n]
-        end = jnp.where(valid & (nodes != 0), self.offsets[n + 1], start)
-        edges = start[..., None] + jnp.arange(self.max_degree, dtype=start.dtype)
-        in_slice = edges < end[..., None]
-        tokens = self.tokens[jnp.minimum(edges, self.tokens.shape[0] - 1)]
-        columns = jnp.where(in_slice, tokens, vocab_size).reshape(-1, self.max_degree)  # vocab_size: dropped
+        tokens, _ = self.edges(nodes)
+        columns = jnp.where(tokens >= 0, tokens, vocab_size).reshape(-1, self.max_degree)  # vocab_size: dropped
         rows = jnp.arange(columns.shape[0])[:, None]
         mask = jnp.zeros((columns.shape[0], vocab_size), bool).at[rows, columns].set(True, mode="drop")
         mask = mask.reshape(nodes.shape + (vocab_size,))
-        root = self.root_mask[:vocab_size]
-        root = jnp.pad(root, (0, vocab_size - root.shape[0]))
-        return jnp.where((nodes == 0)[..., None], root, mask)
+        return jnp.where((nodes == 0)[..., None], self.root_allowed(vocab_size), mask)
 
     def child(self, nodes: jax.Array, token: jax.Array) -> jax.Array:
         return _child(jnp, self.offsets, self.tokens, nodes, token, self.search_iterations)

@@ -24,7 +24,7 @@ from rdr_jax.models import layers as L
 from rdr_jax.models.base import PretrainedModel, register
 from rdr_jax.models.bert import Runtime
 from rdr_jax.models.config import ModelConfig
-from rdr_jax.models.seq2seq import DecoderCache, Seq2SeqLM, causal_mask, empty_cache, write_kv
+from rdr_jax.models.seq2seq import DecoderCache, Seq2SeqLM, causal_mask, empty_cache, heads_first, write_kv
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +91,9 @@ class BartAttention(nnx.Module):
         self.scale, self.dtype = D ** -0.5, rt.dtype
 
     def __call__(self, x, keys, values, mask, *, rngs=None, deterministic=True):
+        """``keys``/``values``: heads-first ``[batch or rows, heads, k_len, kv]``, as the cache holds them."""
         context = L.dot_product_attention(
-            self.q_proj(x), keys, values, mask=mask, scale=self.scale, dtype=self.dtype,
+            self.q_proj(x), keys, values, mask=mask, scale=self.scale, dtype=self.dtype, kv_heads_first=True,
             dropout=partial(self.dropout, deterministic=deterministic, rngs=rngs))
         return self.out_proj(context)
 
@@ -124,7 +125,7 @@ class BartLayer(nnx.Module):
         """``self_kv_cache``: (keys, values, index) of this layer, the new keys/values being written at index.
         Returns the output and this layer's (keys, values) for the cache."""
         drop = partial(self.dropout, deterministic=deterministic, rngs=rngs)
-        keys, values = self.self_attn.k_proj(x), self.self_attn.v_proj(x)
+        keys, values = heads_first(self.self_attn.k_proj(x)), heads_first(self.self_attn.v_proj(x))
         if self_kv_cache is not None:
             cache_keys, cache_values, index = self_kv_cache
             keys, values = write_kv(cache_keys, keys, index), write_kv(cache_values, values, index)
@@ -132,7 +133,8 @@ class BartLayer(nnx.Module):
         x = self.self_attn_layer_norm(x + drop(h))
         if self.is_decoder:
             if cross_kv is None:
-                cross_kv = (self.encoder_attn.k_proj(encoder_hidden), self.encoder_attn.v_proj(encoder_hidden))
+                cross_kv = (heads_first(self.encoder_attn.k_proj(encoder_hidden)),
+                            heads_first(self.encoder_attn.v_proj(encoder_hidden)))
             h = self.encoder_attn(x, *cross_kv, cross_mask, rngs=rngs, deterministic=deterministic)
             x = self.encoder_attn_layer_norm(x + drop(h))
         h = self.activation_dropout(self.act(self.fc1(x)), deterministic=deterministic, rngs=rngs)
@@ -262,8 +264,8 @@ class BartForConditionalGeneration(Seq2SeqLM, PretrainedModel):
         cross = None
         if encoder_hidden is not None:
             layers = self.decoder.layers
-            cross = ([layer.encoder_attn.k_proj(encoder_hidden).astype(dtype) for layer in layers],
-                     [layer.encoder_attn.v_proj(encoder_hidden).astype(dtype) for layer in layers])
+            cross = ([layer.encoder_attn.k_proj(encoder_hidden) for layer in layers],
+                     [layer.encoder_attn.v_proj(encoder_hidden) for layer in layers])
         heads = self.config.decoder_attention_heads
         return empty_cache(len(self.decoder.layers), batch_size, max_length, heads, self.config.d_model // heads,
                            dtype, cross)

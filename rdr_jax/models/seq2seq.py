@@ -10,12 +10,16 @@ Every seq2seq model implements::
 The cache is a plain pytree (:class:`DecoderCache`), not NNX state, so decoding stays purely functional and the
 cache can be the carry of ``jax.lax.while_loop``/``scan``. ``decode`` with a cache writes the keys/values of its
 ``T`` new tokens at ``cache.index`` and returns the cache advanced by ``T``; every row of the batch decodes in
-lockstep (one shared index), which is what beam search needs.
+lockstep (one shared index), which is what beam search needs. The cache is kept heads-first
+(``[batch, heads, length, kv]``), the layout attention reads, so a step transposes only its new tokens.
 
 Cross-attention keys/values: when ``init_cache`` is given the encoder output, it projects it once per decoder
 layer and stores the result in the cache (``cross_keys``/``cross_values``); ``decode`` then uses those and does
 not project ``encoder_hidden`` again (it still needs ``encoder_attention_mask``). Without it they are recomputed
-from ``encoder_hidden`` at every step: slower, same numbers.
+from ``encoder_hidden`` at every step: slower, same numbers. The encoder output may have fewer rows than the
+decoder batch, ``batch = rows * group``: decoder rows ``r * group ... r * group + group - 1`` then share encoder
+row ``r`` (the beams of one question), whose keys/values are projected and read once for all of them; pass the
+same ``rows``-row ``encoder_attention_mask`` to ``decode``.
 """
 
 from __future__ import annotations
@@ -31,38 +35,52 @@ from rdr_jax.models.outputs import Seq2SeqLMOutput
 
 @struct.dataclass
 class DecoderCache:
-    """Preallocated decoder keys/values, one ``[batch, max_length, heads, kv]`` array per layer.
+    """Preallocated decoder keys/values, one ``[batch, heads, max_length, kv]`` array per layer.
 
     ``index`` (int32 scalar) is the number of decoder positions already written.
     """
     self_keys: tuple[jax.Array, ...]
     self_values: tuple[jax.Array, ...]
     index: jax.Array
-    cross_keys: tuple[jax.Array, ...] | None = None   # [batch, source_length, heads, kv] per layer
+    cross_keys: tuple[jax.Array, ...] | None = None   # [encoder rows, heads, source_length, kv] per layer
     cross_values: tuple[jax.Array, ...] | None = None
 
     @property
     def max_length(self) -> int:
-        return self.self_keys[0].shape[1]
+        return self.self_keys[0].shape[2]
 
 
 def empty_cache(num_layers: int, batch_size: int, max_length: int, num_heads: int, head_dim: int, dtype,
                 cross: tuple[list[jax.Array], list[jax.Array]] | None = None) -> DecoderCache:
-    shape = (batch_size, max_length, num_heads, head_dim)
+    """An empty cache; ``cross``: the projected encoder keys and values of each layer, ``[rows, source, heads,
+    kv]`` as the projections return them (stored heads-first)."""
+    shape = (batch_size, num_heads, max_length, head_dim)
+    if cross is not None and batch_size % cross[0][0].shape[0]:
+        raise ValueError(f"the decoder batch ({batch_size}) must be a multiple of the encoder rows "
+                         f"({cross[0][0].shape[0]}): each encoder row serves a block of decoder rows")
+    stored = lambda arrays: tuple(heads_first(a).astype(dtype) for a in arrays)
     return DecoderCache(
         self_keys=tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),
         self_values=tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),
         index=jnp.zeros((), jnp.int32),
-        cross_keys=tuple(cross[0]) if cross is not None else None,
-        cross_values=tuple(cross[1]) if cross is not None else None)
+        cross_keys=stored(cross[0]) if cross is not None else None,
+        cross_values=stored(cross[1]) if cross is not None else None)
+
+
+def heads_first(x: jax.Array) -> jax.Array:
+    """``[batch, length, heads, kv]`` -> ``[batch, heads, length, kv]``, the layout of the cache."""
+    return jnp.swapaxes(x, 1, 2)
 
 
 def reorder_cache(cache: DecoderCache, batch_indices: jax.Array, *, cross: bool = True) -> DecoderCache:
     """The cache with its batch rows gathered by ``batch_indices`` (beam search keeping the surviving beams).
 
     ``cross=False`` leaves the cross-attention keys/values in place: exact when every row is replaced by a row
-    with the same encoder input (beams of one question), and it saves the largest gather of each step.
+    with the same encoder input (beams of one question), and it saves the largest gather of each step. A cache
+    whose encoder rows each serve a block of decoder rows must keep them (``cross=False``).
     """
+    if cross and cache.cross_keys is not None and cache.cross_keys[0].shape[0] != cache.self_keys[0].shape[0]:
+        raise ValueError("the cache's encoder rows each serve a block of decoder rows; reorder with cross=False")
     take = lambda arrays: None if arrays is None else tuple(jnp.take(a, batch_indices, axis=0) for a in arrays)
     moved = cache.replace(self_keys=take(cache.self_keys), self_values=take(cache.self_values))
     if cross:
@@ -71,9 +89,9 @@ def reorder_cache(cache: DecoderCache, batch_indices: jax.Array, *, cross: bool 
 
 
 def write_kv(cache_array: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:
-    """``new`` [B, T, H, D] written into ``cache_array`` [B, max_length, H, D] at position ``index``."""
+    """``new`` [B, H, T, D] written into ``cache_array`` [B, H, max_length, D] at position ``index``."""
     return jax.lax.dynamic_update_slice(cache_array, new.astype(cache_array.dtype),
-                                        (0, jnp.asarray(index, jnp.int32), 0, 0))
+                                        (0, 0, jnp.asarray(index, jnp.int32), 0))
 
 
 def causal_mask(query_length: int, key_length: int, offset: jax.Array | int = 0,

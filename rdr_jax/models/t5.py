@@ -30,7 +30,7 @@ from rdr_jax.models import layers as L
 from rdr_jax.models.base import ORBAX_SUBDIR, PretrainedModel, register
 from rdr_jax.models.bert import Runtime
 from rdr_jax.models.config import ModelConfig
-from rdr_jax.models.seq2seq import DecoderCache, Seq2SeqLM, causal_mask, empty_cache, write_kv
+from rdr_jax.models.seq2seq import DecoderCache, Seq2SeqLM, causal_mask, empty_cache, heads_first, write_kv
 
 
 @dataclasses.dataclass
@@ -147,8 +147,9 @@ class T5Attention(nnx.Module):
         self.dtype = rt.dtype
 
     def __call__(self, x, keys, values, mask, bias, *, rngs=None, deterministic=True):
+        """``keys``/``values``: heads-first ``[batch or rows, heads, k_len, kv]``, as the cache holds them."""
         context = L.dot_product_attention(
-            self.q(x), keys, values, mask=mask, bias=bias, scale=1.0, dtype=self.dtype,
+            self.q(x), keys, values, mask=mask, bias=bias, scale=1.0, dtype=self.dtype, kv_heads_first=True,
             dropout=partial(self.dropout, deterministic=deterministic, rngs=rngs))
         return self.o(context)
 
@@ -196,14 +197,15 @@ class T5Block(nnx.Module):
         Returns the output and this layer's (keys, values) for the cache."""
         drop = partial(self.dropout, deterministic=deterministic, rngs=rngs)
         h = self.self_attention_norm(x)
-        keys, values = self.self_attention.k(h), self.self_attention.v(h)
+        keys, values = heads_first(self.self_attention.k(h)), heads_first(self.self_attention.v(h))
         if self_kv_cache is not None:
             cache_keys, cache_values, index = self_kv_cache
             keys, values = write_kv(cache_keys, keys, index), write_kv(cache_values, values, index)
         x = x + drop(self.self_attention(h, keys, values, mask, bias, rngs=rngs, deterministic=deterministic))
         if self.is_decoder:
             if cross_kv is None:
-                cross_kv = (self.cross_attention.k(encoder_hidden), self.cross_attention.v(encoder_hidden))
+                cross_kv = (heads_first(self.cross_attention.k(encoder_hidden)),
+                            heads_first(self.cross_attention.v(encoder_hidden)))
             h = self.cross_attention_norm(x)
             x = x + drop(self.cross_attention(h, *cross_kv, cross_mask, None, rngs=rngs,
                                               deterministic=deterministic))
@@ -380,8 +382,8 @@ class T5ForConditionalGeneration(Seq2SeqLM, PretrainedModel):
         cross = None
         if encoder_hidden is not None:
             layers = self.decoder.layers
-            cross = ([layer.cross_attention.k(encoder_hidden).astype(dtype) for layer in layers],
-                     [layer.cross_attention.v(encoder_hidden).astype(dtype) for layer in layers])
+            cross = ([layer.cross_attention.k(encoder_hidden) for layer in layers],
+                     [layer.cross_attention.v(encoder_hidden) for layer in layers])
         return empty_cache(len(self.decoder.layers), batch_size, max_length, self.config.num_heads,
                            self.config.d_kv, dtype, cross)
 

@@ -6,7 +6,8 @@ prefix_allowed_tokens_fn=...)``) so both return the same identifiers and scores:
 - a beam's score is its summed token log-probabilities: log-softmax over the full vocabulary in float32, then
   tokens the trie does not allow set to -inf (as ``PrefixConstrainedLogitsProcessor`` does after log-softmax);
   no length penalty (transformers with ``length_penalty=0.0``: ``score / length ** 0``);
-- only beam 0 starts alive (the others at -inf), so the first step does not pick one token in every beam;
+- the first token is chosen once per question (every beam holds the same prefix then: the start token), its
+  best continuations seeding the K beams (transformers gets the same by starting beams 1..K-1 at -1e9);
 - each step takes the top ``2K`` continuations of all beams; those ending with EOS among the first ``K`` join
   the finished set (best ``K`` kept), the best ``K`` others stay alive; a finished beam is never extended;
 - a row stops once it has ``K`` finished identifiers (``early_stopping=True``) or nothing left alive; the loop
@@ -34,7 +35,7 @@ from rdr_jax.models.seq2seq import DecoderCache, reorder_cache
 @struct.dataclass
 class _SearchState:
     step: jax.Array            # int32 scalar: tokens generated so far
-    cache: DecoderCache        # batch * beams rows
+    cache: DecoderCache        # batch * beams rows (batch before the first token), cross K/V one row per question
     alive_tokens: jax.Array    # [B, K, T] generated tokens (padding after the current step)
     alive_scores: jax.Array    # [B, K] summed log-probs; -inf for dead beams
     alive_nodes: jax.Array     # [B, K] trie node each alive beam is at
@@ -56,50 +57,54 @@ def _top(scores: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     return jax.lax.top_k(scores, k)
 
 
-def _root_candidates(trie: DeviceTrie, token_log_probs, alive_scores, count: int, vocab_size: int):
-    """First step: only beam 0 lives, at the root, whose allowed tokens are a dense mask. Returns the best
-    ``count`` continuations as ``(scores, parent, token, child)``, each ``[B, count]``."""
-    V = vocab_size
-    scores = jnp.where(trie.root_allowed(V), token_log_probs(None)[:, 0] + alive_scores[:, :1], -jnp.inf)
+def _log_probs(logits: jax.Array):
+    """``logits [..., V]`` -> ``at(tokens [..., N])``: their log-softmax at ``tokens`` (``None``: every token),
+    with jax.nn.log_softmax's arithmetic, ``(x - max) - log(sum(exp(x - max)))``, not materialised for all."""
+    shift = jnp.max(logits, axis=-1, keepdims=True)
+    log_normaliser = jnp.log(jnp.sum(jnp.exp(logits - shift), axis=-1, keepdims=True))
+
+    def at(tokens):
+        picked = logits if tokens is None else jnp.take_along_axis(logits, tokens, axis=-1)
+        return (picked - shift) - log_normaliser
+
+    return at
+
+
+def _decode(model, tokens, encoder_hidden, encoder_mask, cache, vocab_size: int):
+    """One token per cache row -> float32 logits ``[rows, vocab_size]`` and the advanced cache."""
+    logits, cache = model.decode(tokens[:, None], encoder_hidden, encoder_mask, cache)
+    return logits[:, 0, :vocab_size].astype(jnp.float32), cache
+
+
+def _root_candidates(trie: DeviceTrie, log_probs, count: int, vocab_size: int):
+    """First step, one row per question at the root, whose allowed tokens are a dense mask: the best ``count``
+    continuations as ``(scores, parent, token, child)``, each ``[B, count]``."""
+    scores = jnp.where(trie.root_allowed(vocab_size), log_probs(None), -jnp.inf)
     top_scores, token = _top(scores, count)
-    token = jnp.minimum(token, V - 1)
+    token = jnp.minimum(token, vocab_size - 1)
     return top_scores, jnp.zeros_like(token), token, trie.child(jnp.zeros_like(token), token)
 
 
-def _edge_candidates(trie: DeviceTrie, token_log_probs, alive_scores, nodes, count: int):
+def _edge_candidates(trie: DeviceTrie, log_probs, alive_scores, nodes, count: int):
     """Later steps: each beam's candidates are its node's edges (``trie.max_degree`` wide, not the vocabulary),
     so the top-k reads ``K * max_degree`` scores. Same order as over ``K * V``: edges are sorted by token."""
     B, K = alive_scores.shape
     tokens, children = trie.edges(nodes)  # [B, K, D]
     D = tokens.shape[-1]
-    scores = jnp.where(tokens >= 0, token_log_probs(jnp.maximum(tokens, 0)) + alive_scores[..., None], -jnp.inf)
+    scores = jnp.where(tokens >= 0, log_probs(jnp.maximum(tokens, 0)) + alive_scores[..., None], -jnp.inf)
     top_scores, index = _top(scores.reshape(B, K * D), count)
     index = jnp.minimum(index, K * D - 1)  # padding columns (-inf) read any real slot
     pick = lambda a: jnp.take_along_axis(a.reshape(B, K * D), index, axis=1)
     return top_scores, index // D, pick(tokens), pick(children)
 
 
-def _search_step(model, trie: DeviceTrie, encoder_hidden, encoder_mask, state: _SearchState, *, num_beams: int,
-                 vocab_size: int, eos_token_id: int) -> _SearchState:
-    K, V = num_beams, vocab_size
-    B = state.alive_scores.shape[0]
-    previous = jnp.take(state.alive_tokens, jnp.maximum(state.step - 1, 0), axis=2)
-    last_tokens = jnp.where(state.step == 0, model.decoder_start_token_id, previous)
-    logits, cache = model.decode(last_tokens.reshape(B * K, 1), encoder_hidden, encoder_mask, state.cache)
-    logits = logits[:, 0, :V].astype(jnp.float32).reshape(B, K, V)
-    # jax.nn.log_softmax's arithmetic ((x - max) - log(sum(exp(x - max)))), evaluated only at the tokens read.
-    shift = jnp.max(logits, axis=-1, keepdims=True)
-    log_normaliser = jnp.log(jnp.sum(jnp.exp(logits - shift), axis=-1, keepdims=True))
-
-    def token_log_probs(tokens):  # tokens [B, K, N] -> log-probs; None: the whole vocabulary
-        picked = logits if tokens is None else jnp.take_along_axis(logits, tokens, axis=-1)
-        return (picked - shift) - log_normaliser
-
-    # Top 2K continuations of all beams, as (score, parent beam, token, trie node reached).
-    top_scores, parent, token, child = jax.lax.cond(
-        state.step == 0,
-        lambda: _root_candidates(trie, token_log_probs, state.alive_scores, 2 * K, V),
-        lambda: _edge_candidates(trie, token_log_probs, state.alive_scores, state.alive_nodes, 2 * K))
+def _advance(state: _SearchState, candidates, cache: DecoderCache, *, num_beams: int, eos_token_id: int,
+             rows_per_question: int) -> _SearchState:
+    """The state after one token, from the top ``2K`` candidates ``(score, parent beam, token, trie node)``;
+    ``cache`` (``rows_per_question`` rows per question) is gathered into the ``K`` surviving beams' rows."""
+    K = num_beams
+    top_scores, parent, token, child = candidates
+    B = top_scores.shape[0]
     position = jnp.arange(state.alive_tokens.shape[-1]) == state.step
     top_tokens = jnp.where(position, token[..., None], _take(state.alive_tokens, parent))  # [B, 2K, T]
     is_eos = token == eos_token_id
@@ -115,7 +120,7 @@ def _search_step(model, trie: DeviceTrie, encoder_hidden, encoder_mask, state: _
     alive_scores, keep = jax.lax.top_k(jnp.where(is_eos, -jnp.inf, top_scores), K)
     alive_parent = _take(parent, keep)
     alive_nodes = jnp.where(jnp.isfinite(alive_scores), _take(child, keep), -1)
-    rows = (jnp.arange(B)[:, None] * K + alive_parent).reshape(-1)
+    rows = (jnp.arange(B)[:, None] * rows_per_question + alive_parent).reshape(-1)
 
     done = (state.done | (jnp.sum(jnp.isfinite(finished_scores), axis=1) >= K)
             | ~jnp.isfinite(alive_scores[:, 0]))
@@ -126,6 +131,29 @@ def _search_step(model, trie: DeviceTrie, encoder_hidden, encoder_mask, state: _
                         finished_scores=finished_scores, done=done)
 
 
+def _first_step(model, trie: DeviceTrie, encoder_hidden, encoder_mask, state: _SearchState, *, num_beams: int,
+                vocab_size: int) -> _SearchState:
+    """Every beam starts from the same prefix (the start token), so one row per question decodes it; its best
+    continuations seed the K beams, whose cache rows are copies of that row."""
+    B = state.alive_scores.shape[0]
+    start = jnp.full((B,), model.decoder_start_token_id, jnp.int32)
+    logits, cache = _decode(model, start, encoder_hidden, encoder_mask, state.cache, vocab_size)
+    candidates = _root_candidates(trie, _log_probs(logits), 2 * num_beams, vocab_size)
+    return _advance(state, candidates, cache, num_beams=num_beams, eos_token_id=trie.eos_token_id,
+                    rows_per_question=1)
+
+
+def _search_step(model, trie: DeviceTrie, encoder_hidden, encoder_mask, state: _SearchState, *, num_beams: int,
+                 vocab_size: int) -> _SearchState:
+    K = num_beams
+    B = state.alive_scores.shape[0]
+    previous = jnp.take(state.alive_tokens, state.step - 1, axis=2).reshape(B * K)
+    logits, cache = _decode(model, previous, encoder_hidden, encoder_mask, state.cache, vocab_size)
+    log_probs = _log_probs(logits.reshape(B, K, vocab_size))
+    candidates = _edge_candidates(trie, log_probs, state.alive_scores, state.alive_nodes, 2 * K)
+    return _advance(state, candidates, cache, num_beams=K, eos_token_id=trie.eos_token_id, rows_per_question=K)
+
+
 def _search(graphdef, params, trie: DeviceTrie, input_ids, attention_mask, *, num_beams: int, max_length: int):
     model = nnx.merge(graphdef, params)
     K, (B, _) = num_beams, input_ids.shape
@@ -133,19 +161,20 @@ def _search(graphdef, params, trie: DeviceTrie, input_ids, attention_mask, *, nu
     pad = model.pad_token_id
     # The K beams of a question share its encoder row: its cross keys/values are projected and read once.
     encoder_hidden = model.encode(input_ids, attention_mask)
-    encoder_mask = attention_mask
     empty = jnp.full((B, K, max_length), pad, jnp.int32)
     state = _SearchState(
         step=jnp.zeros((), jnp.int32),
-        cache=model.init_cache(B * K, max_length, encoder_hidden),
+        cache=model.init_cache(B, max_length, encoder_hidden),  # one row per question until the first token
         alive_tokens=empty,
-        alive_scores=jnp.full((B, K), -jnp.inf, jnp.float32).at[:, 0].set(0.0),
+        alive_scores=jnp.zeros((B, K), jnp.float32),
         alive_nodes=jnp.zeros((B, K), jnp.int32),
         finished_tokens=empty,
         finished_scores=jnp.full((B, K), -jnp.inf, jnp.float32),
         done=jnp.zeros((B,), bool))
-    step = partial(_search_step, model, trie, encoder_hidden, encoder_mask, num_beams=K, vocab_size=vocab_size,
-                   eos_token_id=trie.eos_token_id)
+    context = dict(model=model, trie=trie, encoder_hidden=encoder_hidden, encoder_mask=attention_mask,
+                   num_beams=K, vocab_size=vocab_size)
+    state = _first_step(state=state, **context)
+    step = lambda s: _search_step(state=s, **context)
     state = jax.lax.while_loop(lambda s: (s.step < max_length) & ~jnp.all(s.done), step, state)
     found = jnp.isfinite(state.finished_scores)
     return jnp.where(found[..., None], state.finished_tokens, pad), state.finished_scores

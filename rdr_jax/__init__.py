@@ -9,11 +9,6 @@
 
 import importlib
 
-from rdr_jax import runtime as _runtime
-
-# XLA reads XLA_FLAGS when JAX starts its backend: set ours before that (see rdr_jax.runtime).
-_runtime.apply_xla_cpu_flags()
-
 # Resolved on first use (PEP 562), so that ``import rdr_jax.runtime`` or the ``rdr-jax`` launcher does not load
 # JAX before it has set the process up.
 _MODEL_NAMES = ("from_pretrained", "BertModel", "BertForSequenceClassification", "DPRQuestionEncoder",

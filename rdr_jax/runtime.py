@@ -1,5 +1,4 @@
-"""Process settings that make JAX fast on a CPU host; the ``rdr-jax`` command and the benchmarks apply them
-(``import rdr_jax`` applies the XLA flags alone).
+"""Process settings that make JAX fast on a CPU host; the ``rdr-jax`` command and the benchmarks apply them.
 
 Measured on the 2-core benchmark machine (``benchmarks/README.md`` has the numbers):
 
@@ -13,16 +12,7 @@ Measured on the 2-core benchmark machine (``benchmarks/README.md`` has the numbe
   The cost: memory freed by the process stays mapped to it (its RSS stays at its peak), as with the caching
   allocators that PyTorch and TensorFlow users put in with ``LD_PRELOAD``.
 
-- **XLA:CPU flags** (:data:`XLA_CPU_FLAGS`, set by ``import rdr_jax``, before JAX starts its backend): XLA
-  fuses a reduction into the YNNPACK matmul that feeds it, and that fused kernel runs ~4x slower than the
-  matmul and the reduction apart. ``log_softmax`` over T5's LM head ``[80, 512] x [512, 32128]`` took 48 ms
-  instead of 13; constrained beam search went 806 -> ~520 ms (T5-small, 8 questions x 10 beams), and the
-  bert-base forward, whose attention softmax reduces its score matmul, 3-6% faster.
-  ``--xla_cpu_experimental_ynn_fusion_type=-reduce`` keeps YNNPACK's other fusions. Applied only with a jaxlib
-  known to have the flag (XLA aborts on unknown ones), only if JAX has not started yet, and never over a
-  setting of the same flag in ``XLA_FLAGS``.
-
-Skipped when ``RDR_JAX_HOST_TUNING=0``; tunables and flags the user set already win.
+Skipped when ``RDR_JAX_HOST_TUNING=0``; tunables the user set already win.
 
 Not set, though faster: ``XLA_FLAGS=--xla_cpu_use_onednn=true --xla_cpu_experimental_onednn_fusion_type=dot``
 (matmuls through oneDNN: bert-base forward 3.17 -> 3.00 s, DPR step 2.66 -> 2.49 s) kills the process with
@@ -71,46 +61,10 @@ def reexec_with_malloc_tuning() -> None:
     os.execv(sys.executable, [sys.executable] + sys.orig_argv[1:])
 
 
-XLA_CPU_FLAGS = {"xla_cpu_experimental_ynn_fusion_type": "-reduce"}
-_XLA_CPU_FLAGS_JAXLIB = ((0, 10, 2), (0, 12))  # jaxlib versions the flags were checked against: [low, high)
-
-
-def merged_xla_flags(existing: str, flags: dict[str, str] = XLA_CPU_FLAGS) -> str:
-    """``existing`` with ``flags`` appended, except those it names already."""
-    named = {item.split("=", 1)[0].lstrip("-") for item in existing.split()}
-    return " ".join(existing.split() + [f"--{name}={value}" for name, value in flags.items() if name not in named])
-
-
-def _jaxlib_version() -> tuple[int, ...]:
-    from importlib import metadata
-
-    try:
-        parts = metadata.version("jaxlib").split(".")[:3]
-        return tuple(int("".join(c for c in p if c.isdigit()) or 0) for p in parts)
-    except metadata.PackageNotFoundError:
-        return ()
-
-
-def apply_xla_cpu_flags() -> bool:
-    """Append :data:`XLA_CPU_FLAGS` to ``XLA_FLAGS`` (see the module notes); False when skipped: opted out, a
-    jaxlib outside the checked versions, or JAX's backend already started (the flags would be ignored)."""
-    low, high = _XLA_CPU_FLAGS_JAXLIB
-    if not enabled() or not low <= _jaxlib_version() < high:
-        return False
-    if "jax" in sys.modules:
-        from jax._src import xla_bridge
-
-        if xla_bridge.backends_are_initialized():
-            return False
-    os.environ["XLA_FLAGS"] = merged_xla_flags(os.environ.get("XLA_FLAGS", ""))
-    return True
-
-
 def tune_host_process() -> None:
-    """Everything above; an entry point calls this before importing JAX."""
+    """Everything above (today: the malloc restart); an entry point calls this before importing JAX."""
     reexec_with_malloc_tuning()
-    apply_xla_cpu_flags()
 
 
-__all__ = ["MALLOC_TUNABLES", "OPT_OUT", "XLA_CPU_FLAGS", "apply_xla_cpu_flags", "enabled", "malloc_tuned",
-           "merged_glibc_tunables", "merged_xla_flags", "reexec_with_malloc_tuning", "tune_host_process"]
+__all__ = ["MALLOC_TUNABLES", "OPT_OUT", "merged_glibc_tunables", "reexec_with_malloc_tuning", "tune_host_process",
+           "enabled", "malloc_tuned"]

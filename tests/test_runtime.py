@@ -68,37 +68,3 @@ def test_tuned_malloc_reuses_the_step_temporaries():
     tuned = int(_run("from rdr_jax import runtime; runtime.reexec_with_malloc_tuning()\n" + textwrap.dedent(FAULTS)))
     assert untuned > 3 * 16384 * 0.9  # 3 calls x 64 MiB of 4 KiB pages
     assert tuned < untuned / 20
-
-
-def test_xla_flags_merge_keeps_user_values():
-    flag = "xla_cpu_experimental_ynn_fusion_type"
-    assert runtime.merged_xla_flags("--xla_force_host_platform_device_count=8").split() == [
-        "--xla_force_host_platform_device_count=8", f"--{flag}=-reduce"]
-    mine = f"--{flag}=individual_dot --xla_cpu_use_onednn=false"
-    assert runtime.merged_xla_flags(mine) == mine
-    assert runtime.merged_xla_flags(runtime.merged_xla_flags("")) == f"--{flag}=-reduce"
-
-
-# A matmul feeding a reduction (an LM head's log-softmax): does XLA fuse the reduction into the YNNPACK matmul?
-REDUCE_FUSION = """
-    import os, rdr_jax, jax, jax.numpy as jnp
-    flags = os.environ.get("XLA_FLAGS", "-")
-    x, e = jnp.ones((80, 512)), jnp.ones((4096, 512))
-    hlo = jax.jit(lambda x, e: jnp.max(x @ e.T, axis=-1)).lower(x, e).compile().as_text()
-    fused = any("__ynn_fusion" in line and "= f32[80]{0} fusion(" in line for line in hlo.splitlines())
-    del os.environ["XLA_FLAGS"]
-    print(flags, fused, rdr_jax.runtime.apply_xla_cpu_flags())  # JAX runs now: too late, so not set again
-"""
-
-
-def test_import_sets_the_xla_flag_that_keeps_reductions_out_of_matmuls(monkeypatch):
-    """The reason for the flag: without it XLA fuses the reduction into the matmul kernel (4x slower there)."""
-    low, high = runtime._XLA_CPU_FLAGS_JAXLIB
-    if not low <= runtime._jaxlib_version() < high:
-        pytest.skip(f"jaxlib {runtime._jaxlib_version()} is outside the versions the flag was checked with")
-    monkeypatch.delenv("XLA_FLAGS", raising=False)  # `import rdr_jax` in this process has set it
-    monkeypatch.delenv(runtime.OPT_OUT, raising=False)
-    assert _run(REDUCE_FUSION).split() == ["--xla_cpu_experimental_ynn_fusion_type=-reduce", "False", "False"]
-    # The control: XLA's default still makes the fusion the flag prevents.
-    untuned = _run(REDUCE_FUSION.replace('del os.environ["XLA_FLAGS"]', "pass"), **{runtime.OPT_OUT: "0"})
-    assert untuned.split() == ["-", "True", "False"]

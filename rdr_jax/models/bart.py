@@ -24,7 +24,7 @@ from rdr_jax.models import layers as L
 from rdr_jax.models.base import PretrainedModel, register
 from rdr_jax.models.bert import Runtime
 from rdr_jax.models.config import ModelConfig
-from rdr_jax.models.seq2seq import DecoderCache, Seq2SeqLM, causal_mask, empty_cache, heads_first, write_kv
+from rdr_jax.models.seq2seq import DecoderCache, Seq2SeqLM, causal_mask, empty_cache, write_kv
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ class BartLayer(nnx.Module):
         """``self_kv_cache``: (keys, values, index) of this layer, the new keys/values being written at index.
         Returns the output and this layer's (keys, values) for the cache."""
         drop = partial(self.dropout, deterministic=deterministic, rngs=rngs)
-        keys, values = heads_first(self.self_attn.k_proj(x)), heads_first(self.self_attn.v_proj(x))
+        keys, values = L.heads_first(self.self_attn.k_proj(x)), L.heads_first(self.self_attn.v_proj(x))
         if self_kv_cache is not None:
             cache_keys, cache_values, index = self_kv_cache
             keys, values = write_kv(cache_keys, keys, index), write_kv(cache_values, values, index)
@@ -133,8 +133,8 @@ class BartLayer(nnx.Module):
         x = self.self_attn_layer_norm(x + drop(h))
         if self.is_decoder:
             if cross_kv is None:
-                cross_kv = (heads_first(self.encoder_attn.k_proj(encoder_hidden)),
-                            heads_first(self.encoder_attn.v_proj(encoder_hidden)))
+                cross_kv = (L.heads_first(self.encoder_attn.k_proj(encoder_hidden)),
+                            L.heads_first(self.encoder_attn.v_proj(encoder_hidden)))
             h = self.encoder_attn(x, *cross_kv, cross_mask, rngs=rngs, deterministic=deterministic)
             x = self.encoder_attn_layer_norm(x + drop(h))
         h = self.activation_dropout(self.act(self.fc1(x)), deterministic=deterministic, rngs=rngs)

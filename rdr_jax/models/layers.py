@@ -153,6 +153,12 @@ def padding_mask(attention_mask: jax.Array) -> jax.Array:
     return attention_mask.astype(bool)[:, None, None, :]
 
 
+def heads_first(x: jax.Array) -> jax.Array:
+    """``[batch, length, heads, kv]`` <-> ``[batch, heads, length, kv]``: the layout attention's matmuls run in
+    (and the decoder cache is kept in)."""
+    return jnp.swapaxes(x, 1, 2)
+
+
 def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array, *, mask: jax.Array | None = None,
                           bias: jax.Array | None = None, scale: float | None = None,
                           dropout: nnx.Dropout | None = None, dtype=jnp.float32,
@@ -182,9 +188,9 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
             raise ValueError(f"{batch} query rows cannot share {rows} key rows (needs batch = rows * group and a "
                              f"mask/bias without a query axis)")
         query = query.reshape((rows, batch // rows * q_len) + query.shape[2:])
-    query = jnp.swapaxes(query, 1, 2)
+    query = heads_first(query)
     if not kv_heads_first:
-        key, value = jnp.swapaxes(key, 1, 2), jnp.swapaxes(value, 1, 2)
+        key, value = heads_first(key), heads_first(value)
     scores = jnp.einsum("bhqd,bhkd->bhqk", query, key) * jnp.asarray(scale, query.dtype)
     if bias is not None:
         scores = scores + bias
@@ -196,4 +202,4 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
     if dropout is not None:
         weights = dropout(weights)
     context = jnp.einsum("bhqk,bhkd->bhqd", weights.astype(dtype), value) / normaliser.astype(dtype)
-    return jnp.swapaxes(context, 1, 2).reshape((batch, q_len) + context.shape[1:2] + context.shape[3:])
+    return heads_first(context).reshape((batch, q_len) + context.shape[1:2] + context.shape[3:])

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from rdr_jax.models.layers import heads_first
 from rdr_jax.models.outputs import Seq2SeqLMOutput
 
 
@@ -65,11 +66,6 @@ def empty_cache(num_layers: int, batch_size: int, max_length: int, num_heads: in
         index=jnp.zeros((), jnp.int32),
         cross_keys=stored(cross[0]) if cross is not None else None,
         cross_values=stored(cross[1]) if cross is not None else None)
-
-
-def heads_first(x: jax.Array) -> jax.Array:
-    """``[batch, length, heads, kv]`` -> ``[batch, heads, length, kv]``, the layout of the cache."""
-    return jnp.swapaxes(x, 1, 2)
 
 
 def reorder_cache(cache: DecoderCache, batch_indices: jax.Array, *, cross: bool = True) -> DecoderCache:

@@ -30,7 +30,7 @@ from rdr_jax.models import layers as L
 from rdr_jax.models.base import ORBAX_SUBDIR, PretrainedModel, register
 from rdr_jax.models.bert import Runtime
 from rdr_jax.models.config import ModelConfig
-from rdr_jax.models.seq2seq import DecoderCache, Seq2SeqLM, causal_mask, empty_cache, heads_first, write_kv
+from rdr_jax.models.seq2seq import DecoderCache, Seq2SeqLM, causal_mask, empty_cache, write_kv
 
 
 @dataclasses.dataclass
@@ -197,15 +197,15 @@ class T5Block(nnx.Module):
         Returns the output and this layer's (keys, values) for the cache."""
         drop = partial(self.dropout, deterministic=deterministic, rngs=rngs)
         h = self.self_attention_norm(x)
-        keys, values = heads_first(self.self_attention.k(h)), heads_first(self.self_attention.v(h))
+        keys, values = L.heads_first(self.self_attention.k(h)), L.heads_first(self.self_attention.v(h))
         if self_kv_cache is not None:
             cache_keys, cache_values, index = self_kv_cache
             keys, values = write_kv(cache_keys, keys, index), write_kv(cache_values, values, index)
         x = x + drop(self.self_attention(h, keys, values, mask, bias, rngs=rngs, deterministic=deterministic))
         if self.is_decoder:
             if cross_kv is None:
-                cross_kv = (heads_first(self.cross_attention.k(encoder_hidden)),
-                            heads_first(self.cross_attention.v(encoder_hidden)))
+                cross_kv = (L.heads_first(self.cross_attention.k(encoder_hidden)),
+                            L.heads_first(self.cross_attention.v(encoder_hidden)))
             h = self.cross_attention_norm(x)
             x = x + drop(self.cross_attention(h, *cross_kv, cross_mask, None, rngs=rngs,
                                               deterministic=deterministic))

@@ -122,6 +122,8 @@ def constrained_search(opts: C.Options) -> C.Result:
     config = transformers.T5Config(**size, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
     hf = transformers.T5ForConditionalGeneration._from_config(config, attn_implementation="eager").eval()
     path = C.save_random_hf(hf, Path(opts.workdir) / "t5_generative")
+    device = C.torch_device()
+    hf = hf.to(device)
     model = T5ForConditionalGeneration.from_pretrained(path)
     eos, vocab, K, B = config.eos_token_id, config.vocab_size, shape["beams"], shape["batch"]
 
@@ -133,15 +135,17 @@ def constrained_search(opts: C.Options) -> C.Result:
     allowed = prefix_allowed_tokens(reference, eos)
 
     ids, mask = questions(B, shape["length"], vocab)
-    t_ids, t_mask = torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(mask.astype(np.int64))
+    t_ids, t_mask = (torch.from_numpy(a.astype(np.int64)).to(device) for a in (ids, mask))
 
     def jax_search():
         return model.constrained_beam_search(ids, mask, device_trie, K, max_length)
 
     def torch_generate(allowed=allowed):
-        return hf.generate(input_ids=t_ids, attention_mask=t_mask, num_beams=K, num_return_sequences=K,
-                           max_length=max_length + 1, prefix_allowed_tokens_fn=allowed, length_penalty=0.0,
-                           early_stopping=True, do_sample=False)
+        out = hf.generate(input_ids=t_ids, attention_mask=t_mask, num_beams=K, num_return_sequences=K,
+                          max_length=max_length + 1, prefix_allowed_tokens_fn=allowed, length_penalty=0.0,
+                          early_stopping=True, do_sample=False)
+        C.torch_sync(device)
+        return out
 
     t0 = time.perf_counter()
     ours, scores = C.block(jax_search())
@@ -149,7 +153,7 @@ def constrained_search(opts: C.Options) -> C.Result:
     with torch.inference_mode():
         clock = CallbackClock(allowed)  # an untimed call, for the agreement check and the callback's share
         t0 = time.perf_counter()
-        theirs = torch_generate(clock).numpy()[:, 1:].reshape(B, K, -1)
+        theirs = torch_generate(clock).cpu().numpy()[:, 1:].reshape(B, K, -1)
         callback_share = clock.seconds / (time.perf_counter() - t0)
         times = C.interleaved({"jax": jax_search, "torch": torch_generate}, opts.repeats, opts.warmup,
                               desc="beam_search")
@@ -159,7 +163,7 @@ def constrained_search(opts: C.Options) -> C.Result:
 
     jax_ms, torch_ms = C.median_ms(times["jax"]), C.median_ms(times["torch"])
     compile_s = max(first_call_s - jax_ms / 1000, 0.0)
-    extra = {"batch": B, "source_length": shape["length"], "num_beams": K, "max_length": max_length,
+    extra = {"torch_device": device, "batch": B, "source_length": shape["length"], "num_beams": K, "max_length": max_length,
              "identifiers": trie.num_identifiers, "trie_nodes": trie.num_nodes, "model": size,
              "compile_s": compile_s, "first_call_s": first_call_s, "top1_agreement": agree,
              "top1_valid": float(valid.mean()), "torch_prefix_fn_calls": clock.calls,

@@ -174,6 +174,21 @@ def configure_torch(threads: int):
     return torch
 
 
+def torch_device() -> str:
+    """"cuda" where PyTorch sees a GPU (``benchmarks.accelerator`` on a GPU machine), else "cpu"."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def torch_sync(device: str) -> None:
+    """Wait for PyTorch's queued GPU work, so a host clock times it (no-op on the CPU)."""
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
 def save_random_hf(model, out_dir: Path) -> Path:
     """Save a transformers model (random weights) as safetensors; both frameworks then load this file."""
     model.save_pretrained(str(out_dir))

@@ -28,8 +28,9 @@ def make_batch(num_q: int, lq: int, lp: int, vocab: int) -> dict[str, np.ndarray
             "positive_index": (np.arange(num_q) * 2).astype(np.int32)}
 
 
-def engine_step(model_dir: Path, workdir: Path, unpad: bool):
-    """(setup, jitted step, batch sharding, task) of the project's training engine."""
+def engine_step(workdir: Path, **model):
+    """(setup, jitted step, batch sharding, task) of the project's training engine; ``model`` overrides the
+    DPR task's ``model.*`` defaults (``question_encoder``, ``init``, ``dtype``, ``unpad``, ...)."""
     import jax
     import optax
     from rdr_jax.tasks.dpr import BI_ENCODER_MODEL_DEFAULTS, DPRTask
@@ -39,7 +40,7 @@ def engine_step(model_dir: Path, workdir: Path, unpad: bool):
     from rdr_jax.training.step import make_train_step
 
     config = Config({"task": {"name": "dpr", "train_question_encoder": True, "train_context_encoder": True},
-                     "model": dict(BI_ENCODER_MODEL_DEFAULTS, question_encoder=str(model_dir), unpad=unpad),
+                     "model": dict(BI_ENCODER_MODEL_DEFAULTS, **model),
                      "data": {}, "train": {"seed": 0}})
     task = DPRTask(config, workdir)
     model = task.build_model()
@@ -91,7 +92,7 @@ class JaxTrainer:
 
         key = jax.random.key(0)
         try:
-            setup, step, sharding, task = engine_step(model_dir, workdir, unpad)
+            setup, step, sharding, task = engine_step(workdir, question_encoder=str(model_dir), unpad=unpad)
             self.kind = "rdr_jax.training engine (DPRTask + make_train_step)"
             batch = task.batch_maker(lambda idx, rng: dict(batch))(None, None)
             self.batch = jax.device_put(batch, sharding)

@@ -117,3 +117,55 @@ def test_query_rows_sharing_key_rows():
                                 kv_heads_first=True)
     with pytest.raises(ValueError, match="cannot share"):
         L.dot_product_attention(jnp.asarray(q[:5]), *heads_first, kv_heads_first=True)
+
+
+def test_active_dropout_is_none_when_it_would_keep_every_weight():
+    rngs = nnx.Rngs(dropout=0)
+    assert L.active_dropout(nnx.Dropout(0.1), deterministic=True, rngs=rngs) is None
+    assert L.active_dropout(nnx.Dropout(0.0), deterministic=False, rngs=rngs) is None
+    drop = L.active_dropout(nnx.Dropout(0.5), deterministic=False, rngs=rngs)
+    kept = np.asarray(drop(jnp.ones((64, 64))))
+    assert set(np.unique(kept)) == {0.0, 2.0}  # inverted dropout: kept weights scaled by 1 / (1 - rate)
+
+
+def test_cudnn_attention_steps_aside_unless_asked_for_on_a_gpu_in_bf16(monkeypatch):
+    q, k, v, _ = inputs()
+    q, k, v = (jnp.asarray(a) for a in (q, k, v))
+    bf = [a.astype(jnp.bfloat16) for a in (q, k, v)]
+    monkeypatch.delenv(L.ATTENTION_ENV, raising=False)
+    assert L.cudnn_attention(*bf, None, None, 0.3) is None  # opt-in
+    monkeypatch.setenv(L.ATTENTION_ENV, "cudnn")
+    assert L.cudnn_attention(q, k, v, None, None, 0.3) is None  # float32
+    if jax.default_backend() != "gpu":
+        assert L.cudnn_attention(*bf, None, None, 0.3) is None
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN fused attention needs an NVIDIA GPU")
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_cudnn_attention_matches_the_reference_on_gpu(with_bias, monkeypatch):
+    """bf16 on the GPU: the fused path runs (not None), agrees with float64 to bf16 accuracy, and its
+    gradients agree with the unfused path's."""
+    monkeypatch.setenv(L.ATTENTION_ENV, "cudnn")
+    q, k, v, rng = inputs(b=4, lq=64, lk=64, h=4, d=64, seed=1)
+    lengths = np.array([64, 40, 17, 1])
+    mask = (np.arange(64)[None, :] < lengths[:, None])[:, None, None, :]
+    bias = rng.normal(size=(4, 4, 64, 64)).astype(np.float32) if with_bias else None
+    qb, kb, vb = (jnp.asarray(a, jnp.bfloat16) for a in (q, k, v))
+    args = (jnp.asarray(mask), None if bias is None else jnp.asarray(bias), 0.125)
+    fused = L.cudnn_attention(qb, kb, vb, *args)
+    assert fused is not None
+    ref = reference(*(np.asarray(a.astype(jnp.float32)) for a in (qb, kb, vb)), mask, bias, 0.125)
+    err = np.linalg.norm(np.asarray(fused, np.float64) - ref) / np.linalg.norm(ref)
+    assert err < 1e-2, err
+
+    def loss(fn, q, k, v):
+        return jnp.sum(fn(q, k, v).astype(jnp.float32) ** 2)
+
+    fused_grads = jax.grad(lambda *a: loss(lambda q, k, v: L.cudnn_attention(q, k, v, *args), *a), (0, 1, 2))(
+        qb, kb, vb)
+    plain = lambda q, k, v: L.dot_product_attention(q, k, v, mask=args[0], bias=args[1], scale=0.125,
+                                                    dtype=jnp.bfloat16, dropout=lambda w: w)  # not fused
+    plain_grads = jax.grad(lambda *a: loss(plain, *a), (0, 1, 2))(qb, kb, vb)
+    for a, b in zip(fused_grads, plain_grads):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        assert np.linalg.norm(a - b) / np.linalg.norm(b) < 3e-2

@@ -115,3 +115,28 @@ def test_interleaving_alternates_order():
     times = C.interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3, warmup=1)
     assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]
     assert all(len(v) == 3 and all(t >= 0 for t in v) for v in times.values())
+
+
+def test_accelerator_benchmark_runs_its_code_path_on_cpu(tmp_path):
+    """benchmarks.accelerator (meant for a GPU) on a tiny BERT: every part reports, the engine's step trains,
+    and MFU follows from the analytic FLOPs and the given peak."""
+    pytest.importorskip("torch")
+    out = tmp_path / "acc.json"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    args = ["--tiny", "--layers", "1", "--batch", "4", "--lq", "8", "--lp", "16", "--encode-batch", "8",
+            "--steps", "3", "--warmup", "1", "--parts", "train", "torch_train", "encode", "--prng", "rbg",
+            "--attention-dropout", "0", "--peak-tflops", "1", "--json", str(out)]
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.accelerator", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r = json.loads(out.read_text())
+    assert not [k for k in r if k.endswith("_error")], r
+    for key in ("jax_train_step_ms", "torch_train_step_ms", "jax_encode_ms", "torch_encode_ms",
+                "trainer_flops_per_step", "analytic_flops_per_step"):
+        assert _positive(r[key]), key
+    assert r["model"]["num_hidden_layers"] == 1 and r["model"]["attention_probs_dropout_prob"] == 0
+    assert r["prng"] == "rbg" and math.isfinite(r["jax_first_loss"]) and math.isfinite(r["jax_last_loss"])
+    expected = 3 * (C.bert_forward_flops(1, 64, 128, 4, 8) + C.bert_forward_flops(1, 64, 128, 8, 16))
+    assert r["analytic_flops_per_step"] == expected
+    assert r["jax_train_mfu"] == round(expected / (r["jax_train_step_ms"] / 1000) / 1e12, 4)
+    assert r["train_ratio_torch_over_jax"] == round(r["torch_train_step_ms"] / r["jax_train_step_ms"], 3)

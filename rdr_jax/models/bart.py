@@ -94,7 +94,7 @@ class BartAttention(nnx.Module):
         """``keys``/``values``: heads-first ``[batch or rows, heads, k_len, kv]``, as the cache holds them."""
         context = L.dot_product_attention(
             self.q_proj(x), keys, values, mask=mask, scale=self.scale, dtype=self.dtype, kv_heads_first=True,
-            dropout=partial(self.dropout, deterministic=deterministic, rngs=rngs))
+            dropout=L.active_dropout(self.dropout, deterministic=deterministic, rngs=rngs))
         return self.out_proj(context)
 
 

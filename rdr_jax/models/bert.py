@@ -119,7 +119,7 @@ class BertLayer(nnx.Module):
         """``x`` is ``[batch, length, embed]``, or ``[tokens, embed]`` with ``packing``. With ``cls_only`` only
         position 0 is computed past the keys and values: the output is ``[batch, 1, embed]``."""
         drop = partial(self.hidden_dropout, deterministic=deterministic, rngs=rngs)
-        attn_drop = partial(self.attention_dropout, deterministic=deterministic, rngs=rngs)
+        attn_drop = L.active_dropout(self.attention_dropout, deterministic=deterministic, rngs=rngs)
         k, v = self.key(x), self.value(x)
         if cls_only:
             x = x[:, :1] if packing is None else packing.first(x)

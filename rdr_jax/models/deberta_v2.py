@@ -295,7 +295,7 @@ class DisentangledSelfAttention(nnx.Module):
         # transformers divides the keys (not the scores) by the scale; same rounding here.
         return L.dot_product_attention(query, key / jnp.asarray(self.scale, key.dtype), value, mask=mask, bias=bias,
                                        scale=1.0, dtype=self.dtype,
-                                       dropout=partial(self.dropout, deterministic=deterministic, rngs=rngs))
+                                       dropout=L.active_dropout(self.dropout, deterministic=deterministic, rngs=rngs))
 
 
 class DebertaV2Layer(nnx.Module):

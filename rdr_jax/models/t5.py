@@ -150,7 +150,7 @@ class T5Attention(nnx.Module):
         """``keys``/``values``: heads-first ``[batch or rows, heads, k_len, kv]``, as the cache holds them."""
         context = L.dot_product_attention(
             self.q(x), keys, values, mask=mask, bias=bias, scale=1.0, dtype=self.dtype, kv_heads_first=True,
-            dropout=partial(self.dropout, deterministic=deterministic, rngs=rngs))
+            dropout=L.active_dropout(self.dropout, deterministic=deterministic, rngs=rngs))
         return self.o(context)
 
 

@@ -17,7 +17,7 @@ from hf_reference import max_abs_diff, padded_batch, save_hf_model
 from rdr_jax.models import base
 from rdr_jax.models.deberta_v2 import (DebertaV2Config, DebertaV2ForSequenceClassification, DebertaV2Model,
                                        build_relative_position, gather_relative, make_log_bucket_position,
-                                       relative_score_indices)
+                                       relative_score_indices, relative_term, skew, toeplitz_rows)
 
 TOL = 1e-5
 
@@ -118,6 +118,36 @@ def test_gather_and_onehot_read_the_same_entries():
         np.testing.assert_array_equal(gather_relative(table, jnp.asarray(index), "onehot"), expected)
 
 
+@pytest.mark.parametrize("length", [1, 2, 7, 40, 300])
+def test_skew_shifts_each_row_into_place(length):
+    """skew(table)[x, y] == table[x, y + L - 1 - x], the relative shift, checked entry by entry."""
+    table = np.random.default_rng(length).normal(size=(2, 3, length, 2 * length - 1)).astype(np.float32)
+    x, y = np.indices((length, length))
+    np.testing.assert_array_equal(skew(jnp.asarray(table)), table[..., x, y + length - 1 - x])
+    with pytest.raises(ValueError, match="2L - 1"):
+        skew(jnp.asarray(table[..., :-1]))
+
+
+@pytest.mark.parametrize("length", [5, 40, 300])
+def test_skew_relative_term_reads_what_the_gather_reads(length):
+    """relative_term's three implementations give out[b, h, x, y] = states[b, x, h] . positions[index[x, y], h]
+    for DeBERTa-v3's bucketed c2p and p2c indices (long enough at 300 for the log buckets)."""
+    config = DebertaV2Config.from_dict(dict(V3_TINY, position_buckets=64, max_relative_positions=128))
+    rng = np.random.default_rng(0)
+    states = rng.normal(size=(2, length, 3, 8)).astype(np.float32)
+    positions = rng.normal(size=(2 * config.attention_span, 3, 8)).astype(np.float32)
+    for index in relative_score_indices(length, config):
+        rows = toeplitz_rows(index)
+        x, y = np.indices(index.shape)
+        np.testing.assert_array_equal(rows[y + length - 1 - x], index)
+        expected = np.einsum("bxhd,xyhd->bhxy", states.astype(np.float64), positions[index].astype(np.float64))
+        for impl in ("skew", "gather", "onehot"):
+            out = relative_term(jnp.asarray(states), jnp.asarray(positions), index, impl)
+            np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5, err_msg=impl)
+    with pytest.raises(ValueError, match="query - key"):
+        toeplitz_rows(np.arange(16).reshape(4, 4))
+
+
 @pytest.mark.parametrize("term", ["c2p", "p2c"])
 def test_each_attention_term_alone_matches_transformers(saved, term):
     """The relative bias of one term against transformers' ``disentangled_attention_bias``, then the model."""
@@ -189,12 +219,14 @@ def test_base_model_parity_and_dispatch(saved):
 # ---- (d) the two gather implementations -----------------------------------------------------------------------------
 def test_onehot_impl_equals_gather_impl(saved):
     _, path = saved("v3_tiny", transformers.DebertaV2ForSequenceClassification, V3_TINY)
-    gather = DebertaV2ForSequenceClassification.from_pretrained(path, relative_attention_impl="gather")
-    onehot = DebertaV2ForSequenceClassification.from_pretrained(path, relative_attention_impl="onehot")
     ids, mask, _ = padded_batch(2, 40, V3_TINY["vocab_size"], token_types=False)
-    a, b = jit_forward(gather, ids, mask), jit_forward(onehot, ids, mask)
-    np.testing.assert_allclose(a.logits, b.logits, atol=1e-6)
-    np.testing.assert_allclose(a.hidden_states[-1], b.hidden_states[-1], atol=1e-6)
+    gather = jit_forward(DebertaV2ForSequenceClassification.from_pretrained(path, relative_attention_impl="gather"),
+                         ids, mask)
+    for impl in ("onehot", "skew"):
+        other = jit_forward(DebertaV2ForSequenceClassification.from_pretrained(path, relative_attention_impl=impl),
+                            ids, mask)
+        np.testing.assert_allclose(gather.logits, other.logits, atol=1e-6, err_msg=impl)
+        np.testing.assert_allclose(gather.hidden_states[-1], other.hidden_states[-1], atol=1e-6, err_msg=impl)
     with pytest.raises(ValueError, match="relative_attention_impl"):
         DebertaV2ForSequenceClassification.from_pretrained(path, relative_attention_impl="scatter")
 

@@ -61,7 +61,7 @@ from rdr_jax.data.tokenization import load_tokenizer
 from rdr_jax.models.base import model_class_for_config
 from rdr_jax.models.config import read_config_json
 from rdr_jax.models.bert import BertForSequenceClassification
-from rdr_jax.models.deberta_v2 import DebertaV2ForSequenceClassification
+from rdr_jax.models.deberta_v2 import RELATIVE_ATTENTION_IMPLS, DebertaV2ForSequenceClassification
 from rdr_jax.retrieval.rerank import CrossEncoderScorer, default_label_index, passage_text
 from rdr_jax.tasks.base import ModelBundle, dtype_from_name, register_task, resolve_path
 from rdr_jax.tasks.batches import FileDataTask
@@ -394,7 +394,7 @@ class CrossEncoderTask(FileDataTask):
                       "init": None,             # a config dict: a random model in WORKDIR/init/cross_encoder
                       "num_labels": 1,          # logits of a fresh head
                       "dtype": "float32", "param_dtype": "float32", "remat": False,
-                      "relative_attention_impl": "gather"},   # DeBERTa: "onehot" on TPUs
+                      "relative_attention_impl": "skew"},   # DeBERTa: skew | gather | onehot
             "data": {"train_file": REQUIRED, "dev_file": None, "queries": None, "collection": None,
                      "qrels": None, "triples_form": "auto", "list_size": 8, "max_length": 256,
                      "teacher_max_length": None, "stand_in_teacher": None, "max_examples": 0, "shuffle": True},
@@ -405,7 +405,7 @@ class CrossEncoderTask(FileDataTask):
         t, m, d = c["task"], c["model"], c["data"]
         choices = {"task.loss": (t["loss"], LOSSES), "task.bce_targets": (t["bce_targets"], ("labels", "teacher")),
                    "model.family": (m["family"], tuple(CLASSIFIERS)),
-                   "model.relative_attention_impl": (m["relative_attention_impl"], ("gather", "onehot")),
+                   "model.relative_attention_impl": (m["relative_attention_impl"], RELATIVE_ATTENTION_IMPLS),
                    "data.triples_form": (d["triples_form"], readers.TRIPLES_FORMS),
                    "data.stand_in_teacher": (d["stand_in_teacher"], (None,) + STAND_IN_TEACHERS)}
         for key, (value, allowed) in choices.items():

@@ -52,13 +52,6 @@ def full_batch(num_q: int, lq: int, lp: int, seed: int = 0) -> dict[str, np.ndar
             "positive_index": (np.arange(num_q) * 2).astype(np.int32)}
 
 
-def analytic_step_flops(model: dict, num_q: int, lq: int, lp: int) -> float:
-    def forward(rows, length):
-        return C.bert_forward_flops(model["num_hidden_layers"], model["hidden_size"], model["intermediate_size"],
-                                    rows, length)
-    return 3 * (forward(num_q, lq) + forward(2 * num_q, lp))  # backward ~ 2x forward
-
-
 def jax_train(args, workdir: Path) -> dict:
     import jax
     from benchmarks.train_step import engine_step
@@ -94,29 +87,15 @@ def jax_train(args, workdir: Path) -> dict:
 
 
 def torch_train(args) -> dict:
+    """``benchmarks.train_step.TorchTrainer`` (the CPU suite's PyTorch step) on the device, under bf16 autocast."""
     import torch
     import transformers
+    from benchmarks.train_step import TorchTrainer
 
     dev = C.torch_device()
     cfg = transformers.BertConfig(**args.model)
-    q = transformers.BertModel(cfg, add_pooling_layer=False).to(dev).train()
-    p = transformers.BertModel(cfg, add_pooling_layer=False).to(dev).train()
-    params = list(q.parameters()) + list(p.parameters())
-    opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.01)
-    batch = {k: torch.from_numpy(v.astype(np.int64)).to(dev)
-             for k, v in full_batch(args.batch, args.lq, args.lp).items()}
-
-    def step():
-        with torch.autocast(dev, dtype=torch.bfloat16):
-            qe = q(input_ids=batch["q_input_ids"], attention_mask=batch["q_attention_mask"]).last_hidden_state[:, 0]
-            pe = p(input_ids=batch["p_input_ids"], attention_mask=batch["p_attention_mask"]).last_hidden_state[:, 0]
-            loss = torch.nn.functional.cross_entropy((qe @ pe.T).float(), batch["positive_index"])
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)  # the engine clips too (optim.clip_norm)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
-
+    step = TorchTrainer([transformers.BertModel(cfg, add_pooling_layer=False) for _ in range(2)],
+                        full_batch(args.batch, args.lq, args.lp), device=dev, autocast=torch.bfloat16)
     for _ in range(args.warmup + 1):
         step()
     ms = per_call_ms(step, lambda _: C.torch_sync(dev), args.steps)
@@ -189,7 +168,7 @@ def run(args) -> dict:
            "flax": __import__("flax").__version__, "peak_flops": args.peak, "model": args.model,
            "batch_questions": args.batch, "lq": args.lq, "lp": args.lp, "steps_timed": args.steps,
            "prng": args.prng, "attention": os.environ.get(ATTENTION_ENV, "xla"), "remat": args.remat,
-           "analytic_flops_per_step": analytic_step_flops(args.model, args.batch, args.lq, args.lp)}
+           "analytic_flops_per_step": C.dpr_step_flops(args.model, args.batch, args.lq, args.lp)}
     work = Path(tempfile.mkdtemp())
     parts = {"train": lambda: jax_train(args, work / "train"), "torch_train": lambda: torch_train(args),
              "encode": lambda: encoder_throughput(args), "beam": lambda: beam_search(args, work / "beam")}

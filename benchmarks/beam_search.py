@@ -163,7 +163,8 @@ def constrained_search(opts: C.Options) -> C.Result:
 
     jax_ms, torch_ms = C.median_ms(times["jax"]), C.median_ms(times["torch"])
     compile_s = max(first_call_s - jax_ms / 1000, 0.0)
-    extra = {"torch_device": device, "batch": B, "source_length": shape["length"], "num_beams": K, "max_length": max_length,
+    extra = {"torch_device": device, "batch": B, "source_length": shape["length"], "num_beams": K,
+             "max_length": max_length,
              "identifiers": trie.num_identifiers, "trie_nodes": trie.num_nodes, "model": size,
              "compile_s": compile_s, "first_call_s": first_call_s, "top1_agreement": agree,
              "top1_valid": float(valid.mean()), "torch_prefix_fn_calls": clock.calls,

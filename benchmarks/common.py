@@ -117,6 +117,15 @@ def bert_forward_flops(layers: int, hidden: int, intermediate: int, batch: int, 
     return float(layers * per_layer)
 
 
+def dpr_step_flops(config: dict, num_q: int, lq: int, lp: int) -> float:
+    """Analytic matmul FLOPs of one DPR training step (two BERT towers, each passage batch twice the questions):
+    3 x the forwards (the backward ~ 2 x the forward)."""
+    def forward(rows, length):
+        return bert_forward_flops(config["num_hidden_layers"], config["hidden_size"], config["intermediate_size"],
+                                  rows, length)
+    return 3 * (forward(num_q, lq) + forward(2 * num_q, lp))
+
+
 def mfu(flops: float | None, seconds: float | None, peak_tflops: float | None) -> float | None:
     """Model FLOPs utilisation against the given peak; None when any input is missing."""
     if not flops or not seconds or not peak_tflops:

@@ -115,24 +115,34 @@ class JaxTrainer:
 
 
 class TorchTrainer:
-    def __init__(self, model_dir: Path, batch: dict[str, np.ndarray], threads: int):
-        torch = C.configure_torch(threads)
-        import transformers
+    """The PyTorch DPR step: two BertModel towers ([CLS] states), in-batch NLL, ``torch.optim.AdamW``.
+    ``autocast``: a torch dtype for mixed precision (the accelerator benchmark's bf16). No gradient clipping:
+    the engine step it is compared with uses plain ``optax.adamw``."""
 
-        def tower():
-            return transformers.BertModel.from_pretrained(str(model_dir), add_pooling_layer=False).train()
-        self.q, self.c = tower(), tower()
+    def __init__(self, towers, batch: dict[str, np.ndarray], device: str = "cpu", autocast=None):
+        import torch
+
+        self.q, self.c = (t.to(device).train() for t in towers)
         self.opt = torch.optim.AdamW(list(self.q.parameters()) + list(self.c.parameters()), lr=LR,
                                      weight_decay=WEIGHT_DECAY)
-        self.batch = {k: torch.from_numpy(v.astype(np.int64)) for k, v in batch.items()}
-        self.torch = torch
+        self.batch = {k: torch.from_numpy(v.astype(np.int64)).to(device) for k, v in batch.items()}
+        self.torch, self.device, self.autocast = torch, device, autocast
+
+    @classmethod
+    def from_pretrained(cls, model_dir: Path, batch: dict[str, np.ndarray], threads: int) -> "TorchTrainer":
+        C.configure_torch(threads)
+        import transformers
+
+        return cls([transformers.BertModel.from_pretrained(str(model_dir), add_pooling_layer=False)
+                    for _ in range(2)], batch)
 
     def __call__(self):
-        b = self.batch
+        b, torch = self.batch, self.torch
         self.opt.zero_grad(set_to_none=True)
-        q = self.q(input_ids=b["q_input_ids"], attention_mask=b["q_attention_mask"]).last_hidden_state[:, 0]
-        p = self.c(input_ids=b["p_input_ids"], attention_mask=b["p_attention_mask"]).last_hidden_state[:, 0]
-        loss = self.torch.nn.functional.cross_entropy(q @ p.T, b["positive_index"])
+        with torch.autocast(self.device, dtype=self.autocast, enabled=self.autocast is not None):
+            q = self.q(input_ids=b["q_input_ids"], attention_mask=b["q_attention_mask"]).last_hidden_state[:, 0]
+            p = self.c(input_ids=b["p_input_ids"], attention_mask=b["p_attention_mask"]).last_hidden_state[:, 0]
+            loss = torch.nn.functional.cross_entropy((q @ p.T).float(), b["positive_index"])
         loss.backward()
         self.opt.step()
         return loss.detach()
@@ -157,12 +167,8 @@ def run(opts: C.Options) -> list[C.Result]:
         num_q, lq, lp = 16, 32, 128
     config = json.loads((model_dir / "config.json").read_text())
     batch = make_batch(num_q, lq, lp, config["vocab_size"])
-    torch_step = TorchTrainer(model_dir, batch, opts.threads)
-
-    def fwd(b, length):
-        return C.bert_forward_flops(config["num_hidden_layers"], config["hidden_size"],
-                                    config["intermediate_size"], b, length)
-    analytic = 3 * (fwd(num_q, lq) + fwd(2 * num_q, lp))  # backward ~ 2x forward
+    torch_step = TorchTrainer.from_pretrained(model_dir, batch, opts.threads)
+    analytic = C.dpr_step_flops(config, num_q, lq, lp)
     results = []
     # model.unpad on (single device), then the padded step doing transformers' arithmetic
     for unpad in (True, False):

@@ -197,7 +197,7 @@ def cudnn_attention(query, key, value, mask, bias, scale):
 
 def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array, *, mask: jax.Array | None = None,
                           bias: jax.Array | None = None, scale: float | None = None,
-                          dropout: nnx.Dropout | None = None, dtype=jnp.float32,
+                          dropout: Callable[[jax.Array], jax.Array] | None = None, dtype=jnp.float32,
                           kv_heads_first: bool = False) -> jax.Array:
     """Attention of ``[batch, q_len, heads, kv]`` queries; returns the same layout.
 
@@ -211,7 +211,8 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
     key row and the same for every query (``[rows or 1, heads or 1, 1, k_len]``).
 
     With ``RDR_JAX_ATTENTION=cudnn``, without dropout, on a GPU in bf16/fp16, cuDNN's fused attention runs
-    instead where it applies (:func:`cudnn_attention`). Otherwise both matmuls run heads-first (``[b, h, len, kv]``): with the heads axis in the middle XLA:CPU emits
+    instead where it applies (:func:`cudnn_attention`). Otherwise both matmuls run heads-first
+    (``[b, h, len, kv]``): with the heads axis in the middle XLA:CPU emits
     batched matmuls several times slower (bert-base 16x256 forward: 4.7 s -> 3.5 s). The softmax is normalised
     after the value matmul, on ``[b, h, q, kv]`` instead of ``[b, h, q, k]``: the same numbers up to rounding
     (dropout scales the kept entries, so it commutes with the division).

@@ -30,14 +30,7 @@ _JSON_CHUNK_CHARS = 1 << 20
 _JSON_CUT_MARGIN = 8
 
 
-class FormatError(ValueError):
-    """A malformed input row; the message starts with `FILE:LINE:`."""
-
-    def __init__(self, path: str | os.PathLike, line: int | None, message: str):
-        where = f"{os.fspath(path)}:{line}" if line is not None else os.fspath(path)
-        super().__init__(f"{where}: {message}")
-        self.path = os.fspath(path)
-        self.line = line
+from rdr_jax.errors import FormatError  # noqa: F401  (re-exported: readers raise it)
 
 
 def open_text(path: str | os.PathLike, newline: str = "\n") -> TextIO:

@@ -16,8 +16,7 @@ from typing import Any, Iterable
 import yaml
 
 
-class ConfigError(ValueError):
-    """A config problem; the message names the key (and the file when there is one)."""
+from rdr_jax.errors import ConfigError  # noqa: F401  (re-exported: raised by config parsing)
 
 
 class Required:

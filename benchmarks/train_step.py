@@ -33,7 +33,8 @@ def engine_step(workdir: Path, **model):
     DPR task's ``model.*`` defaults (``question_encoder``, ``init``, ``dtype``, ``unpad``, ...)."""
     import jax
     import optax
-    from rdr_jax.tasks.dpr import BI_ENCODER_MODEL_DEFAULTS, DPRTask
+    from rdr_jax.tasks.bi_encoder import BI_ENCODER_MODEL_DEFAULTS
+    from rdr_jax.tasks.dpr import DPRTask
     from rdr_jax.training.config import Config
     from rdr_jax.training.partitioning import batch_sharding, make_mesh
     from rdr_jax.training.state import create_train_state

@@ -19,14 +19,16 @@ from flax import nnx
 
 from rdr_jax import ranking_losses as R
 from rdr_jax.retrieval.rerank import CrossEncoderScorer
-from rdr_jax.tasks.cross_encoder import LOSSES, load_query_lists, ranking_objective
-from rdr_jax.training import testing
+from rdr_jax.data.cross_encoder_lists import load_query_lists
+from rdr_jax.tasks.cross_encoder import LOSSES, ranking_objective
+import harness
 from rdr_jax.training.config import ConfigError, load_config
-from rdr_jax.tasks.base import ModelBundle, get_task_class
+from rdr_jax.tasks import get_task_class
+from rdr_jax.training.task import ModelBundle
 from rdr_jax.training.loop import prepare, train
 from rdr_jax.training.state import merge_model
 
-TINY = testing.TINY_CONFIGS / "cross_encoder.yaml"
+TINY = harness.TINY_CONFIGS / "cross_encoder.yaml"
 NO_DROPOUT = ["model.init.hidden_dropout_prob=0.0", "model.init.attention_probs_dropout_prob=0.0",
               "model.init.initializer_range=0.2"]   # wider init: logits that differ between pairs
 
@@ -214,7 +216,7 @@ def test_tiny_config_trains_exports_and_reranks(tmp_path):
     hf.eval()
 
     # `rdr-jax rerank` on DPR-style results with the exported directory (its own tokenizer).
-    examples = testing.biencoder_examples(3)
+    examples = harness.biencoder_examples(3)
     results = [{"question": e["question"], "answers": e["answers"],
                 "ctxs": [dict(c, id=str(i), score=float(-i), has_answer=i == 0) for i, c in
                          enumerate(e["positive_ctxs"][:1] + e["hard_negative_ctxs"] + e["negative_ctxs"])]}
@@ -240,23 +242,23 @@ SHARDED = textwrap.dedent("""
     import jax
     jax.config.update("jax_default_matmul_precision", "highest")
     from rdr_jax.training.config import load_config
-    from rdr_jax.training import testing
+    import harness
 
     # Exactly zero gradient (Adam would turn rounding noise into full steps): the classifier bias shifts every
     # score of a list equally, and DistillRankNet only sees score differences.
     ZERO_GRADIENT = lambda k: k.endswith("classifier.bias.value")
     workdir = sys.argv[1]
     # One layer keeps the two compiles short; it holds every sharded piece (relative table, c2p/p2c, heads).
-    config = load_config(testing.TINY_CONFIGS / "cross_encoder.yaml",
+    config = load_config(harness.TINY_CONFIGS / "cross_encoder.yaml",
                          ["optim.adam_eps=1e-3", "train.batch_size=4", "model.init.num_hidden_layers=1"],
                          workdir=workdir)
     meshes = {"single": ((1, 1, 1), jax.devices()[:1]), "data4_tensor2": ((4, 1, 2), None)}
-    print("RESULT " + json.dumps(testing.steps_on_meshes(config, meshes, 4, 3, ignore=ZERO_GRADIENT)))
+    print("RESULT " + json.dumps(harness.steps_on_meshes(config, meshes, 4, 3, ignore=ZERO_GRADIENT)))
 """)
 
 
 def test_deberta_sharded_data4_tensor2_matches_one_device(tmp_path):
-    out = testing.run_on_simulated_devices(SHARDED, tmp_path / "run")
+    out = harness.run_on_simulated_devices(SHARDED, tmp_path / "run")
     single, sharded = out["single"], out["data4_tensor2"]
     assert all(np.isfinite(single["losses"])) and single["losses"][0] != single["losses"][-1]
     assert sharded["loss_rel_diff"] <= 1e-5, (sharded["losses"], single["losses"])

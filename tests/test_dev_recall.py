@@ -13,14 +13,15 @@ from rdr_jax.data.tokenization import load_tokenizer
 from rdr_jax.models.dpr import DPRContextEncoder, DPRQuestionEncoder
 from rdr_jax.retrieval.answers import has_answer
 from rdr_jax.retrieval.encode import Encoder, encode_corpus, encode_texts
-from rdr_jax.tasks.base import MINILM_PACKAGE, resolve_path
-from rdr_jax.tasks.dpr import exact_top_k
-from rdr_jax.training import flops, testing
+from rdr_jax.retrieval.dev_recall import exact_top_k
+from rdr_jax.tasks.model_setup import MINILM_PACKAGE, resolve_path
+from rdr_jax.training import flops
+import harness
 from rdr_jax.training.checkpoints import Checkpointer
 from rdr_jax.training.config import Config, ConfigError, load_config
 from rdr_jax.training.loop import train
 
-EMBEDDED = testing.REPO_ROOT / "rdr_jax" / "data" / "embedded"
+EMBEDDED = harness.REPO_ROOT / "rdr_jax" / "data" / "embedded"
 N_TRAIN, N_DEV, N_OTHER = 16, 40, 120
 LQ, LP = 24, 64
 
@@ -34,7 +35,7 @@ def files(tmp_path_factory):
     some others) with its index embeddings from the BERT-initialised context encoder; RDR training JSONL
     whose passages carry corpus ids; a dev QA file in DPR's CSV layout."""
     tmp = tmp_path_factory.mktemp("dev_recall")
-    bert = testing.tiny_bert_dir(tmp / "bert", dropout=0.0)
+    bert = harness.tiny_bert_dir(tmp / "bert", dropout=0.0)
     train_ex = json.loads((EMBEDDED / "train.biencoder.json").read_text())[:N_TRAIN]
     dev_ex = json.loads((EMBEDDED / "dev.biencoder.json").read_text())[:N_DEV]
     ids = {c["passage_id"] for ex in train_ex
@@ -66,7 +67,7 @@ def files(tmp_path_factory):
     tokenizer = load_tokenizer(resolve_path(MINILM_PACKAGE))
     embeddings = encode_corpus(Encoder(DPRContextEncoder.from_pretrained(bert), 32), tokenizer, corpus,
                                tmp / "embeddings", max_length=LP, progress=False)
-    return {"tmp": tmp, "bert": bert, "rdr": rdr, "dpr": testing.write_biencoder_json(tmp / "dpr.json", 16),
+    return {"tmp": tmp, "bert": bert, "rdr": rdr, "dpr": harness.write_biencoder_json(tmp / "dpr.json", 16),
             "passages": passages, "dev_qa": dev_qa, "embeddings": embeddings, "tokenizer": tokenizer,
             "corpus": corpus, "dev": dev_ex}
 
@@ -76,8 +77,8 @@ def read_metrics(workdir):
 
 
 def rdr_config(files, workdir, *extra):
-    return load_config(testing.TINY_CONFIGS / "rdr.yaml",
-                       testing.tiny_overrides("rdr", files["bert"], files["rdr"])
+    return load_config(harness.TINY_CONFIGS / "rdr.yaml",
+                       harness.tiny_overrides("rdr", files["bert"], files["rdr"])
                        + [f"data.passage_embeddings={files['embeddings']}", f"data.dev_qa={files['dev_qa']}",
                           f"data.dev_passages={files['passages']}", "data.top_k=4",
                           f"data.max_question_length={LQ}", f"data.max_passage_length={LP}",
@@ -176,8 +177,8 @@ def test_mfu_with_peak_flops_override(files):
 
 def test_dpr_dev_recall_encodes_the_dev_passages_with_the_trained_context_encoder(files):
     workdir = files["tmp"] / "dpr_run"
-    config = load_config(testing.TINY_CONFIGS / "dpr.yaml",
-                         testing.tiny_overrides("dpr", files["bert"], files["dpr"])
+    config = load_config(harness.TINY_CONFIGS / "dpr.yaml",
+                         harness.tiny_overrides("dpr", files["bert"], files["dpr"])
                          + [f"data.dev_qa={files['dev_qa']}", f"data.dev_passages={files['passages']}",
                             f"data.max_question_length={LQ}", f"data.max_passage_length={LP}",
                             "data.dev_k=[1,5,20]", "train.steps=2", "train.eval_every=2", "train.batch_size=8"],

@@ -15,15 +15,15 @@ import transformers
 from safetensors.numpy import load_file
 
 from rdr_jax.models.seq2seq import sequence_log_probs
-from rdr_jax.tasks.dgr import DGRData, candidate_list
-from rdr_jax.tasks.seq2seq_index import passage_scores
-from rdr_jax.training import testing
+from rdr_jax.data.dgr_data import DGRData, candidate_list
+from rdr_jax.decoding.scoring import passage_scores
+import harness
 from rdr_jax.training.config import ConfigError, load_config
 from rdr_jax.training.loop import train
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
-CONFIG = testing.TINY_CONFIGS / "dgr.yaml"
+CONFIG = harness.TINY_CONFIGS / "dgr.yaml"
 ONE_LAYER = ["model.init.num_layers=1"]   # fewer ops to compile on busy CPUs
 
 
@@ -244,19 +244,19 @@ SCRIPT = textwrap.dedent("""
     import json, sys
     import jax
     from rdr_jax.training.config import load_config
-    from rdr_jax.training import testing
+    import harness
 
     workdir, model = sys.argv[1:]
     assert len(jax.devices()) == 8, jax.devices()
-    config = load_config(testing.TINY_CONFIGS / "dgr.yaml", [f"model.path={model}", "train.batch_size=8",
+    config = load_config(harness.TINY_CONFIGS / "dgr.yaml", [f"model.path={model}", "train.batch_size=8",
                          "optim.adam_eps=1e-3", "optim.warmup_steps=0"], workdir=workdir)
     meshes = {"single": ((1, 1, 1), jax.devices()[:1]), "data4_tensor2": ((4, 1, 2), None)}
-    print("RESULT " + json.dumps(testing.steps_on_meshes(config, meshes, 8, 2)))
+    print("RESULT " + json.dumps(harness.steps_on_meshes(config, meshes, 8, 2)))
 """)
 
 
 def test_sharded_steps_match_single_device(tmp_path, t5_dir):
-    result = testing.run_on_simulated_devices(SCRIPT, tmp_path / "run", t5_dir)
+    result = harness.run_on_simulated_devices(SCRIPT, tmp_path / "run", t5_dir)
     single, sharded = result["single"], result["data4_tensor2"]
     assert all(np.isfinite(single["losses"])) and single["losses"][0] != single["losses"][-1]
     assert sharded["loss_rel_diff"] <= 1e-5, (sharded["losses"], single["losses"])

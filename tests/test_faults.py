@@ -21,7 +21,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from rdr_jax.training import faults, testing
+from rdr_jax.data import rdr_data
+from rdr_jax.training import faults
+
+import harness
 from rdr_jax.training.config import load_config
 from rdr_jax.training.loop import make_task, train
 
@@ -31,20 +34,20 @@ STEPS = 12   # long enough that a SIGTERM sent at step 2 lands mid-run
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("faults")
-    bert = testing.tiny_bert_dir(tmp / "bert")
-    return {"tmp": tmp, "bert": bert, "rdr": testing.write_rdr_jsonl(tmp / "rdr.jsonl", 32, k=4)}
+    bert = harness.tiny_bert_dir(tmp / "bert")
+    return {"tmp": tmp, "bert": bert, "rdr": harness.write_rdr_jsonl(tmp / "rdr.jsonl", 32, k=4)}
 
 
 pytestmark = pytest.mark.usefixtures("compilation_cache")
 
 
 def overrides(files, data=None, *extra):
-    return testing.tiny_overrides("rdr", files["bert"], data or files["rdr"]) + [
+    return harness.tiny_overrides("rdr", files["bert"], data or files["rdr"]) + [
         "train.batch_size=8", "train.tensorboard=false", "train.min_free_gb=0", *extra]
 
 
 def config(files, workdir, *extra, data=None):
-    return load_config(testing.TINY_CONFIGS / "rdr.yaml", overrides(files, data, *extra), workdir=str(workdir))
+    return load_config(harness.TINY_CONFIGS / "rdr.yaml", overrides(files, data, *extra), workdir=str(workdir))
 
 
 def read_metrics(workdir):
@@ -69,7 +72,7 @@ def uninterrupted(files):
 
 def test_sigterm_checkpoints_and_resume_equals_uninterrupted(files, uninterrupted):
     workdir = files["tmp"] / "preempted"
-    cmd = [sys.executable, "-m", "rdr_jax.cli", "train", str(testing.TINY_CONFIGS / "rdr.yaml"), "--workdir",
+    cmd = [sys.executable, "-m", "rdr_jax.cli", "train", str(harness.TINY_CONFIGS / "rdr.yaml"), "--workdir",
            str(workdir), "--no-progress"]
     for item in overrides(files, None, f"train.steps={STEPS}", "train.checkpoint_every=100"):
         cmd += ["--set", item]
@@ -245,19 +248,19 @@ def test_teacher_rows_and_question_lists_must_match():
     row = {"question": "q", "passage_ids": ["1", "2", "3"], "relevance_logits": [0.1, 0.2],
            "titles": ["a", "b", "c"]}
     with pytest.raises(ValueError, match="row 7 .*2 relevance_logits scores for 3 candidates"):
-        faults.check_teacher_row(row, 7, "teacher_ds")
+        rdr_data.check_teacher_row(row, 7, "teacher_ds")
     row["relevance_logits"] = [0.1, float("nan"), 0.3]
     with pytest.raises(ValueError, match=r"relevance_logits\[1\]"):
-        faults.check_teacher_row(row, 7, "teacher_ds")
+        rdr_data.check_teacher_row(row, 7, "teacher_ds")
     row["relevance_logits"] = [0.1, 0.2, 0.3]
-    faults.check_teacher_row(row, 7, "teacher_ds", aligned_fields=("titles",))
+    rdr_data.check_teacher_row(row, 7, "teacher_ds", aligned_fields=("titles",))
     with pytest.raises(ValueError, match="titles entries"):
-        faults.check_teacher_row(dict(row, titles=["a"]), 7, "teacher_ds", aligned_fields=("titles",))
-    faults.check_same_questions(["a", "b"], ["a", "b"], "train.jsonl", "teacher")
+        rdr_data.check_teacher_row(dict(row, titles=["a"]), 7, "teacher_ds", aligned_fields=("titles",))
+    rdr_data.check_same_questions(["a", "b"], ["a", "b"], "train.jsonl", "teacher")
     with pytest.raises(ValueError, match="question 1 is 'c'"):
-        faults.check_same_questions(["a", "b"], ["a", "c"], "train.jsonl", "teacher")
+        rdr_data.check_same_questions(["a", "b"], ["a", "c"], "train.jsonl", "teacher")
     with pytest.raises(ValueError, match="3 questions"):
-        faults.check_same_questions(["a", "b"], ["a", "b", "c"], "train.jsonl", "teacher")
+        rdr_data.check_same_questions(["a", "b"], ["a", "b", "c"], "train.jsonl", "teacher")
 
 
 # ---- the workdir ---------------------------------------------------------------------------------------------
@@ -267,7 +270,7 @@ def test_unwritable_or_full_workdir_is_reported_at_start(files, tmp_path, capsys
 
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")
-    args = ["train", str(testing.TINY_CONFIGS / "rdr.yaml"), "--no-progress"]
+    args = ["train", str(harness.TINY_CONFIGS / "rdr.yaml"), "--no-progress"]
     for item in overrides(files, None, "train.steps=2"):
         args += ["--set", item]
     start = time.perf_counter()

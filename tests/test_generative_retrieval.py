@@ -16,20 +16,20 @@ from rdr_jax.data.readers import read_dpr_passages
 from rdr_jax.retrieval.answers import AnswerMatcher
 from rdr_jax.retrieval.metrics import read_trec_run
 from rdr_jax.retrieval.retrieve import recall_of_results
-from rdr_jax.training import testing
+import harness
 from rdr_jax.training.config import load_config
 from rdr_jax.training.loop import train
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
-EMBEDDED = testing.REPO_ROOT / "rdr_jax" / "data" / "embedded"
+EMBEDDED = harness.REPO_ROOT / "rdr_jax" / "data" / "embedded"
 STEPS = 12
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("seq2seq_index")
-    config = load_config(testing.TINY_CONFIGS / "seq2seq_index.yaml",
+    config = load_config(harness.TINY_CONFIGS / "seq2seq_index.yaml",
                          ["model.init.num_layers=1", f"train.steps={STEPS}", "train.checkpoint_every=100",
                           "train.tensorboard=false"], workdir=str(workdir))
     train(config, progress=False)
@@ -100,7 +100,7 @@ def test_generate_end_to_end(trained, tmp_path, capsys):
 def test_beam_scores_are_teacher_forced_passage_scores(trained):
     """The score generate reports for a passage is s(p|q), the score DGR trains on."""
     from rdr_jax.retrieval.generative import load_generative_retriever
-    from rdr_jax.tasks.seq2seq_index import passage_scores
+    from rdr_jax.decoding.scoring import passage_scores
 
     retriever = load_generative_retriever(trained[0] / "final" / "retriever", num_beams=3, batch_size=2,
                                           max_question_length=32)
@@ -121,7 +121,7 @@ def test_beam_scores_are_teacher_forced_passage_scores(trained):
 
 def test_distillation_candidates_feed_dgr(trained, tmp_path):
     """Step 1 (generate --gold) -> step 2 (a teacher re-scores, here a stand-in) -> DGR's data reader."""
-    from rdr_jax.tasks.dgr import DGRData
+    from rdr_jax.data.dgr_data import DGRData
 
     model = trained[0] / "final" / "retriever"
     examples = json.loads((EMBEDDED / "train.biencoder.json").read_text())[:6]

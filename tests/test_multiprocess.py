@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from rdr_jax.training import testing
+import harness
 from rdr_jax.training.distributed import detect_environment, globalize_index_fields, local_block
 
 STEPS = 4
@@ -40,7 +40,7 @@ def cpu_env(devices: int) -> dict:
 
 
 def train_command(task, workdir, overrides):
-    cmd = [sys.executable, "-m", "rdr_jax.cli", "train", str(testing.TINY_CONFIGS / f"{task}.yaml"),
+    cmd = [sys.executable, "-m", "rdr_jax.cli", "train", str(harness.TINY_CONFIGS / f"{task}.yaml"),
            "--workdir", str(workdir), "--no-progress"]
     for item in overrides:
         cmd += ["--set", item]
@@ -76,9 +76,9 @@ COMMON = [f"train.steps={STEPS}", "train.batch_size=8", "train.checkpoint_every=
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("multiprocess")
-    bert = testing.tiny_bert_dir(tmp / "bert")
-    data = testing.write_rdr_jsonl(tmp / "rdr.jsonl", 32, k=4)
-    return run_one_and_two_processes("rdr", tmp, testing.tiny_overrides("rdr", bert, data)
+    bert = harness.tiny_bert_dir(tmp / "bert")
+    data = harness.write_rdr_jsonl(tmp / "rdr.jsonl", 32, k=4)
+    return run_one_and_two_processes("rdr", tmp, harness.tiny_overrides("rdr", bert, data)
                                      + COMMON + ["task.nll_weight=0.5"])
 
 
@@ -149,7 +149,7 @@ def _global_batch(b=8, k=3):
 
 
 def test_process_blocks_put_together_are_the_global_batch():
-    from rdr_jax.tasks.batches import EpochIterator
+    from rdr_jax.data.batching import EpochIterator
 
     def make_batch(idx, rng):
         k = 3
@@ -189,7 +189,7 @@ def test_cluster_environment_detection():
 def test_cli_rejects_partial_multiprocess_arguments(tmp_path, capsys):
     from rdr_jax.cli import main
 
-    config = str(testing.TINY_CONFIGS / "rdr.yaml")
+    config = str(harness.TINY_CONFIGS / "rdr.yaml")
     assert main(["train", config, "--workdir", str(tmp_path), "--coordinator", "127.0.0.1:1"]) == 2
     assert "--num-processes" in capsys.readouterr().err
     assert main(["train", config, "--workdir", str(tmp_path), "--distributed", "auto", "--coordinator",

@@ -13,13 +13,13 @@ import textwrap
 
 import pytest
 
-from rdr_jax.training import testing
+import harness
 
 SCRIPT = textwrap.dedent("""
     import json, os, sys
     import jax
     from rdr_jax.training.config import load_config
-    from rdr_jax.training import testing
+    import harness
 
     # Parameters whose gradient is exactly zero in exact arithmetic, where Adam turns rounding noise into
     # full-size steps (on 1 device as on 8): attention key biases (softmax ignores a per-query shift) and
@@ -33,10 +33,10 @@ SCRIPT = textwrap.dedent("""
     out = {}
     for task, data in (("dpr", dpr_data), ("rdr", rdr_data)):
         extra = ["task.nll_weight=0.5"] if task == "rdr" else []
-        config = load_config(testing.TINY_CONFIGS / f"{task}.yaml",
-                             testing.tiny_overrides(task, bert, data) + extra + ["train.batch_size=8", "optim.adam_eps=1e-3"],
+        config = load_config(harness.TINY_CONFIGS / f"{task}.yaml",
+                             harness.tiny_overrides(task, bert, data) + extra + ["train.batch_size=8", "optim.adam_eps=1e-3"],
                              workdir=os.path.join(workdir, task))
-        for name, result in testing.steps_on_meshes(config, meshes, 8, 3, ignore=ZERO_GRADIENT).items():
+        for name, result in harness.steps_on_meshes(config, meshes, 8, 3, ignore=ZERO_GRADIENT).items():
             out[f"{task}/{name}"] = result
     print("RESULT " + json.dumps(out))
 """)
@@ -45,10 +45,10 @@ SCRIPT = textwrap.dedent("""
 @pytest.fixture(scope="module")
 def sharded_results(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sharding")
-    bert = testing.tiny_bert_dir(tmp / "bert")
-    dpr_data = testing.write_biencoder_json(tmp / "dpr.json", 24)
-    rdr_data = testing.write_rdr_jsonl(tmp / "rdr.jsonl", 24, k=4)
-    return testing.run_on_simulated_devices(SCRIPT, bert, dpr_data, rdr_data, tmp / "runs")
+    bert = harness.tiny_bert_dir(tmp / "bert")
+    dpr_data = harness.write_biencoder_json(tmp / "dpr.json", 24)
+    rdr_data = harness.write_rdr_jsonl(tmp / "rdr.jsonl", 24, k=4)
+    return harness.run_on_simulated_devices(SCRIPT, bert, dpr_data, rdr_data, tmp / "runs")
 
 
 @pytest.mark.parametrize("task", ["dpr", "rdr"])

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from rdr_jax.training import testing
+import harness
 from rdr_jax.training.config import ConfigError, load_config
 from rdr_jax.training.loop import prepare, train
 from rdr_jax.training.partitioning import make_mesh, shard_batch
@@ -17,13 +17,13 @@ from rdr_jax.training.partitioning import make_mesh, shard_batch
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("training")
-    bert = testing.tiny_bert_dir(tmp / "bert")
+    bert = harness.tiny_bert_dir(tmp / "bert")
     return {
         "tmp": tmp,
         "bert": bert,
-        "bert_no_dropout": testing.with_dropout(bert, tmp / "bert_no_dropout", 0.0),
-        "dpr": testing.write_biencoder_json(tmp / "dpr.json", 32),
-        "rdr": testing.write_rdr_jsonl(tmp / "rdr.jsonl", 32, k=4),
+        "bert_no_dropout": harness.with_dropout(bert, tmp / "bert_no_dropout", 0.0),
+        "dpr": harness.write_biencoder_json(tmp / "dpr.json", 32),
+        "rdr": harness.write_rdr_jsonl(tmp / "rdr.jsonl", 32, k=4),
     }
 
 
@@ -31,8 +31,8 @@ pytestmark = pytest.mark.usefixtures("compilation_cache")
 
 
 def dpr_config(files, workdir, *extra):
-    return load_config(testing.TINY_CONFIGS / "dpr.yaml",
-                       testing.tiny_overrides("dpr", files["bert"], files["dpr"])
+    return load_config(harness.TINY_CONFIGS / "dpr.yaml",
+                       harness.tiny_overrides("dpr", files["bert"], files["dpr"])
                        + ["train.checkpoint_every=2", "train.keep_checkpoints=5", "optim.decay_steps=6",
                           "train.batch_size=8", *extra],
                        workdir=str(workdir))
@@ -83,8 +83,8 @@ def test_gradient_accumulation_equals_one_big_step(files):
     """4 micro-batches of 2 questions == one batch of 8 for RDR's per-question KL (no dropout)."""
     results = {}
     for accum in (1, 4):
-        config = load_config(testing.TINY_CONFIGS / "rdr.yaml",
-                             testing.tiny_overrides("rdr", files["bert_no_dropout"], files["rdr"])
+        config = load_config(harness.TINY_CONFIGS / "rdr.yaml",
+                             harness.tiny_overrides("rdr", files["bert_no_dropout"], files["rdr"])
                              + ["train.batch_size=8", f"train.grad_accum_steps={accum}", "optim.warmup_steps=0",
                                 "optim.adam_eps=1e-3"],
                              workdir=str(files["tmp"] / f"accum{accum}"))
@@ -131,8 +131,8 @@ def test_split_microbatches_rebases_the_positive_index():
 
 
 def test_config_errors_name_the_key(files, tmp_path, capsys):
-    base = testing.tiny_overrides("dpr", files["bert"], files["dpr"])
-    path = testing.TINY_CONFIGS / "dpr.yaml"
+    base = harness.tiny_overrides("dpr", files["bert"], files["dpr"])
+    path = harness.TINY_CONFIGS / "dpr.yaml"
     cases = [("train.stepz=3", "train.stepz"), ("train.steps=abc", "train.steps"), ("train.steps=0", "train.steps"),
              ("optim.learning_rate=-1", "optim.learning_rate"), ("data.hard_negatives=-2", "data.hard_negatives"),
              ("task.temperature=2", "task.temperature"), ("mesh.tensor=0", "mesh.tensor"),
@@ -159,8 +159,8 @@ def test_unpadded_step_equals_padded_step(files, task):
     """model.unpad: the encoders run on real tokens only; one step gives the padded step's numbers."""
     results = {}
     for unpad in (False, True):
-        config = load_config(testing.TINY_CONFIGS / f"{task}.yaml",
-                             testing.tiny_overrides(task, files["bert_no_dropout"], files[task])
+        config = load_config(harness.TINY_CONFIGS / f"{task}.yaml",
+                             harness.tiny_overrides(task, files["bert_no_dropout"], files[task])
                              + ["train.batch_size=8", "optim.warmup_steps=0", "optim.adam_eps=1e-3",
                                 f"model.unpad={str(unpad).lower()}"],
                              workdir=str(files["tmp"] / f"unpad_{task}_{unpad}"))
@@ -185,7 +185,7 @@ def test_unpadded_step_equals_padded_step(files, task):
 
 def test_unpad_refuses_gradient_accumulation(files, tmp_path):
     with pytest.raises(ConfigError, match="model.unpad"):
-        load_config(testing.TINY_CONFIGS / "dpr.yaml",
-                    testing.tiny_overrides("dpr", files["bert"], files["dpr"])
+        load_config(harness.TINY_CONFIGS / "dpr.yaml",
+                    harness.tiny_overrides("dpr", files["bert"], files["dpr"])
                     + ["model.unpad=true", "train.batch_size=8", "train.grad_accum_steps=2"],
                     workdir=str(tmp_path))

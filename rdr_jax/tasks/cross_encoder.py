@@ -43,11 +43,6 @@ Training data (``data.train_file``):
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import logging
-import os
-import re
 from pathlib import Path
 
 import jax
@@ -57,24 +52,18 @@ import numpy as np
 from rdr_jax import ranking_losses as R
 from rdr_jax.convert.hf_io import resolve_model_dir
 from rdr_jax.data import readers
+from rdr_jax.data.cross_encoder_lists import CrossEncoderData
+from rdr_jax.data.stand_in_teacher import STAND_IN_TEACHERS
 from rdr_jax.data.tokenization import load_tokenizer
-from rdr_jax.models.base import model_class_for_config
-from rdr_jax.models.config import read_config_json
-from rdr_jax.models.bert import BertForSequenceClassification
-from rdr_jax.models.deberta_v2 import RELATIVE_ATTENTION_IMPLS, DebertaV2ForSequenceClassification
-from rdr_jax.retrieval.rerank import CrossEncoderScorer, default_label_index, passage_text
-from rdr_jax.tasks.base import ModelBundle, dtype_from_name, register_task, resolve_path
-from rdr_jax.tasks.batches import FileDataTask
-from rdr_jax.tasks.dpr import resolve_data_path, save_random_model
+from rdr_jax.models.deberta_v2 import RELATIVE_ATTENTION_IMPLS
+from rdr_jax.retrieval.rerank import CrossEncoderScorer
+from rdr_jax.tasks.cross_encoder_models import (CLASSIFIERS, classifier_dir, has_tokenizer, label_index,
+                                                load_classifier, random_classifier_dir)
+from rdr_jax.tasks.model_setup import resolve_path
 from rdr_jax.training.config import REQUIRED, ConfigError
+from rdr_jax.training.task import FileDataTask, ModelBundle, register_task
 
-log = logging.getLogger(__name__)
-
-CLASSIFIERS = {"bert": BertForSequenceClassification, "deberta_v2": DebertaV2ForSequenceClassification}
-FAMILY_OF_MODEL_TYPE = {"bert": "bert", "deberta-v2": "deberta_v2"}
 LOSSES = ("distill_ranknet", "margin_mse", "infonce", "bce", "listwise_kl")
-STAND_IN_TEACHERS = ("lexical_overlap",)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "spm.model")
 
 
 def loss_needs(loss: str, bce_targets: str = "labels") -> tuple[bool, bool]:
@@ -125,250 +114,6 @@ class PairTokenizer(CrossEncoderScorer):
                               "tokens")
         self.tokenizer, self.max_length, self._special = tokenizer, max_length, special
         self.buckets = [max_length]
-
-
-# ---- data --------------------------------------------------------------------------------------------------
-@dataclasses.dataclass
-class QueryList:
-    query: str
-    passages: list[str]
-    teacher: list[float] | None = None
-    labels: list[int] | None = None
-
-
-_WORD = re.compile(r"\w+")
-
-
-def lexical_overlap(query: str, passage: str) -> float:
-    """Share of the query's distinct words (lower-cased ``\\w+``) that occur in the passage."""
-    q = set(_WORD.findall(query.lower()))
-    return len(q & set(_WORD.findall(passage.lower()))) / max(len(q), 1)
-
-
-def _from_biencoder(r: dict, k: int) -> QueryList:
-    ctxs = (list(r.get("positive_ctxs") or [])[:1] + list(r.get("hard_negative_ctxs") or [])
-            + list(r.get("negative_ctxs") or []))[:k]
-    return QueryList(r["question"], [passage_text(c) for c in ctxs], labels=[1] + [0] * (len(ctxs) - 1))
-
-
-def _from_results(r: dict, k: int) -> QueryList:
-    ctxs = list(r["ctxs"])[:k]
-    teacher = [float(c["teacher_score"]) for c in ctxs] if all("teacher_score" in c for c in ctxs) else None
-    labels = [int(bool(c["has_answer"])) for c in ctxs] if all("has_answer" in c for c in ctxs) else None
-    return QueryList(r["question"], [passage_text(c) for c in ctxs], teacher, labels)
-
-
-def _json_records(path: Path):
-    if readers._base_suffix(path) == ".jsonl":
-        yield from readers.iter_jsonl(path)
-    else:
-        yield from readers.iter_json_array(path)
-
-
-def _texts_by_id(rows, wanted: set[str], what: str, option: str) -> dict[str, str]:
-    from rdr_jax.commands.rerank import load_wanted   # streams once, keeps only the wanted ids
-
-    return {i: r["text"] for i, r in load_wanted(rows, wanted, what, option).items()}
-
-
-def _need(value, key: str, why: str) -> Path:
-    if not value:
-        raise ConfigError(f"'{key}' must be set: {why}")
-    path = resolve_data_path(value)
-    if not path.is_file():
-        raise ConfigError(f"'{key}': {path}: file not found")
-    return path
-
-
-def _limited(rows, limit: int):
-    for i, row in enumerate(rows):
-        if limit and i >= limit:
-            return
-        yield row
-
-
-def load_teacher_lists(path: Path, d, k: int) -> list[QueryList]:
-    """Teacher-scored candidates (JSONL {qid, pids, scores}): each list is the teacher's top ``k``."""
-    why = f"{path} holds MS MARCO ids (qid, pids)"
-    lists = []
-    for row in _limited(readers.read_teacher_scores(path), d.max_examples):
-        order = sorted(range(len(row["scores"])), key=lambda i: -row["scores"][i])[:k]
-        lists.append((row["qid"], [row["pids"][i] for i in order], [row["scores"][i] for i in order]))
-    queries = _texts_by_id(readers.read_msmarco_queries(_need(d.queries, "data.queries", why)),
-                           {q for q, _, _ in lists}, "queries", f"data.queries {d.queries}")
-    passages = _texts_by_id(readers.read_msmarco_collection(_need(d.collection, "data.collection", why)),
-                            {p for _, pids, _ in lists for p in pids}, "passages", f"data.collection {d.collection}")
-    relevant = None
-    if d.qrels:
-        relevant = {(r["qid"], r["pid"]) for r in readers.read_qrels(_need(d.qrels, "data.qrels", ""))
-                    if r["relevance"] > 0}
-    return [QueryList(queries[q], [passages[p] for p in pids], scores,
-                      [int((q, p) in relevant) for p in pids] if relevant is not None else None)
-            for q, pids, scores in lists]
-
-
-def load_triples(path: Path, d) -> list[QueryList]:
-    rows = list(_limited(readers.read_msmarco_triples(path, d.triples_form), d.max_examples))
-    if rows and "query" in rows[0]:
-        return [QueryList(r["query"], [r["positive"], r["negative"]], labels=[1, 0]) for r in rows]
-    why = f"{path} holds MS MARCO ids (qid pid+ pid-)"
-    queries = _texts_by_id(readers.read_msmarco_queries(_need(d.queries, "data.queries", why)),
-                           {r["qid"] for r in rows}, "queries", f"data.queries {d.queries}")
-    passages = _texts_by_id(readers.read_msmarco_collection(_need(d.collection, "data.collection", why)),
-                            {p for r in rows for p in (r["positive_pid"], r["negative_pid"])}, "passages",
-                            f"data.collection {d.collection}")
-    return [QueryList(queries[r["qid"]], [passages[r["positive_pid"]], passages[r["negative_pid"]]], labels=[1, 0])
-            for r in rows]
-
-
-def load_query_lists(file: str, d, k: int) -> list[QueryList]:
-    path = resolve_data_path(file)
-    if not path.is_file():
-        raise ConfigError(f"{path}: cross-encoder training data file not found")
-    suffix = readers._base_suffix(path)
-    if suffix == ".tsv":
-        return load_triples(path, d)
-    if suffix not in (".json", ".jsonl"):
-        raise ConfigError(f"{path}: expected .jsonl (teacher scores / results), .json (DPR bi-encoder or "
-                          "results) or .tsv (triples)")
-    lists = []
-    records = _json_records(path)
-    for line, r in records:
-        if not isinstance(r, dict):
-            raise readers.FormatError(path, line, "expected a JSON object per example")
-        if "pids" in r:   # teacher-score JSONL: re-read by its own reader, with the id lookups
-            records.close()
-            return load_teacher_lists(path, d, k)
-        if "positive_ctxs" in r:
-            if r["positive_ctxs"]:   # as DPR, questions without a positive are skipped
-                lists.append(_from_biencoder(r, k))
-        elif isinstance(r.get("ctxs"), list) and "question" in r:
-            if r["ctxs"]:
-                lists.append(_from_results(r, k))
-        else:
-            raise readers.FormatError(path, line, "expected {qid, pids, scores}, DPR bi-encoder fields "
-                                                  "(question, positive_ctxs, ...) or {question, ctxs}")
-        if d.max_examples and len(lists) >= d.max_examples:
-            break
-    return lists
-
-
-class CrossEncoderData:
-    """Query lists tokenised per batch into fixed [B * K, L] pair inputs."""
-
-    def __init__(self, file: str, d, pairs: PairTokenizer, *, need_teacher: bool, need_labels: bool,
-                 stand_in: str | None, teacher_pairs: PairTokenizer | None = None):
-        self.k = d.list_size
-        self.lists = load_query_lists(file, d, self.k)
-        if not self.lists:
-            raise ValueError(f"{file}: no training example (every query list was empty)")
-        if stand_in == "lexical_overlap":
-            for q in self.lists:
-                q.teacher = [lexical_overlap(q.query, p) for p in q.passages]
-        for i, q in enumerate(self.lists):
-            if need_teacher and q.teacher is None:
-                raise ValueError(f"{file}: example {i} ({q.query[:60]!r}) has no teacher scores: set "
-                                 "task.teacher_model, data.stand_in_teacher, or use a teacher-scored file")
-            if need_labels and q.labels is None:
-                raise ValueError(f"{file}: example {i} ({q.query[:60]!r}) has no labels (this loss needs "
-                                 "relevant passages: DPR positives, has_answer, triples, or data.qrels)")
-        self.pairs, self.teacher_pairs = pairs, teacher_pairs
-        self.need_teacher, self.need_labels = need_teacher, need_labels
-
-    def __len__(self):
-        return len(self.lists)
-
-    def make_batch(self, idx: np.ndarray, rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
-        b, k = len(idx), self.k
-        queries, passages = [], []
-        mask = np.zeros((b, k), np.int32)
-        teacher = np.zeros((b, k), np.float32)
-        labels = np.zeros((b, k), np.int32)
-        for row, i in enumerate(idx):
-            q = self.lists[int(i)]
-            n = len(q.passages)
-            mask[row, :n] = 1
-            if q.teacher is not None:
-                teacher[row, :n] = q.teacher
-            if q.labels is not None:
-                labels[row, :n] = q.labels
-            queries += [q.query] * k
-            passages += q.passages + [""] * (k - n)   # padding pairs: masked out of every loss
-        batch = {"passage_mask": mask, **self.pairs.tokenize(queries, passages)}
-        if self.need_teacher:
-            batch["teacher_scores"] = teacher
-        if self.need_labels:
-            batch["labels"] = labels
-        if self.teacher_pairs is not None:
-            batch.update({f"teacher_{key}": v for key, v in self.teacher_pairs.tokenize(queries, passages).items()})
-        return batch
-
-
-# ---- models ------------------------------------------------------------------------------------------------
-def _has_tokenizer(model_dir: Path) -> bool:
-    return any((model_dir / name).is_file() for name in TOKENIZER_FILES)
-
-
-def classifier_dir(path: str, stage_dir: Path, num_labels: int) -> Path:
-    """``path`` when it is a cross-encoder checkpoint; for a plain BertModel / DebertaV2Model checkpoint, a
-    staged copy under ``stage_dir`` (its files linked, config.json naming the classifier with ``num_labels``)
-    from which the classifier loads the body and initialises a fresh head."""
-    model_dir = resolve_model_dir(path)
-    raw = read_config_json(model_dir)
-    cls = model_class_for_config(raw, str(model_dir / "config.json"))
-    if cls in CLASSIFIERS.values():
-        return model_dir
-    family = FAMILY_OF_MODEL_TYPE.get(raw.get("model_type"))
-    if family is None:
-        raise ConfigError(f"'model.path' {model_dir}: a {cls.__name__} cannot be a cross-encoder "
-                          f"(expected a BERT or DeBERTa-v2/v3 checkpoint)")
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    for f in model_dir.iterdir():
-        link = stage_dir / f.name
-        if f.name != "config.json" and not link.exists():
-            os.symlink(f.resolve(), link)
-    config = {k: v for k, v in raw.items() if k not in ("id2label", "label2id")}
-    config.update(architectures=[CLASSIFIERS[family].hf_architecture], num_labels=num_labels)
-    (stage_dir / "config.json").write_text(json.dumps(config, indent=2))
-    log.info("%s is a %s: training a cross-encoder with a fresh %d-logit head (staged in %s)", model_dir,
-             cls.__name__, num_labels, stage_dir)
-    return stage_dir
-
-
-def random_classifier_dir(model_cfg, out_dir: Path, seed: int) -> Path:
-    """A random classifier of ``model.family`` from ``model.init`` (built once: a resumed run reuses it)."""
-    if (out_dir / "config.json").is_file():
-        return out_dir
-    init = dict(model_cfg.get("init") or {})
-    if not init:
-        raise ConfigError("set 'model.path' (a model directory) or 'model.init' (a config dict) with "
-                          "'model.family'")
-    init.setdefault("vocab_size", 30522)   # the bert-base-uncased vocab of the MiniLM tokenizer
-    init.setdefault("num_labels", model_cfg.num_labels)
-    save_random_model(CLASSIFIERS[model_cfg.family], init, out_dir, seed)
-    log.info("built a random %s from model.init in %s", model_cfg.family, out_dir)
-    return out_dir
-
-
-def load_classifier(model_dir: Path, model_cfg):
-    from rdr_jax.models.base import from_pretrained
-
-    kw = dict(dtype=dtype_from_name(model_cfg.dtype, "model.dtype"),
-              param_dtype=dtype_from_name(model_cfg.param_dtype, "model.param_dtype"), remat=bool(model_cfg.remat))
-    if read_config_json(model_dir).get("model_type") == "deberta-v2":
-        kw["relative_attention_impl"] = model_cfg.relative_attention_impl
-    model = from_pretrained(model_dir, **kw)
-    if type(model) not in CLASSIFIERS.values():
-        raise ConfigError(f"{model_dir}: is a {type(model).__name__}, not a cross-encoder")
-    return model
-
-
-def label_index(model, configured: int | None, what: str) -> int:
-    labels = int(model.config.labels)
-    index = default_label_index(labels) if configured is None else configured
-    if not 0 <= index < labels:
-        raise ConfigError(f"'{what}' {index} is out of range for a classifier with {labels} labels")
-    return index
 
 
 @register_task
@@ -477,7 +222,7 @@ class CrossEncoderTask(FileDataTask):
             return None
         t = self.config.task
         path = resolve_path(t.teacher_tokenizer) if t.teacher_tokenizer else (
-            str(self.teacher_dir) if _has_tokenizer(self.teacher_dir) and t.teacher_model != "init" else None)
+            str(self.teacher_dir) if has_tokenizer(self.teacher_dir) and t.teacher_model != "init" else None)
         if path is None or Path(path).resolve() == Path(self._tokenizer_path()).resolve():
             return None
         if self._teacher_tokenizer is None:
@@ -555,7 +300,3 @@ class CrossEncoderTask(FileDataTask):
         path = model.cross_encoder.save_pretrained(Path(out_dir) / "cross_encoder")
         self.tokenizer.save_pretrained(str(path))
         return [path]
-
-
-__all__ = ["CrossEncoderTask", "CrossEncoderData", "PairTokenizer", "ranking_objective", "lexical_overlap",
-           "loss_needs", "LOSSES"]

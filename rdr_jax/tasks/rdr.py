@@ -35,159 +35,20 @@ best checkpoint by it with ``train.best_metric: dev_top1`` and ``train.best_mode
 
 from __future__ import annotations
 
-import logging
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from rdr_jax import losses
+from rdr_jax.data.rdr_data import RDRData
 from rdr_jax.models.dpr import DPRContextEncoder, DPRQuestionEncoder, DPRReader
-from rdr_jax.tasks.base import ModelBundle, register_task, resolve_path
-from rdr_jax.data.tokenization import encode_reader_inputs
-from rdr_jax.tasks.dpr import (BI_ENCODER_MODEL_DEFAULTS, DEV_RECALL_DEFAULTS, BiEncoderTask, DevRecall,
-                               batch_packing, check_dev_recall_config, check_min, check_unpad_config,
-                               encode, model_runtime_kwargs,
-                               passage_arrays, question_arrays, read_json_records, resolve_data_path,
-                               save_random_model)
+from rdr_jax.retrieval.dev_recall import DevRecall
+from rdr_jax.retrieval.passage_embeddings import PassageEmbeddings
+from rdr_jax.tasks.bi_encoder import (BI_ENCODER_MODEL_DEFAULTS, DEV_RECALL_DEFAULTS, BiEncoderTask, batch_packing,
+                                      check_dev_recall_config, check_min, check_unpad_config, encode)
+from rdr_jax.tasks.model_setup import model_runtime_kwargs, random_model_dir, resolve_path
 from rdr_jax.training.config import REQUIRED, ConfigError
-from rdr_jax.training.faults import check_teacher_records, check_teacher_row
-
-log = logging.getLogger(__name__)
-
-
-def from_biencoder_record(r: dict) -> dict:
-    """A DPR bi-encoder example as an RDR record (no teacher scores)."""
-    positives = [dict(c, has_answer=True) for c in (r.get("positive_ctxs") or [])[:1]]
-    ctxs = positives + list(r.get("hard_negative_ctxs") or []) + list(r.get("negative_ctxs") or [])
-    return {"question": r.get("question"), "answers": r.get("answers", []), "ctxs": ctxs}
-
-
-def records_from_teacher_dataset(path, split: str, score: str) -> list[dict]:
-    """RDR records from the TFDS dataset written by ``rdr-jax teacher-scores``."""
-    from rdr_jax.data.tfds_format import load as load_tfds
-
-    if score not in ("relevance", "relevance+span"):
-        raise ConfigError(f"'data.teacher_score' must be 'relevance' or 'relevance+span', got {score!r}")
-    records = []
-    fields = ("relevance_logits", "span_scores") if score == "relevance+span" else ("relevance_logits",)
-    source = load_tfds(path, split)
-    for i in range(len(source)):  # a random-access source: index it (iterating runs past its end)
-        row = source[i]
-        # zip below would silently drop passages whose scores are missing: refuse instead
-        check_teacher_row(row, i, f"{path} ({split})", fields, aligned_fields=("titles", "texts", "has_answer"))
-        teacher = np.asarray(row["relevance_logits"], np.float32)
-        if score == "relevance+span":
-            teacher = teacher + np.asarray(row["span_scores"], np.float32)
-        ctxs = [{"id": pid, "title": title, "text": text, "teacher_score": float(t), "has_answer": bool(h)}
-                for pid, title, text, t, h in zip(row["passage_ids"], row["titles"], row["texts"], teacher,
-                                                  row["has_answer"])]
-        records.append({"question": row["question"], "answers": list(row["answers"]), "ctxs": ctxs})
-    return records
-
-
-def load_records(path, split: str, score: str) -> list[dict]:
-    path = resolve_data_path(path)
-    if path.is_dir():
-        return records_from_teacher_dataset(path, split, score)
-    records = read_json_records(path, "RDR training data")
-    if records and isinstance(records[0], dict) and "ctxs" not in records[0] and "positive_ctxs" in records[0]:
-        records = [from_biencoder_record(r) for r in records]
-    return records
-
-
-class PassageEmbeddings:
-    """Index embeddings by passage id (``rdr-jax encode``'s output), for a frozen context encoder."""
-
-    def __init__(self, encoding_dir):
-        from rdr_jax.retrieval.encode import load_encoded
-
-        self.vectors, self.ids = load_encoded(resolve_data_path(encoding_dir))
-        self.row = {pid: i for i, pid in enumerate(self.ids)}
-
-    def lookup(self, passage_ids: list[str | None]) -> np.ndarray:
-        out = np.zeros((len(passage_ids), self.vectors.shape[1]), np.float32)
-        for i, pid in enumerate(passage_ids):
-            if pid is not None:
-                if pid not in self.row:
-                    raise ValueError(f"passage id {pid!r} is not in data.passage_embeddings")
-                out[i] = self.vectors[self.row[pid]]
-        return out
-
-
-class RDRData:
-    def __init__(self, path: str, tokenizer, *, top_k: int, max_question_length: int, max_passage_length: int,
-                 need_teacher_scores: bool, need_positive: bool, reader_length: int | None, split: str = "train",
-                 teacher_score: str = "relevance", embeddings: PassageEmbeddings | None = None):
-        records = load_records(path, split, teacher_score)
-        for i, r in enumerate(records):
-            if not isinstance(r, dict) or "question" not in r or not isinstance(r.get("ctxs"), list):
-                raise ValueError(f"{path}: example {i} needs 'question' and a 'ctxs' list")
-            if not r["ctxs"]:
-                raise ValueError(f"{path}: example {i} ({r['question']!r}) has no passages in 'ctxs'")
-        if need_teacher_scores:  # missing, non-finite or miscounted teacher scores: refused before any step
-            check_teacher_records(records, str(path), top_k)
-        for i, r in enumerate(records):
-            if embeddings is not None:
-                for k, ctx in enumerate(r["ctxs"][:top_k]):
-                    if ctx.get("id") is None:
-                        raise ValueError(f"{path}: example {i}, ctxs[{k}] has no passage 'id' to look up in "
-                                         "data.passage_embeddings")
-        self.records, self.tokenizer, self.k = records, tokenizer, top_k
-        self.lq, self.lp = max_question_length, max_passage_length
-        self.need_teacher_scores, self.need_positive, self.reader_length = (
-            need_teacher_scores, need_positive, reader_length)
-        self.embeddings = embeddings
-
-    def __len__(self):
-        return len(self.records)
-
-    def make_batch(self, idx: np.ndarray, rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
-        b, k = len(idx), self.k
-        questions, titles, texts, q_of_passage, passage_ids = [], [], [], [], []
-        teacher = np.zeros((b, k), np.float32)
-        pmask = np.zeros((b, k), np.int32)
-        positive = np.full((b,), -1, np.int32)
-        for row, i in enumerate(idx):
-            r = self.records[int(i)]
-            questions.append(r["question"])
-            ctxs = r["ctxs"][:k]
-            for j in range(k):
-                ctx = ctxs[j] if j < len(ctxs) else {}
-                titles.append(ctx.get("title") or "")
-                texts.append(ctx.get("text") or "")
-                passage_ids.append(str(ctx["id"]) if j < len(ctxs) and ctx.get("id") is not None else None)
-                q_of_passage.append(r["question"])
-                if j < len(ctxs):
-                    pmask[row, j] = 1
-                    teacher[row, j] = float(ctx.get("teacher_score", 0.0))
-                    if positive[row] < 0 and ctx.get("has_answer"):
-                        positive[row] = row * k + j
-        q_ids, q_mask = question_arrays(self.tokenizer, questions, self.lq)
-        batch = {"q_input_ids": q_ids, "q_attention_mask": q_mask, "passage_mask": pmask}
-        if self.embeddings is not None:
-            batch["p_emb"] = self.embeddings.lookup(passage_ids)
-        else:
-            batch["p_input_ids"], batch["p_attention_mask"] = passage_arrays(self.tokenizer, titles, texts, self.lp)
-        if self.need_teacher_scores:
-            batch["teacher_scores"] = teacher
-        if self.need_positive:
-            batch["positive_index"] = positive
-        if self.reader_length:
-            reader = encode_reader_inputs(self.tokenizer, q_of_passage, titles, texts, self.reader_length)
-            batch["r_input_ids"], batch["r_attention_mask"] = reader["input_ids"], reader["attention_mask"]
-        return batch
-
-
-def build_random_reader(model_cfg, out_dir, seed: int):
-    if (out_dir / "config.json").is_file():
-        return out_dir
-    init = dict(model_cfg.get("init") or {})
-    if not init:
-        raise ConfigError("'task.teacher_model: init' needs 'model.init' (a BERT config dict)")
-    init.setdefault("vocab_size", 30522)
-    save_random_model(DPRReader, init, out_dir, seed)
-    return out_dir
+from rdr_jax.training.task import ModelBundle, register_task
 
 
 @register_task
@@ -231,9 +92,9 @@ class RDRTask(BiEncoderTask):
     @property
     def teacher_path(self):
         value = self.config.task.teacher_model
-        if value == "init":
-            return str(build_random_reader(self.config.model, self.workdir / "init" / "reader",
-                                           self.config.train.seed + 1))
+        if value == "init":   # a smoke test of the in-step teacher, not a real teacher
+            return str(random_model_dir(DPRReader, self.config.model.init, self.workdir / "init" / "reader",
+                                        self.config.train.seed + 1, what="'task.teacher_model: init'"))
         return resolve_path(value)
 
     def build_model(self) -> ModelBundle:

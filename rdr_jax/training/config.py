@@ -224,7 +224,7 @@ class Config:
 def build_config(raw: dict, *, source: str = "config", overrides: Iterable[str] = (),
                  workdir: str | None = None) -> Config:
     """Validate ``raw`` (+ overrides) against the engine's and the task's schema, filling defaults."""
-    from rdr_jax.tasks.base import get_task_class  # the task supplies its sections of the schema
+    from rdr_jax.tasks import get_task_class  # the task supplies its sections of the schema (until typed configs)
 
     raw = apply_overrides(raw, overrides)
     if workdir is not None:

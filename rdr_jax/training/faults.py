@@ -1,4 +1,4 @@
-"""Surviving faults: preemption (SIGTERM), non-finite losses, bad teacher scores, a full or unwritable workdir.
+"""Surviving faults: preemption (SIGTERM), non-finite losses, a full or unwritable workdir.
 
 - Preemption: SIGTERM does not kill the run. The step in flight finishes, a checkpoint of that step is written
   (and waited for), a log line says so, and the process exits with ``PREEMPTED_EXIT_CODE`` (75, EX_TEMPFAIL:
@@ -9,7 +9,6 @@
   skipped, counted in ``skipped_steps``, and training goes on. ``stop``: the state freezes at the last good
   step; the loop notices at its next host read (every logged step), checkpoints that state and raises
   ``NonFiniteLossError`` naming the step.
-- Teacher scores that do not match the questions/candidates are refused when the data is read, before any step.
 - The workdir is checked before anything compiles: it must be creatable, writable, with ``train.min_free_gb``
   free.
 """
@@ -17,14 +16,13 @@
 from __future__ import annotations
 
 import logging
-import math
 import os
 import shutil
 import signal
 import threading
 import uuid
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+
 
 import jax
 
@@ -75,62 +73,6 @@ def check_workdir(workdir: str | os.PathLike, min_free_gb: float) -> Path:
     return workdir
 
 
-# ---- teacher scores ------------------------------------------------------------------------------------------
-
-def _finite_number(value: Any) -> bool:
-    if isinstance(value, (bool, str)):
-        return False
-    try:
-        return math.isfinite(float(value))
-    except (TypeError, ValueError):
-        return False
-
-
-def check_teacher_records(records: Sequence[dict], source: str, top_k: int) -> None:
-    """RDR records ``{question, ctxs: [{..., teacher_score}]}``: each of the first ``top_k`` ctxs (the ones
-    trained on) has a finite teacher score."""
-    for i, r in enumerate(records):
-        where = f"{source}: example {i} ({str(r.get('question'))[:60]!r})"
-        for k, ctx in enumerate((r.get("ctxs") or [])[:top_k]):
-            score = ctx.get("teacher_score") if isinstance(ctx, dict) else None
-            if score is None:
-                raise ValueError(f"{where}: ctxs[{k}] has no 'teacher_score' (generate the teacher scores for "
-                                 f"every retrieved passage first, or set task.teacher_model)")
-            if not _finite_number(score):
-                raise ValueError(f"{where}: ctxs[{k}] teacher score {score!r} is not a finite number")
-
-
-def check_teacher_row(row: dict, i: int, source: str, score_fields: Iterable[str] = ("relevance_logits",),
-                      candidate_field: str = "passage_ids", aligned_fields: Iterable[str] = ()) -> None:
-    """A teacher-score dataset row: as many scores (each score field, all finite) and as many entries of each
-    aligned field (titles, texts, ...) as candidates."""
-    n = len(row[candidate_field])
-    where = f"{source}: row {i} ({str(row.get('question'))[:60]!r})"
-    for field in (*score_fields, *aligned_fields):
-        if field not in row:
-            raise ValueError(f"{where}: no field {field!r}")
-        values = list(row[field])
-        if len(values) != n:
-            what = "scores" if field in score_fields else "entries"
-            raise ValueError(f"{where}: {len(values)} {field} {what} for {n} candidates ({candidate_field})")
-        if field in score_fields:
-            bad = [k for k, v in enumerate(values) if not _finite_number(v)]
-            if bad:
-                raise ValueError(f"{where}: {field}[{bad[0]}] = {values[bad[0]]} is not finite")
-
-
-def check_same_questions(train_questions: Sequence[str], teacher_questions: Sequence[str], train_source: str,
-                         teacher_source: str) -> None:
-    """A separate teacher dataset must list the training questions, in the same order."""
-    if len(train_questions) != len(teacher_questions):
-        raise ValueError(f"{teacher_source} has teacher scores for {len(teacher_questions)} questions, "
-                         f"{train_source} has {len(train_questions)}: they are not for the same questions")
-    for i, (a, b) in enumerate(zip(train_questions, teacher_questions)):
-        if a != b:
-            raise ValueError(f"{teacher_source}: question {i} is {b[:60]!r} but {train_source} has {a[:60]!r} "
-                             f"there: the teacher scores are for other questions (or another order)")
-
-
 # ---- preemption ----------------------------------------------------------------------------------------------
 
 class PreemptionWatcher:
@@ -175,4 +117,4 @@ class PreemptionWatcher:
 
 
 __all__ = ["PREEMPTED_EXIT_CODE", "NAN_POLICIES", "NonFiniteLossError", "WorkdirError", "check_workdir",
-           "check_teacher_records", "check_teacher_row", "check_same_questions", "PreemptionWatcher"]
+           "PreemptionWatcher"]

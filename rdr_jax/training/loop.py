@@ -37,7 +37,6 @@ from flax import nnx
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from rdr_jax.tasks.base import Task, get_task_class
 from rdr_jax.training import distributed, faults, flops
 from rdr_jax.training.checkpoints import Checkpointer
 from rdr_jax.training.config import Config
@@ -45,6 +44,7 @@ from rdr_jax.training.optim import count_params, make_optimizer
 from rdr_jax.training.partitioning import make_mesh, shard_batch
 from rdr_jax.training.state import TrainSetup, create_train_state, merge_model
 from rdr_jax.training.step import make_eval_step, make_train_step
+from rdr_jax.training.task import TASKS, Task
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +163,7 @@ class Trainer:
 
 
 def make_task(config: Config) -> Task:
-    return get_task_class(config.task.name)(config, Path(config.workdir))
+    return TASKS[config.task.name](config, Path(config.workdir))   # registered when the config was built
 
 
 def prepare(config: Config, *, mesh: Mesh | None = None, task: Task | None = None) -> Trainer:

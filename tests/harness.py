@@ -1,4 +1,4 @@
-"""Small fixtures for tests and smoke runs of the engine: a tiny random BERT directory and RDR data.
+"""Test harness: tiny random models and data for runs of the engine, and the sharded-vs-one-device runner.
 
 Nothing here downloads: the BERT is random (bert-base-uncased vocab size, so the MiniLM package's tokenizer
 fits it), the RDR JSONL is made from the embedded bi-encoder data when it exists, else synthetic.
@@ -14,9 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from rdr_jax.tasks.base import MINILM_PACKAGE
+from rdr_jax.tasks.model_setup import MINILM_PACKAGE
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TESTS_DIR = Path(__file__).resolve().parent
 TINY_CONFIGS = REPO_ROOT / "configs" / "tiny"
 EMBEDDED_BIENCODER = REPO_ROOT / "rdr_jax" / "data" / "embedded" / "train.biencoder.json"
 
@@ -28,7 +29,7 @@ def tiny_bert_dir(out_dir: str | Path, seed: int = 0, dropout: float = 0.1) -> P
     """A random tiny BertModel saved in HF format (built once; a copy with other dropout rates is a
     config.json edit, not a rebuild)."""
     from rdr_jax.models.bert import BertModel
-    from rdr_jax.tasks.dpr import save_random_model
+    from rdr_jax.tasks.model_setup import save_random_model
 
     out_dir = Path(out_dir)
     if not (out_dir / "config.json").is_file():
@@ -149,7 +150,10 @@ def steps_on_meshes(config, meshes: dict, batch_size: int, steps: int, ignore=la
 def run_on_simulated_devices(script: str, *args, devices: int = 8, timeout: int = 600) -> dict:
     """Run ``script`` (Python source) in a subprocess with ``devices`` simulated CPU devices (the XLA flag
     must be set before jax is imported) and return the JSON of its last ``RESULT {...}`` line."""
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+    # the script imports this harness (``import harness``): the tests folder goes on its path
+    path = os.pathsep.join(p for p in (str(TESTS_DIR), os.environ.get("PYTHONPATH", "")) if p)
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+               PYTHONPATH=path)
     proc = subprocess.run([sys.executable, "-c", script, *map(str, args)], capture_output=True, text=True,
                           env=env, timeout=timeout)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]

@@ -1,13 +1,9 @@
-"""Batches from a task's data files: a resumable epoch iterator, fixed dev batches, and the task base that
-builds both from ``data.train_file``/``data.dev_file``."""
+"""Batches of a map-style dataset (``len()`` + ``make_batch(indices, rng)``): a resumable epoch iterator, split
+by process, and fixed dev batches."""
 
 from __future__ import annotations
 
-from typing import Iterator
-
 import numpy as np
-
-from rdr_jax.tasks.base import Task
 
 
 class EpochIterator:
@@ -70,31 +66,3 @@ class DevBatches:
         for start in range(0, len(self.data) - self.batch_size + 1, self.batch_size):
             idx = np.arange(start, start + self.batch_size)
             yield self.data.make_batch(idx, np.random.default_rng([0, start]))
-
-
-class FileDataTask(Task):
-    """A task whose examples come from ``data.train_file`` and ``data.dev_file``.
-
-    ``split_data("train" | "dev")`` returns an object with ``len()`` and ``make_batch(indices, rng)``; by
-    default ``self._data(path)`` of the split's file. ``batch_maker`` may wrap the training batches' builder
-    (the bi-encoders add packing maps there).
-    """
-
-    def _data(self, path):
-        raise NotImplementedError
-
-    def split_data(self, split: str):
-        return self._data(getattr(self.config.data, f"{split}_file"))
-
-    def batch_maker(self, make_batch):
-        return make_batch
-
-    def train_iterator(self, batch_size: int, seed: int) -> Iterator[dict[str, np.ndarray]]:
-        data = self.split_data("train")
-        return EpochIterator(len(data), batch_size, seed, self.batch_maker(data.make_batch),
-                             shuffle=self.config.data.shuffle)
-
-    def dev_batches(self, batch_size):
-        if not self.config.data.dev_file:
-            return None
-        return DevBatches(self.split_data("dev"), batch_size)

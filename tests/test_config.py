@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import pickle
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -84,6 +86,9 @@ def test_defaults_filled_and_access():
     assert c.get("train.peak_flops") is None and c.get("train.nope", 3) == 3 and c.get("optim.adam_b1") == 0.9
     assert c.model.get("init") is None and c.model.get("nope", 1) == 1 and c.data["max_length"] == 256
     assert c.task_class is FakeTask
+    c = build("model.init={hidden_size: 8}")
+    assert c.get("model.init.hidden_size") == 8 and c.get("model.init.nope") is None
+    assert c.model.init == {"hidden_size": 8}
     d = c.to_dict()
     assert list(d) == ["workdir", "train", "optim", "mesh", "task", "model", "data"]
     assert d["train"]["min_free_gb"] == 1.0 and d["data"]["splits"] == ["train"]
@@ -159,7 +164,8 @@ def test_wrong_type_blames_the_file_or_the_override():
     assert error("model.remat=1") == "--set model.remat=1: 'model.remat' must be true or false, got 1"
     assert error("train.peak_flops=fast") == ("--set train.peak_flops=fast: 'train.peak_flops' must be a number or "
                                               "null, got 'fast'")
-    assert error("data.dev_k=[1, x]") == "--set data.dev_k=[1, x]: 'data.dev_k' must be a list of integers, got [1, 'x']"
+    assert error("data.dev_k=[1, x]") == ("--set data.dev_k=[1, x]: 'data.dev_k' must be a list of integers, "
+                                          "got [1, 'x']")
     assert error("data.splits=train") == "--set data.splits=train: 'data.splits' must be a list of strings, got 'train'"
     assert error("model.init=[1]") == "--set model.init=[1]: 'model.init' must be a mapping or null, got [1]"
     r = raw()
@@ -253,14 +259,36 @@ def test_a_section_must_be_a_frozen_dataclass():
     class Odd(Section):
         x: set = option(None)
 
-    for section in (Loose, Odd):
+    for sections in ({"data": Loose}, {"data": Odd}, {"task": Section}, {"train": FakeData}):
         class Task(FakeTask):
             @classmethod
             def config_sections(cls):
-                return {**FakeTask.config_sections(), "data": section}
+                return {**FakeTask.config_sections(), **sections}
 
         with pytest.raises(TypeError):
             build_config(raw(data={}), Task)
+
+
+def test_a_plain_dataclass_field_without_default_is_required():
+    @dataclasses.dataclass(frozen=True)
+    class Data(Section):
+        train_file: str
+        n: int = 2
+
+    class Task(FakeTask):
+        @classmethod
+        def config_sections(cls):
+            return {**FakeTask.config_sections(), "data": Data}
+
+    assert build_config(raw(), Task).data.n == 2
+    with pytest.raises(ConfigError, match="missing required config key 'data.train_file'"):
+        build_config({**raw(), "data": {"n": 3}}, Task)
+
+
+def test_the_engine_does_not_import_the_tasks():
+    code = "import sys, rdr_jax.training.config; print(any(m.startswith('rdr_jax.tasks') for m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
 
 
 def write(tmp_path, text, name="x.yaml"):

@@ -33,16 +33,16 @@ def engine_step(workdir: Path, **model):
     DPR task's ``model.*`` defaults (``question_encoder``, ``init``, ``dtype``, ``unpad``, ...)."""
     import jax
     import optax
-    from rdr_jax.tasks.bi_encoder import BI_ENCODER_MODEL_DEFAULTS
     from rdr_jax.tasks.dpr import DPRTask
-    from rdr_jax.training.config import Config
+    from rdr_jax.training.config import build_config
     from rdr_jax.training.partitioning import batch_sharding, make_mesh
     from rdr_jax.training.state import create_train_state
     from rdr_jax.training.step import make_train_step
 
-    config = Config({"task": {"name": "dpr", "train_question_encoder": True, "train_context_encoder": True},
-                     "model": dict(BI_ENCODER_MODEL_DEFAULTS, **model),
-                     "data": {}, "train": {"seed": 0}})
+    # the data and step count are the benchmark's own: the config only carries the model section
+    config = build_config({"workdir": str(workdir), "task": {"name": "dpr"}, "model": model,
+                           "data": {"train_file": "unused"}, "train": {"steps": 1, "batch_size": 1, "seed": 0}},
+                          DPRTask, source="benchmark")
     task = DPRTask(config, workdir)
     model = task.build_model()
     mesh = make_mesh(devices=jax.devices()[:1])

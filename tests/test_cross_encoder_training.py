@@ -22,7 +22,8 @@ from rdr_jax.retrieval.rerank import CrossEncoderScorer
 from rdr_jax.data.cross_encoder_lists import load_query_lists
 from rdr_jax.tasks.cross_encoder import LOSSES, ranking_objective
 import harness
-from rdr_jax.training.config import ConfigError, load_config
+from rdr_jax.tasks import load_config
+from rdr_jax.training.config import ConfigError
 from rdr_jax.tasks import get_task_class
 from rdr_jax.training.task import ModelBundle
 from rdr_jax.training.loop import prepare, train
@@ -241,7 +242,7 @@ SHARDED = textwrap.dedent("""
     import json, sys
     import jax
     jax.config.update("jax_default_matmul_precision", "highest")
-    from rdr_jax.training.config import load_config
+    from rdr_jax.tasks import load_config
     import harness
 
     # Exactly zero gradient (Adam would turn rounding noise into full steps): the classifier bias shifts every

@@ -18,7 +18,8 @@ from rdr_jax.tasks.model_setup import MINILM_PACKAGE, resolve_path
 from rdr_jax.training import flops
 import harness
 from rdr_jax.training.checkpoints import Checkpointer
-from rdr_jax.training.config import Config, ConfigError, load_config
+from rdr_jax.tasks import load_config
+from rdr_jax.training.config import ConfigError
 from rdr_jax.training.loop import train
 
 EMBEDDED = harness.REPO_ROOT / "rdr_jax" / "data" / "embedded"
@@ -163,9 +164,8 @@ def test_flops_logged_once_and_no_mfu_without_a_known_peak(rdr_run):
 
 def test_mfu_with_peak_flops_override(files):
     workdir = files["tmp"] / "mfu_run"
-    config = rdr_config(files, workdir, "train.steps=2", "data.dev_qa=null").to_dict()
-    config["train"]["peak_flops"] = 1e9   # train.peak_flops (set directly: works whether or not the schema has it)
-    train(Config(config), progress=False)
+    config = rdr_config(files, workdir, "train.steps=2", "data.dev_qa=null").with_overrides("train.peak_flops=1e9")
+    train(config, progress=False)
     records = read_metrics(workdir)
     assert len(records) == 2 and "dev_top1" not in records[0]
     f = records[0]["flops_per_step"]

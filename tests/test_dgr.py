@@ -18,7 +18,8 @@ from rdr_jax.models.seq2seq import sequence_log_probs
 from rdr_jax.data.dgr_data import DGRData, candidate_list
 from rdr_jax.decoding.scoring import passage_scores
 import harness
-from rdr_jax.training.config import ConfigError, load_config
+from rdr_jax.tasks import load_config
+from rdr_jax.training.config import ConfigError
 from rdr_jax.training.loop import train
 
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -243,7 +244,7 @@ def test_reranked_results_with_gold_file(tmp_path):
 SCRIPT = textwrap.dedent("""
     import json, sys
     import jax
-    from rdr_jax.training.config import load_config
+    from rdr_jax.tasks import load_config
     import harness
 
     workdir, model = sys.argv[1:]

@@ -25,7 +25,7 @@ from rdr_jax.data import rdr_data
 from rdr_jax.training import faults
 
 import harness
-from rdr_jax.training.config import load_config
+from rdr_jax.tasks import load_config
 from rdr_jax.training.loop import make_task, train
 
 STEPS = 12   # long enough that a SIGTERM sent at step 2 lands mid-run

@@ -17,7 +17,7 @@ from rdr_jax.retrieval.answers import AnswerMatcher
 from rdr_jax.retrieval.metrics import read_trec_run
 from rdr_jax.retrieval.retrieve import recall_of_results
 import harness
-from rdr_jax.training.config import load_config
+from rdr_jax.tasks import load_config
 from rdr_jax.training.loop import train
 
 jax.config.update("jax_default_matmul_precision", "highest")

@@ -63,7 +63,7 @@ def test_documented_flags_exist():
 
 
 def test_documented_configs_and_links_exist():
-    from rdr_jax.training.config import load_config
+    from rdr_jax.tasks import load_config
 
     for doc, text in DOCS.items():
         for path in set(re.findall(r"(configs/[\w/.-]+\.yaml)", text)):

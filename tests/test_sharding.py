@@ -18,7 +18,7 @@ import harness
 SCRIPT = textwrap.dedent("""
     import json, os, sys
     import jax
-    from rdr_jax.training.config import load_config
+    from rdr_jax.tasks import load_config
     import harness
 
     # Parameters whose gradient is exactly zero in exact arithmetic, where Adam turns rounding noise into

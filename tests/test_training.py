@@ -9,7 +9,8 @@ import pytest
 from safetensors.numpy import load_file
 
 import harness
-from rdr_jax.training.config import ConfigError, load_config
+from rdr_jax.tasks import load_config
+from rdr_jax.training.config import ConfigError
 from rdr_jax.training.loop import prepare, train
 from rdr_jax.training.partitioning import make_mesh, shard_batch
 

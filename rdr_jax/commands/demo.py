@@ -98,7 +98,7 @@ class Demo:
         return json.loads(out.read_text())
 
     def train(self, config_name: str, workdir: Path, overrides: list[str]) -> Path:
-        from rdr_jax.training.config import load_config
+        from rdr_jax.tasks import load_config
         from rdr_jax.training.loop import train
 
         config = load_config(configs_dir() / config_name, overrides, workdir=str(workdir))

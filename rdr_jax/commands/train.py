@@ -37,7 +37,7 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
-    from rdr_jax.training.config import load_config
+    from rdr_jax.tasks import load_config
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every metadata write at INFO

@@ -13,6 +13,7 @@ import pkgutil
 from pathlib import Path
 from typing import Iterable
 
+from rdr_jax.training import config
 from rdr_jax.training.task import TASKS, Task
 
 
@@ -37,8 +38,13 @@ def known_tasks() -> list[str]:
     return sorted(TASKS)
 
 
-def load_config(path: str | Path, overrides: Iterable[str] = (), workdir: str | None = None):
+def load_config(path: str | Path, overrides: Iterable[str] = (), workdir: str | None = None) -> config.Config:
     """The validated config of a YAML file (``--set`` overrides and ``--workdir`` applied), for its task."""
-    from rdr_jax.training import config
+    return config.load_config(path, overrides, workdir=workdir, resolve_task=get_task_class)
 
-    return config.load_config(path, overrides, workdir=workdir)
+
+def build_config(raw: dict, *, source: str = "config", overrides: Iterable[str] = (),
+                 workdir: str | None = None) -> config.Config:
+    """The validated config of a config mapping, for the task ``raw["task"]["name"]`` names."""
+    name = (raw.get("task") or {}).get("name") if isinstance(raw.get("task"), dict) else None
+    return config.build_config(raw, get_task_class(name), source=source, overrides=overrides, workdir=workdir)

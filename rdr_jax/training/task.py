@@ -2,7 +2,7 @@
 
 The engine (``rdr_jax.training``) knows nothing of any model. A task:
 
-- declares its config sections (``task``, ``model``, ``data``) as a schema of defaults;
+- declares its config sections (``task``, ``model``, ``data``) as typed dataclasses;
 - builds its model(s) as one ``nnx.Module`` whose direct children are named submodules
   (``question_encoder``, ``context_encoder``, ``teacher``, ...), and says which of them train;
 - maps a batch dict of arrays to a scalar loss and a dict of scalar metrics;
@@ -20,9 +20,10 @@ ones by name), so a user's own objective plugs in the same way.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
-from typing import Any, ClassVar, Iterable, Iterator
+from typing import ClassVar, Iterable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +31,7 @@ import numpy as np
 from flax import nnx
 
 from rdr_jax.data.batching import DevBatches, EpochIterator
-from rdr_jax.training.config import REQUIRED
+from rdr_jax.training.config import Config, Section, TaskSection, option
 
 log = logging.getLogger(__name__)
 
@@ -65,13 +66,14 @@ class Task:
 
     # ---- config ----------------------------------------------------------------------------------------------
     @classmethod
-    def config_schema(cls) -> dict[str, Any]:
-        """{"task": {...}, "model": {...}, "data": {...}} of defaults; ``REQUIRED`` marks mandatory keys."""
-        return {"task": {"name": REQUIRED}, "model": {}, "data": {}}
+    def config_sections(cls) -> dict[str, type[Section]]:
+        """The task's typed config sections: ``{"task": ..., "model": ..., "data": ...}`` (frozen dataclasses whose
+        fields are declared with ``training.config.option``: type, default, bounds, allowed values)."""
+        return {"task": TaskSection, "model": Section, "data": Section}
 
     @classmethod
-    def validate_config(cls, config: dict) -> None:
-        """Raise ConfigError naming the key when a task value cannot work."""
+    def validate_config(cls, config: Config) -> None:
+        """Cross-section checks: raise ConfigError naming the key when a combination of values cannot work."""
 
     # ---- model -----------------------------------------------------------------------------------------------
     def build_model(self) -> ModelBundle:
@@ -157,6 +159,14 @@ class Task:
         for name in self.trainable_submodules():
             written.append(getattr(model, name).save_pretrained(Path(out_dir) / name))
         return written
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainFiles(Section):
+    """``data.train_file`` / ``data.dev_file`` of a FileDataTask (its subclasses add keys)."""
+    train_file: str = option(doc="the training examples")
+    dev_file: str | None = option(None, doc="dev examples for the periodic dev loss")
+    shuffle: bool = option(True)
 
 
 class FileDataTask(Task):

@@ -88,6 +88,12 @@ def encode(encoder, ids, mask, *, rngs, deterministic, packing: TokenPacking | N
 class BiEncoderTask(FileDataTask):
     """Shared by the tasks that train DPR encoders: model paths (or a random BERT) and the tokenizer."""
 
+    @classmethod
+    def validate_config(cls, c):
+        if c.model.unpad and c.train.grad_accum_steps > 1:
+            raise ConfigError("'model.unpad' packs each whole batch; it cannot be split into "
+                              f"'train.grad_accum_steps' ({c.train.grad_accum_steps}) micro-batches")
+
     def __init__(self, config, workdir):
         super().__init__(config, workdir)
         self._paths = None
@@ -161,9 +167,3 @@ class BiEncoderTask(FileDataTask):
             encoder = encoders[name]
             encoder.params = jax.device_put(nnx.split(module)[1], NamedSharding(encoder.mesh, PartitionSpec()))
         return encoders[name]
-
-
-def check_unpad_config(c) -> None:
-    if c.model.unpad and c.train.grad_accum_steps > 1:
-        raise ConfigError("'model.unpad' packs each whole batch; it cannot be split into "
-                          f"'train.grad_accum_steps' ({c.train.grad_accum_steps}) micro-batches")

@@ -21,8 +21,7 @@ import dataclasses
 from rdr_jax import losses
 from rdr_jax.data.dpr_data import DPRData
 from rdr_jax.models.dpr import DPRContextEncoder, DPRQuestionEncoder
-from rdr_jax.tasks.bi_encoder import (BiEncoderData, BiEncoderTask, EncoderModel, batch_packing, check_unpad_config,
-                                      encode)
+from rdr_jax.tasks.bi_encoder import BiEncoderData, BiEncoderTask, EncoderModel, batch_packing, encode
 from rdr_jax.tasks.model_setup import model_runtime_kwargs
 from rdr_jax.training.config import ConfigError, TaskSection, option
 from rdr_jax.training.task import ModelBundle, register_task
@@ -52,10 +51,6 @@ class DPRTask(BiEncoderTask):
     @classmethod
     def config_sections(cls):
         return {"task": DPRSettings, "model": EncoderModel, "data": DPRDataConfig}
-
-    @classmethod
-    def validate_config(cls, c):
-        check_unpad_config(c)
 
     def build_model(self) -> ModelBundle:
         q_path, c_path, _ = self.paths()

@@ -46,8 +46,7 @@ from rdr_jax.data.rdr_data import RDRData
 from rdr_jax.models.dpr import DPRContextEncoder, DPRQuestionEncoder, DPRReader
 from rdr_jax.retrieval.dev_recall import DevRecall
 from rdr_jax.retrieval.passage_embeddings import PassageEmbeddings
-from rdr_jax.tasks.bi_encoder import (BiEncoderData, BiEncoderTask, EncoderModel, batch_packing, check_unpad_config,
-                                      encode)
+from rdr_jax.tasks.bi_encoder import BiEncoderData, BiEncoderTask, EncoderModel, batch_packing, encode
 from rdr_jax.tasks.model_setup import model_runtime_kwargs, random_model_dir, resolve_path
 from rdr_jax.training.config import ConfigError, TaskSection, option
 from rdr_jax.training.task import ModelBundle, register_task
@@ -89,7 +88,7 @@ class RDRTask(BiEncoderTask):
 
     @classmethod
     def validate_config(cls, c):
-        check_unpad_config(c)
+        super().validate_config(c)
         if c.data.passage_embeddings and c.task.train_context_encoder:
             raise ConfigError("'data.passage_embeddings' needs a frozen context encoder "
                               "('task.train_context_encoder: false'): trained passages must be re-encoded")

@@ -17,7 +17,7 @@ import torch
 import transformers
 from flax import nnx
 
-from rdr_jax import ranking_losses as R
+from rdr_jax import losses as R
 from rdr_jax.retrieval.rerank import CrossEncoderScorer
 from rdr_jax.tasks.cross_encoder import LOSSES, load_query_lists, ranking_objective
 from rdr_jax.training import testing

@@ -8,7 +8,7 @@ its encoder output broadcast over its K candidates). Loss::
     task.ranking_weight x ranking(s)  +  task.generation_weight x CE(gold identifier | question)
 
 ``task.ranking_loss``: ``dgr_margin`` (default; DGR's released margin hinge: m = 300, n = 100, weight 3 on
-pairs with the positive, 1/(i+1) otherwise, mean over violated pairs: :func:`rdr_jax.ranking_losses.dgr_margin_ranknet`),
+pairs with the positive, 1/(i+1) otherwise, mean over violated pairs: :func:`rdr_jax.losses.dgr_margin_ranknet`),
 ``ranknet`` (logistic loss over the same order) or ``listwise_kl`` (KL of the teacher's softmax to the
 student's). CE is the mean over the gold identifier's tokens in the batch; ``generation_weight`` 500 as
 released. (The hinge and the batch-level means are not sums over questions, so gradient accumulation only
@@ -49,7 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rdr_jax import ranking_losses
+from rdr_jax import losses
 from rdr_jax.tasks.base import register_task
 from rdr_jax.tasks.dpr import read_json_records
 from rdr_jax.tasks.seq2seq_index import (GENERATOR_MODEL_DEFAULTS, IDENTIFIER_DATA_DEFAULTS, RETRIEVER, GenerativeTask,
@@ -203,11 +203,11 @@ class DGRData:
 
 def ranking_loss(name: str, scores, teacher, mask, t) -> jax.Array:
     if name == "dgr_margin":
-        return ranking_losses.dgr_margin_ranknet(scores, mask, margin=t.margin, margin_step=t.margin_step,
-                                                 positive_weight=t.positive_weight)
+        return losses.dgr_margin_ranknet(scores, mask, margin=t.margin, margin_step=t.margin_step,
+                                         positive_weight=t.positive_weight)
     if name == "ranknet":
-        return ranking_losses.dgr_ranknet(scores, mask)
-    return ranking_losses.listwise_kl(scores, teacher, mask, t.temperature)
+        return losses.dgr_ranknet(scores, mask)
+    return losses.listwise_kl(scores, teacher, mask, t.temperature)
 
 
 @register_task

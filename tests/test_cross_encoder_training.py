@@ -17,7 +17,7 @@ import torch
 import transformers
 from flax import nnx
 
-from rdr_jax import ranking_losses as R
+from rdr_jax import losses as R
 from rdr_jax.retrieval.rerank import CrossEncoderScorer
 from rdr_jax.data.cross_encoder_lists import load_query_lists
 from rdr_jax.tasks.cross_encoder import LOSSES, ranking_objective

@@ -15,9 +15,9 @@ from transformers.models.deberta_v2 import modeling_deberta_v2 as hf_deberta
 
 from hf_reference import max_abs_diff, padded_batch, save_hf_model
 from rdr_jax.models import base
-from rdr_jax.models.deberta_v2 import (DebertaV2Config, DebertaV2ForSequenceClassification, DebertaV2Model,
-                                       build_relative_position, gather_relative, make_log_bucket_position,
-                                       relative_score_indices, relative_term, skew, toeplitz_rows)
+from rdr_jax.models.deberta_relative import (build_relative_position, gather_relative, make_log_bucket_position,
+                                             relative_score_indices, relative_term, skew, toeplitz_rows)
+from rdr_jax.models.deberta_v2 import DebertaV2Config, DebertaV2ForSequenceClassification, DebertaV2Model
 
 TOL = 1e-5
 

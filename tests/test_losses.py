@@ -125,3 +125,13 @@ def test_reader_losses_match_a_direct_formula():
     np.testing.assert_allclose(float(rel_loss), expected_rel, rtol=1e-5)
     np.testing.assert_allclose(float(span_loss), np.mean(per_question), rtol=1e-5)
     assert float(metrics["relevance_accuracy"]) == np.mean(relevance.argmax(-1) == 0)
+
+
+def test_masked_mean_shared_by_every_loss():
+    values = jnp.array([1.0, 2.0, jnp.nan, 4.0])
+    mask = jnp.array([True, True, False, False])
+    assert float(losses.masked_mean(values, mask)) == 1.5
+    assert float(losses.masked_mean(values, jnp.zeros(4, bool))) == 0.0  # a mean over nothing is 0
+    assert float(losses.masked_mean(jnp.array([1.0, 3.0]))) == 2.0
+    grad = jax.grad(lambda v: losses.masked_mean(v, mask))(values)
+    np.testing.assert_array_equal(np.asarray(grad), [0.5, 0.5, 0.0, 0.0])  # masked NaN reaches nothing

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rdr_jax import ranking_losses as rl
+from rdr_jax import losses as rl
 
 # Three queries, lists padded to K = 5: row 0 full with a teacher tie, row 1 has 3 real entries, row 2 has 2.
 STUDENT = np.array([[2.0, 0.5, -1.0, 0.5, 3.0],

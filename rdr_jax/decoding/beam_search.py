@@ -1,5 +1,9 @@
 """Trie-constrained beam search for the seq2seq models (T5, BART), one jit-compiled function.
 
+The search is a function of a model (as t5x's and gemma's decode functions): it reads the model only through
+the interface of :mod:`rdr_jax.models.seq2seq` (``encode``, ``init_cache``, ``decode``), so the models do not
+depend on it; ``model.constrained_beam_search(...)`` is a delegate to :func:`constrained_beam_search`.
+
 The search follows transformers' beam search (``generate(num_beams=K, early_stopping=True, length_penalty=0.0,
 prefix_allowed_tokens_fn=...)``) so both return the same identifiers and scores:
 

@@ -14,7 +14,6 @@ import logging
 import math
 from functools import partial
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -22,9 +21,8 @@ from flax import nnx
 from rdr_jax.convert.mapping import Rule, embedding, layer_norm, linear
 from rdr_jax.models import layers as L
 from rdr_jax.models.base import PretrainedModel, register
-from rdr_jax.models.bert import Runtime
-from rdr_jax.models.config import ModelConfig
-from rdr_jax.models.seq2seq import DecoderCache, Seq2SeqLM, causal_mask, empty_cache, write_kv
+from rdr_jax.models.config import ModelConfig, Runtime
+from rdr_jax.models.seq2seq import DecoderCache, Seq2SeqBlock, Seq2SeqLM, Seq2SeqStack
 
 log = logging.getLogger(__name__)
 
@@ -90,15 +88,15 @@ class BartAttention(nnx.Module):
         self.dropout = nnx.Dropout(config.attention_dropout)
         self.scale, self.dtype = D ** -0.5, rt.dtype
 
-    def __call__(self, x, keys, values, mask, *, rngs=None, deterministic=True):
+    def __call__(self, x, keys, values, mask, bias=None, *, rngs=None, deterministic=True):
         """``keys``/``values``: heads-first ``[batch or rows, heads, k_len, kv]``, as the cache holds them."""
         context = L.dot_product_attention(
-            self.q_proj(x), keys, values, mask=mask, scale=self.scale, dtype=self.dtype, kv_heads_first=True,
+            self.q_proj(x), keys, values, mask=mask, bias=bias, scale=self.scale, dtype=self.dtype, kv_heads_first=True,
             dropout=L.active_dropout(self.dropout, deterministic=deterministic, rngs=rngs))
         return self.out_proj(context)
 
 
-class BartLayer(nnx.Module):
+class BartLayer(Seq2SeqBlock):
     """Post-LN layer: self-attention, cross-attention (decoder only), feed-forward; each ``norm(x + dropout(f(x)))``."""
 
     def __init__(self, config: BartConfig, rt: Runtime, *, is_decoder: bool, rngs: nnx.Rngs):
@@ -120,21 +118,20 @@ class BartLayer(nnx.Module):
         self.dropout = nnx.Dropout(config.dropout)
         self.activation_dropout = nnx.Dropout(config.activation_dropout)
 
-    def __call__(self, x, mask, encoder_hidden=None, cross_mask=None, self_kv_cache=None, cross_kv=None, *,
-                 rngs=None, deterministic=True):
-        """``self_kv_cache``: (keys, values, index) of this layer, the new keys/values being written at index.
-        Returns the output and this layer's (keys, values) for the cache."""
+    def self_kv(self, h):
+        return self.self_attn.k_proj(h), self.self_attn.v_proj(h)
+
+    def cross_kv(self, encoder_hidden):
+        return self.encoder_attn.k_proj(encoder_hidden), self.encoder_attn.v_proj(encoder_hidden)
+
+    def __call__(self, x, mask, bias=None, encoder_hidden=None, cross_mask=None, self_kv_cache=None, cross_kv=None,
+                 *, rngs=None, deterministic=True):
         drop = partial(self.dropout, deterministic=deterministic, rngs=rngs)
-        keys, values = L.heads_first(self.self_attn.k_proj(x)), L.heads_first(self.self_attn.v_proj(x))
-        if self_kv_cache is not None:
-            cache_keys, cache_values, index = self_kv_cache
-            keys, values = write_kv(cache_keys, keys, index), write_kv(cache_values, values, index)
-        h = self.self_attn(x, keys, values, mask, rngs=rngs, deterministic=deterministic)
+        keys, values = self.self_attention_kv(x, self_kv_cache)
+        h = self.self_attn(x, keys, values, mask, bias, rngs=rngs, deterministic=deterministic)
         x = self.self_attn_layer_norm(x + drop(h))
         if self.is_decoder:
-            if cross_kv is None:
-                cross_kv = (L.heads_first(self.encoder_attn.k_proj(encoder_hidden)),
-                            L.heads_first(self.encoder_attn.v_proj(encoder_hidden)))
+            cross_kv = self.cross_attention_kv(encoder_hidden, cross_kv)
             h = self.encoder_attn(x, *cross_kv, cross_mask, rngs=rngs, deterministic=deterministic)
             x = self.encoder_attn_layer_norm(x + drop(h))
         h = self.activation_dropout(self.act(self.fc1(x)), deterministic=deterministic, rngs=rngs)
@@ -142,12 +139,14 @@ class BartLayer(nnx.Module):
         return x, (keys, values)
 
 
-class BartStack(nnx.Module):
-    """Encoder or decoder: token embedding (scaled) + learned positions, LayerNorm, layers."""
+class BartStack(Seq2SeqStack):
+    """Encoder or decoder: token embedding (scaled) + learned positions, LayerNorm, dropout, layers."""
 
     def __init__(self, config: BartConfig, rt: Runtime, *, is_decoder: bool, rngs: nnx.Rngs):
         self.config, self.rt = config, rt
         num_layers = config.decoder_layers if is_decoder else config.encoder_layers
+        self.num_heads = config.decoder_attention_heads if is_decoder else config.encoder_attention_heads
+        self.head_dim = config.d_model // self.num_heads
         self.embed_positions = L.Embed(config.max_position_embeddings + POSITION_OFFSET, config.d_model,
                                        (L.POSITIONS, L.EMBED), dtype=rt.dtype, param_dtype=rt.param_dtype,
                                        init_std=config.init_std, rngs=rngs)
@@ -157,30 +156,11 @@ class BartStack(nnx.Module):
                                 for _ in range(num_layers)])
         self.dropout = nnx.Dropout(config.dropout)
 
-    def __call__(self, token_embeddings, mask, *, offset=0, encoder_hidden=None, cross_mask=None,
-                 cache: DecoderCache | None = None, rngs=None, deterministic=True):
+    def embed(self, token_embeddings, offset, *, rngs=None, deterministic=True):
         positions = jnp.arange(token_embeddings.shape[1]) + offset + POSITION_OFFSET
         x = token_embeddings * jnp.asarray(self.config.embed_scale, token_embeddings.dtype)
         x = self.layernorm_embedding(x + self.embed_positions(positions)[None])
-        x = self.dropout(x, deterministic=deterministic, rngs=rngs)
-        new_keys, new_values = [], []
-        for i, layer in enumerate(self.layers):
-            if cache is not None:
-                cross = (cache.cross_keys[i], cache.cross_values[i]) if cache.cross_keys is not None else None
-                x, (k, v) = layer(x, mask, encoder_hidden, cross_mask,
-                                  (cache.self_keys[i], cache.self_values[i], cache.index), cross,
-                                  rngs=rngs, deterministic=deterministic)
-                new_keys.append(k)
-                new_values.append(v)
-            elif self.rt.remat:
-                x, _ = nnx.remat(lambda lyr, h, m, e, cm: lyr(h, m, e, cm, rngs=rngs, deterministic=deterministic))(
-                    layer, x, mask, encoder_hidden, cross_mask)
-            else:
-                x, _ = layer(x, mask, encoder_hidden, cross_mask, rngs=rngs, deterministic=deterministic)
-        if cache is not None:
-            cache = cache.replace(self_keys=tuple(new_keys), self_values=tuple(new_values),
-                                  index=cache.index + x.shape[1])
-        return x, cache
+        return self.dropout(x, deterministic=deterministic, rngs=rngs)
 
 
 def _stack_rules(config: BartConfig, stack: str) -> list[Rule]:
@@ -248,41 +228,11 @@ class BartForConditionalGeneration(Seq2SeqLM, PretrainedModel):
     def decoder_start_token_id(self) -> int:
         return self.config.decoder_start_token_id
 
-    def encode(self, input_ids, attention_mask=None, *, rngs=None, deterministic=True) -> jax.Array:
-        input_ids = jnp.asarray(input_ids)
-        if attention_mask is None:
-            attention_mask = jnp.ones_like(input_ids)
-        hidden, _ = self.encoder(self.shared(input_ids), L.padding_mask(jnp.asarray(attention_mask)),
-                                 rngs=rngs, deterministic=deterministic)
-        return hidden
-
     def init_cache(self, batch_size: int, max_length: int, encoder_hidden=None, dtype=None) -> DecoderCache:
         if max_length > self.config.max_position_embeddings:
             raise ValueError(f"max_length {max_length} exceeds max_position_embeddings "
                              f"{self.config.max_position_embeddings} of the config")
-        dtype = dtype or self.runtime.dtype
-        cross = None
-        if encoder_hidden is not None:
-            layers = self.decoder.layers
-            cross = ([layer.encoder_attn.k_proj(encoder_hidden) for layer in layers],
-                     [layer.encoder_attn.v_proj(encoder_hidden) for layer in layers])
-        heads = self.config.decoder_attention_heads
-        return empty_cache(len(self.decoder.layers), batch_size, max_length, heads, self.config.d_model // heads,
-                           dtype, cross)
+        return super().init_cache(batch_size, max_length, encoder_hidden, dtype)
 
-    def decode(self, decoder_input_ids, encoder_hidden, encoder_attention_mask=None, cache=None, *,
-               decoder_attention_mask=None, rngs=None, deterministic=True):
-        decoder_input_ids = jnp.asarray(decoder_input_ids)
-        length = decoder_input_ids.shape[1]
-        if cache is None:
-            offset, mask = 0, causal_mask(length, length, 0, decoder_attention_mask)
-        else:
-            if decoder_attention_mask is not None:
-                raise ValueError("decoder_attention_mask is not supported with a cache (decode all rows in step)")
-            offset, mask = cache.index, causal_mask(length, cache.max_length, cache.index)
-        cross_mask = None if encoder_attention_mask is None else L.padding_mask(jnp.asarray(encoder_attention_mask))
-        hidden, cache = self.decoder(self.shared(decoder_input_ids), mask, offset=offset,
-                                     encoder_hidden=encoder_hidden, cross_mask=cross_mask, cache=cache, rngs=rngs,
-                                     deterministic=deterministic)
-        logits = self.shared.attend(hidden) + self.final_logits_bias[...].astype(hidden.dtype)
-        return logits, cache
+    def output_logits(self, hidden):
+        return self.shared.attend(hidden) + self.final_logits_bias[...].astype(hidden.dtype)

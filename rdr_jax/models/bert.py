@@ -5,14 +5,13 @@ from __future__ import annotations
 import dataclasses
 from functools import partial
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from rdr_jax.convert.mapping import Rule, embedding, layer_norm, linear
 from rdr_jax.models import layers as L
 from rdr_jax.models.base import PretrainedModel, register
-from rdr_jax.models.config import ModelConfig
+from rdr_jax.models.config import ModelConfig, Runtime
 from rdr_jax.models.outputs import BaseModelOutputWithPooling, SequenceClassifierOutput
 from rdr_jax.models.packing import TokenPacking
 
@@ -66,14 +65,6 @@ class BertConfig(ModelConfig):
             if out.get(key) is None:
                 out.pop(key, None)
         return out
-
-
-@dataclasses.dataclass(frozen=True)
-class Runtime:
-    """How a model computes, as opposed to what it is (the config)."""
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
-    remat: bool = False
 
 
 class BertEmbeddings(nnx.Module):

@@ -1,4 +1,5 @@
-"""Model configs: the fields a family reads from Hugging Face's config.json, with the rest kept verbatim.
+"""Model configs: the fields a family reads from Hugging Face's config.json, with the rest kept verbatim; and
+:class:`Runtime`, how a model computes (dtypes, remat), which is not part of the config.
 
 Unknown keys are preserved so that ``save_pretrained`` writes back a config.json that transformers reads
 as it read the original.
@@ -10,6 +11,43 @@ import dataclasses
 import json
 from pathlib import Path
 from typing import Any, ClassVar
+
+import jax.numpy as jnp
+
+# Compute dtypes by the names the command line and task configs use.
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def dtype_from_name(name: str, what: str):
+    """``DTYPES[name]``; ValueError naming ``what`` (the option or field being read), the allowed names and
+    the bad value otherwise."""
+    try:
+        return DTYPES[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"{what} must be one of {sorted(DTYPES)}, got {name!r}") from None
+
+
+# DeBERTa's ways of computing its relative-position terms (see rdr_jax.models.deberta_relative).
+RELATIVE_ATTENTION_IMPLS = ("skew", "gather", "onehot")
+
+
+@dataclasses.dataclass(frozen=True)
+class Runtime:
+    """How a model computes, as opposed to what it is (the config); one for every family.
+
+    ``dtype``: the compute dtype; ``param_dtype``: the storage dtype of the parameters; ``remat``: recompute
+    each layer's activations in the backward pass instead of keeping them; ``relative_attention_impl``:
+    DeBERTa only (other families ignore it), one of :data:`RELATIVE_ATTENTION_IMPLS`, same numbers each.
+    """
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+    remat: bool = False
+    relative_attention_impl: str = "skew"
+
+    def __post_init__(self):
+        if self.relative_attention_impl not in RELATIVE_ATTENTION_IMPLS:
+            raise ValueError(f"relative_attention_impl must be one of {RELATIVE_ATTENTION_IMPLS}, "
+                             f"got {self.relative_attention_impl!r}")
 
 
 @dataclasses.dataclass

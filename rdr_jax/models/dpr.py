@@ -14,7 +14,8 @@ from flax import nnx
 from rdr_jax.convert.mapping import linear
 from rdr_jax.models import layers as L
 from rdr_jax.models.base import PretrainedModel, register
-from rdr_jax.models.bert import BertConfig, BertEncoderStack, Runtime, bert_body_rules
+from rdr_jax.models.bert import BertConfig, BertEncoderStack, bert_body_rules
+from rdr_jax.models.config import Runtime
 from rdr_jax.models.outputs import BaseModelOutputWithPooling, DPRReaderOutput
 
 

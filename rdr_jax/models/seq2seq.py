@@ -1,4 +1,4 @@
-"""The decoding interface shared by the seq2seq families (T5, BART), and the helpers built on it.
+"""What the seq2seq families (T5, BART) share: the decoding interface, its cache, and the encoder/decoder stack.
 
 Every seq2seq model implements::
 
@@ -20,6 +20,11 @@ from ``encoder_hidden`` at every step: slower, same numbers. The encoder output 
 decoder batch, ``batch = rows * group``: decoder rows ``r * group ... r * group + group - 1`` then share encoder
 row ``r`` (the beams of one question), whose keys/values are projected and read once for all of them; pass the
 same ``rows``-row ``encoder_attention_mask`` to ``decode``.
+
+The families share one stack (:class:`Seq2SeqStack`: the loop over the blocks, remat, the cache threaded through
+the layers) and one cache plumbing in the blocks (:class:`Seq2SeqBlock`); :class:`Seq2SeqLM` builds ``encode``,
+``init_cache``, ``decode`` and ``__call__`` on them. A family supplies its blocks (attention, norms,
+feed-forward), its embedding hooks and output projection, and its name map.
 """
 
 from __future__ import annotations
@@ -28,9 +33,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import struct
+from flax import nnx, struct
 
-from rdr_jax.models.layers import heads_first
+from rdr_jax.models.layers import heads_first, padding_mask
 from rdr_jax.models.outputs import Seq2SeqLMOutput
 
 
@@ -109,9 +114,107 @@ def shift_right(labels: jax.Array, decoder_start_token_id: int, pad_token_id: in
     return jnp.where(shifted == -100, pad_token_id, shifted)
 
 
+class Seq2SeqBlock(nnx.Module):
+    """An encoder or decoder block of a family, as :class:`Seq2SeqStack` drives it::
+
+        block(x, mask, bias, encoder_hidden, cross_mask, self_kv_cache, cross_kv, *, rngs, deterministic)
+            -> (x, (keys, values))
+
+    ``bias`` is added to the self-attention scores (None: nothing); ``self_kv_cache`` is this layer's
+    ``(keys, values, index)`` of the cache, the new keys/values being written at ``index``; ``cross_kv`` the
+    cache's heads-first cross keys/values of this layer, or None to project ``encoder_hidden``. The returned
+    keys/values are this layer's for the cache. A family gives the projections (:meth:`self_kv`,
+    :meth:`cross_kv`); the cache plumbing is :meth:`self_attention_kv` / :meth:`cross_attention_kv`.
+    """
+
+    def self_kv(self, h: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Self-attention keys and values of ``h``, ``[batch, length, heads, kv]``."""
+        raise NotImplementedError
+
+    def cross_kv(self, encoder_hidden: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Cross-attention keys and values of the encoder output, ``[rows, source_length, heads, kv]``."""
+        raise NotImplementedError
+
+    def self_attention_kv(self, h, self_kv_cache) -> tuple[jax.Array, jax.Array]:
+        """Heads-first keys/values the self-attention reads: those of ``h``, or with a cache the cache's with
+        those of ``h`` written at its index."""
+        keys, values = (heads_first(a) for a in self.self_kv(h))
+        if self_kv_cache is not None:
+            cache_keys, cache_values, index = self_kv_cache
+            keys, values = write_kv(cache_keys, keys, index), write_kv(cache_values, values, index)
+        return keys, values
+
+    def cross_attention_kv(self, encoder_hidden, cross_kv) -> tuple[jax.Array, jax.Array]:
+        """Heads-first keys/values the cross-attention reads: the cache's when given, else projected."""
+        if cross_kv is not None:
+            return cross_kv
+        return tuple(heads_first(a) for a in self.cross_kv(encoder_hidden))
+
+
+class Seq2SeqStack(nnx.Module):
+    """Encoder or decoder stack: :meth:`embed` -> the blocks -> :meth:`finish`.
+
+    A family sets ``layers`` (an ``nnx.List`` of :class:`Seq2SeqBlock`), ``rt`` (its
+    :class:`~rdr_jax.models.config.Runtime`), ``num_heads`` and ``head_dim`` (the decoder cache's shape), and
+    overrides the hooks it needs. Without a cache the positions start at 0 and each block is rematerialised
+    when ``rt.remat``; with one, the tokens sit at ``cache.index`` and the cache comes back advanced.
+    """
+
+    def embed(self, token_embeddings: jax.Array, offset, *, rngs=None, deterministic=True) -> jax.Array:
+        """The blocks' input, from the token embeddings of positions ``offset, offset + 1, ...``."""
+        return token_embeddings
+
+    def attention_bias(self, query_length: int, key_length: int, offset) -> jax.Array | None:
+        """Added to every block's self-attention scores (``[1, heads, query_length, key_length]``), or None."""
+        return None
+
+    def finish(self, x: jax.Array, *, rngs=None, deterministic=True) -> jax.Array:
+        """The stack's output from the last block's."""
+        return x
+
+    def init_cache(self, batch_size: int, max_length: int, encoder_hidden: jax.Array | None = None,
+                   dtype=None) -> DecoderCache:
+        """An empty cache for these layers; with ``encoder_hidden``, its cross keys/values projected once."""
+        cross = None
+        if encoder_hidden is not None:
+            projected = [layer.cross_kv(encoder_hidden) for layer in self.layers]
+            cross = ([k for k, _ in projected], [v for _, v in projected])
+        return empty_cache(len(self.layers), batch_size, max_length, self.num_heads, self.head_dim,
+                           dtype or self.rt.dtype, cross)
+
+    def __call__(self, token_embeddings, mask, *, encoder_hidden=None, cross_mask=None,
+                 cache: DecoderCache | None = None, rngs=None, deterministic=True):
+        """``(output, cache)``; ``mask`` is the self-attention mask, ``cross_mask`` the encoder padding."""
+        length = token_embeddings.shape[1]
+        offset, key_length = (0, length) if cache is None else (cache.index, cache.max_length)
+        bias = self.attention_bias(length, key_length, offset)
+        x = self.embed(token_embeddings, offset, rngs=rngs, deterministic=deterministic)
+        if cache is None:
+            # rngs goes in as an argument: a remat'd function must not capture NNX state from outside.
+            def run(layer, h, m, b, e, cm, r):
+                return layer(h, m, b, e, cm, rngs=r, deterministic=deterministic)[0]
+
+            run = nnx.remat(run) if self.rt.remat else run
+            for layer in self.layers:
+                x = run(layer, x, mask, bias, encoder_hidden, cross_mask, rngs)
+        else:
+            new_keys, new_values = [], []
+            for i, layer in enumerate(self.layers):
+                cross = (cache.cross_keys[i], cache.cross_values[i]) if cache.cross_keys is not None else None
+                x, (k, v) = layer(x, mask, bias, encoder_hidden, cross_mask,
+                                  (cache.self_keys[i], cache.self_values[i], cache.index), cross,
+                                  rngs=rngs, deterministic=deterministic)
+                new_keys.append(k)
+                new_values.append(v)
+            cache = cache.replace(self_keys=tuple(new_keys), self_values=tuple(new_values),
+                                  index=cache.index + length)
+        return self.finish(x, rngs=rngs, deterministic=deterministic), cache
+
+
 class Seq2SeqLM:
-    """Mixin of the seq2seq families: ``__call__`` from ``encode`` + ``decode``; the families implement those,
-    ``init_cache`` and the two token ids."""
+    """Mixin of the seq2seq families: the interface above built on ``shared`` (the token embedding),
+    ``encoder`` and ``decoder`` (:class:`Seq2SeqStack`); a family adds :meth:`output_logits` and the two
+    token ids."""
 
     @property
     def decoder_start_token_id(self) -> int:
@@ -121,22 +224,45 @@ class Seq2SeqLM:
     def pad_token_id(self) -> int:
         return self.config.pad_token_id
 
-    def encode(self, input_ids, attention_mask=None, *, rngs=None, deterministic: bool = True) -> jax.Array:
+    def output_logits(self, hidden: jax.Array) -> jax.Array:
+        """LM logits ``[B, T, V]`` from the decoder output."""
         raise NotImplementedError
+
+    def encode(self, input_ids, attention_mask=None, *, rngs=None, deterministic: bool = True) -> jax.Array:
+        input_ids = jnp.asarray(input_ids)
+        if attention_mask is None:
+            attention_mask = jnp.ones_like(input_ids)
+        hidden, _ = self.encoder(self.shared(input_ids), padding_mask(jnp.asarray(attention_mask)),
+                                 rngs=rngs, deterministic=deterministic)
+        return hidden
 
     def init_cache(self, batch_size: int, max_length: int, encoder_hidden: jax.Array | None = None,
                    dtype=None) -> DecoderCache:
-        raise NotImplementedError
+        return self.decoder.init_cache(batch_size, max_length, encoder_hidden, dtype)
 
     def decode(self, decoder_input_ids, encoder_hidden, encoder_attention_mask=None,
                cache: DecoderCache | None = None, *, decoder_attention_mask=None, rngs=None,
                deterministic: bool = True) -> tuple[jax.Array, DecoderCache | None]:
-        raise NotImplementedError
+        decoder_input_ids = jnp.asarray(decoder_input_ids)
+        length = decoder_input_ids.shape[1]
+        if cache is None:
+            mask = causal_mask(length, length, 0, decoder_attention_mask)
+        else:
+            if decoder_attention_mask is not None:
+                raise ValueError("decoder_attention_mask is not supported with a cache (decode all rows in step)")
+            mask = causal_mask(length, cache.max_length, cache.index)
+        cross_mask = None if encoder_attention_mask is None else padding_mask(jnp.asarray(encoder_attention_mask))
+        hidden, cache = self.decoder(self.shared(decoder_input_ids), mask, encoder_hidden=encoder_hidden,
+                                     cross_mask=cross_mask, cache=cache, rngs=rngs, deterministic=deterministic)
+        return self.output_logits(hidden), cache
 
     def constrained_beam_search(self, input_ids, attention_mask, trie, num_beams: int, max_length=None):
         """``(sequences [batch, num_beams, length], scores [batch, num_beams])``: only identifiers in ``trie``
-        (a :class:`rdr_jax.decoding.PrefixTrie`), scores = summed token log-probabilities, best first."""
-        from rdr_jax.decoding.beam_search import constrained_beam_search
+        (a :class:`rdr_jax.decoding.PrefixTrie`), scores = summed token log-probabilities, best first.
+        The same as :func:`rdr_jax.decoding.constrained_beam_search` of this model."""
+        # The documented delegate to the decoding layer, which sits above the models: the one upward import
+        # of rdr_jax.models, made at call time so that importing a model never imports rdr_jax.decoding.
+        from rdr_jax.decoding import constrained_beam_search
 
         return constrained_beam_search(self, input_ids, attention_mask, trie, num_beams, max_length)
 

@@ -28,9 +28,8 @@ from rdr_jax.convert.hf_io import checkpoint_files, torch_to_numpy
 from rdr_jax.convert.mapping import Rule, embedding, linear
 from rdr_jax.models import layers as L
 from rdr_jax.models.base import ORBAX_SUBDIR, PretrainedModel, register
-from rdr_jax.models.bert import Runtime
-from rdr_jax.models.config import ModelConfig
-from rdr_jax.models.seq2seq import DecoderCache, Seq2SeqLM, causal_mask, empty_cache, write_kv
+from rdr_jax.models.config import ModelConfig, Runtime
+from rdr_jax.models.seq2seq import Seq2SeqBlock, Seq2SeqLM, Seq2SeqStack
 
 
 @dataclasses.dataclass
@@ -175,7 +174,7 @@ class T5FeedForward(nnx.Module):
         return self.wo(self.dropout(h, deterministic=deterministic, rngs=rngs))
 
 
-class T5Block(nnx.Module):
+class T5Block(Seq2SeqBlock):
     """Pre-norm block: self-attention, cross-attention (decoder only), feed-forward, each x + dropout(f(norm(x)))."""
 
     def __init__(self, config: T5Config, rt: Runtime, *, is_decoder: bool, rngs: nnx.Rngs):
@@ -191,21 +190,20 @@ class T5Block(nnx.Module):
         self.feed_forward_norm = norm()
         self.dropout = nnx.Dropout(config.dropout_rate)
 
+    def self_kv(self, h):
+        return self.self_attention.k(h), self.self_attention.v(h)
+
+    def cross_kv(self, encoder_hidden):
+        return self.cross_attention.k(encoder_hidden), self.cross_attention.v(encoder_hidden)
+
     def __call__(self, x, mask, bias, encoder_hidden=None, cross_mask=None, self_kv_cache=None, cross_kv=None,
                  *, rngs=None, deterministic=True):
-        """``self_kv_cache``: (keys, values, index) of this layer, the new keys/values being written at index.
-        Returns the output and this layer's (keys, values) for the cache."""
         drop = partial(self.dropout, deterministic=deterministic, rngs=rngs)
         h = self.self_attention_norm(x)
-        keys, values = L.heads_first(self.self_attention.k(h)), L.heads_first(self.self_attention.v(h))
-        if self_kv_cache is not None:
-            cache_keys, cache_values, index = self_kv_cache
-            keys, values = write_kv(cache_keys, keys, index), write_kv(cache_values, values, index)
+        keys, values = self.self_attention_kv(h, self_kv_cache)
         x = x + drop(self.self_attention(h, keys, values, mask, bias, rngs=rngs, deterministic=deterministic))
         if self.is_decoder:
-            if cross_kv is None:
-                cross_kv = (L.heads_first(self.cross_attention.k(encoder_hidden)),
-                            L.heads_first(self.cross_attention.v(encoder_hidden)))
+            cross_kv = self.cross_attention_kv(encoder_hidden, cross_kv)
             h = self.cross_attention_norm(x)
             x = x + drop(self.cross_attention(h, *cross_kv, cross_mask, None, rngs=rngs,
                                               deterministic=deterministic))
@@ -213,8 +211,8 @@ class T5Block(nnx.Module):
         return x, (keys, values)
 
 
-class T5Stack(nnx.Module):
-    """Encoder or decoder: blocks over already embedded tokens, then the final norm.
+class T5Stack(Seq2SeqStack):
+    """Encoder or decoder: dropout, blocks over already embedded tokens, then the final norm and dropout.
 
     The relative position bias table is a stack-level parameter (transformers stores it in block 0, which
     computes the bias that every block then reuses; the numbers are the same).
@@ -222,6 +220,7 @@ class T5Stack(nnx.Module):
 
     def __init__(self, config: T5Config, rt: Runtime, *, is_decoder: bool, rngs: nnx.Rngs):
         self.config, self.rt, self.is_decoder = config, rt, is_decoder
+        self.num_heads, self.head_dim = config.num_heads, config.d_kv
         num_layers = config.num_decoder_layers if is_decoder else config.num_layers
         self.relative_attention_bias = L.param(
             rngs, L.normal_init(config.initializer_factor * config.d_model ** -0.5),
@@ -241,30 +240,14 @@ class T5Stack(nnx.Module):
         values = jnp.take(self.relative_attention_bias[...], buckets, axis=0)  # [q, k, heads]
         return jnp.transpose(values, (2, 0, 1))[None].astype(self.rt.dtype)
 
-    def __call__(self, x, mask, bias, *, encoder_hidden=None, cross_mask=None, cache: DecoderCache | None = None,
-                 rngs=None, deterministic=True):
-        drop = partial(self.dropout, deterministic=deterministic, rngs=rngs)
-        x = drop(x)
-        new_keys, new_values = [], []
-        for i, layer in enumerate(self.layers):
-            if cache is not None:
-                cross = (cache.cross_keys[i], cache.cross_values[i]) if cache.cross_keys is not None else None
-                x, (k, v) = layer(x, mask, bias, encoder_hidden, cross_mask,
-                                  (cache.self_keys[i], cache.self_values[i], cache.index), cross,
-                                  rngs=rngs, deterministic=deterministic)
-                new_keys.append(k)
-                new_values.append(v)
-            elif self.rt.remat:
-                x, _ = nnx.remat(lambda lyr, h, m, b, e, cm: lyr(h, m, b, e, cm, rngs=rngs,
-                                                               deterministic=deterministic))(
-                    layer, x, mask, bias, encoder_hidden, cross_mask)
-            else:
-                x, _ = layer(x, mask, bias, encoder_hidden, cross_mask, rngs=rngs, deterministic=deterministic)
-        x = drop(self.final_layer_norm(x))
-        if cache is not None:
-            cache = cache.replace(self_keys=tuple(new_keys), self_values=tuple(new_values),
-                                  index=cache.index + x.shape[1])
-        return x, cache
+    def attention_bias(self, query_length, key_length, offset):
+        return self.position_bias(query_length, key_length, offset)
+
+    def embed(self, token_embeddings, offset, *, rngs=None, deterministic=True):
+        return self.dropout(token_embeddings, deterministic=deterministic, rngs=rngs)
+
+    def finish(self, x, *, rngs=None, deterministic=True):
+        return self.dropout(self.final_layer_norm(x), deterministic=deterministic, rngs=rngs)
 
 
 def _stack_rules(config: T5Config, stack: str) -> list[Rule]:
@@ -368,41 +351,7 @@ class T5ForConditionalGeneration(Seq2SeqLM, PretrainedModel):
     def decoder_start_token_id(self) -> int:
         return self.config.start_token_id
 
-    def encode(self, input_ids, attention_mask=None, *, rngs=None, deterministic=True) -> jax.Array:
-        input_ids = jnp.asarray(input_ids)
-        if attention_mask is None:
-            attention_mask = jnp.ones_like(input_ids)
-        length = input_ids.shape[1]
-        hidden, _ = self.encoder(self.shared(input_ids), L.padding_mask(jnp.asarray(attention_mask)),
-                                 self.encoder.position_bias(length, length), rngs=rngs, deterministic=deterministic)
-        return hidden
-
-    def init_cache(self, batch_size: int, max_length: int, encoder_hidden=None, dtype=None) -> DecoderCache:
-        dtype = dtype or self.runtime.dtype
-        cross = None
-        if encoder_hidden is not None:
-            layers = self.decoder.layers
-            cross = ([layer.cross_attention.k(encoder_hidden) for layer in layers],
-                     [layer.cross_attention.v(encoder_hidden) for layer in layers])
-        return empty_cache(len(self.decoder.layers), batch_size, max_length, self.config.num_heads,
-                           self.config.d_kv, dtype, cross)
-
-    def decode(self, decoder_input_ids, encoder_hidden, encoder_attention_mask=None, cache=None, *,
-               decoder_attention_mask=None, rngs=None, deterministic=True):
-        decoder_input_ids = jnp.asarray(decoder_input_ids)
-        length = decoder_input_ids.shape[1]
-        if cache is None:
-            mask = causal_mask(length, length, 0, decoder_attention_mask)
-            bias = self.decoder.position_bias(length, length)
-        else:
-            if decoder_attention_mask is not None:
-                raise ValueError("decoder_attention_mask is not supported with a cache (decode all rows in step)")
-            mask = causal_mask(length, cache.max_length, cache.index)
-            bias = self.decoder.position_bias(length, cache.max_length, cache.index)
-        cross_mask = None if encoder_attention_mask is None else L.padding_mask(jnp.asarray(encoder_attention_mask))
-        hidden, cache = self.decoder(self.shared(decoder_input_ids), mask, bias, encoder_hidden=encoder_hidden,
-                                     cross_mask=cross_mask, cache=cache, rngs=rngs, deterministic=deterministic)
+    def output_logits(self, hidden):
         if self.config.scale_decoder_outputs:
             hidden = hidden * (self.config.d_model ** -0.5)
-        logits = self.shared.attend(hidden) if self.lm_head is None else self.lm_head(hidden)
-        return logits, cache
+        return self.shared.attend(hidden) if self.lm_head is None else self.lm_head(hidden)

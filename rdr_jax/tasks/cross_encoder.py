@@ -11,7 +11,7 @@ Batch (``B`` query lists of ``K`` candidates, list ``i``'s pairs at rows ``i*K .
     labels                                      [B, K]     (losses with labels) 1 = relevant
     teacher_input_ids, ...                      [B * K, Lt] (in-step teacher with its own tokenizer)
 
-Objectives (``task.loss``; pure functions in :mod:`rdr_jax.ranking_losses`), student ``s`` = the classifier's
+Objectives (``task.loss``; pure functions in :mod:`rdr_jax.losses.ranking`), student ``s`` = the classifier's
 relevance logit:
 
 - ``distill_ranknet`` (default): xpmir's DistillRankNet, log(1 + exp(-(s_i - s_j))) over pairs t_i > t_j
@@ -50,7 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rdr_jax import ranking_losses as R
+from rdr_jax import losses as R
 from rdr_jax.convert.hf_io import resolve_model_dir
 from rdr_jax.data import readers
 from rdr_jax.data.cross_encoder_lists import CrossEncoderData

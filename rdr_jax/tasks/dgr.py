@@ -8,7 +8,7 @@ its encoder output broadcast over its K candidates). Loss::
     task.ranking_weight x ranking(s)  +  task.generation_weight x CE(gold identifier | question)
 
 ``task.ranking_loss``: ``dgr_margin`` (default; DGR's released margin hinge: m = 300, n = 100, weight 3 on
-pairs with the positive, 1/(i+1) otherwise, mean over violated pairs: :func:`rdr_jax.ranking_losses.dgr_margin_ranknet`),
+pairs with the positive, 1/(i+1) otherwise, mean over violated pairs: :func:`rdr_jax.losses.dgr_margin_ranknet`),
 ``ranknet`` (logistic loss over the same order) or ``listwise_kl`` (KL of the teacher's softmax to the
 student's). CE is the mean over the gold identifier's tokens in the batch; ``generation_weight`` 500 as
 released. (The hinge and the batch-level means are not sums over questions, so gradient accumulation only
@@ -48,12 +48,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rdr_jax import ranking_losses
+from rdr_jax import losses
 from rdr_jax.data.dgr_data import DGRData
 from rdr_jax.data.files import read_json_records
 from rdr_jax.decoding.scoring import passage_scores
-from rdr_jax.tasks.generative import (RETRIEVER, GenerativeTask, GeneratorModel, IdentifierData, identifier_mapping,
-                                      sequence_cross_entropy)
+from rdr_jax.tasks.generative import RETRIEVER, GenerativeTask, GeneratorModel, IdentifierData, identifier_mapping
 from rdr_jax.training.config import ConfigError, TaskSection, option
 from rdr_jax.training.task import TrainFiles, register_task
 
@@ -63,11 +62,11 @@ STAND_IN_TEACHERS = ("none", "lexical_overlap")
 
 def ranking_loss(name: str, scores, teacher, mask, t) -> jax.Array:
     if name == "dgr_margin":
-        return ranking_losses.dgr_margin_ranknet(scores, mask, margin=t.margin, margin_step=t.margin_step,
-                                                 positive_weight=t.positive_weight)
+        return losses.dgr_margin_ranknet(scores, mask, margin=t.margin, margin_step=t.margin_step,
+                                         positive_weight=t.positive_weight)
     if name == "ranknet":
-        return ranking_losses.dgr_ranknet(scores, mask)
-    return ranking_losses.listwise_kl(scores, teacher, mask, t.temperature)
+        return losses.dgr_ranknet(scores, mask)
+    return losses.listwise_kl(scores, teacher, mask, t.temperature)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,7 +124,7 @@ class DGRTask(GenerativeTask):
         b, k = mask.shape
         rank = ranking_loss(t.ranking_loss, scores, batch["teacher_scores"], mask, t)
         gold_mask = batch["target_mask"].reshape(b, k, -1)[:, 0] * mask[:, :1]
-        generation = sequence_cross_entropy(token[:, 0], gold_mask)
+        generation = losses.sequence_cross_entropy(token[:, 0], gold_mask)
         loss = t.ranking_weight * rank + t.generation_weight * generation
         masked = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
         return loss, {"ranking_loss": rank, "generation_loss": generation,

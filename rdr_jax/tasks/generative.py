@@ -12,8 +12,6 @@ import os
 import shutil
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 
 from rdr_jax.data.files import resolve_data_path
 from rdr_jax.data.seq2seq_inputs import build_word_tokenizer, load_seq2seq_tokenizer, read_passages
@@ -186,9 +184,3 @@ class GenerativeTask(FileDataTask):
         if tsv is not None and tsv.is_file():
             shutil.copyfile(tsv, target / IDENTIFIERS_TSV)
         return [written]
-
-
-def sequence_cross_entropy(token_log_probs: jax.Array, mask: jax.Array) -> jax.Array:
-    """Mean negative log-likelihood over the unmasked target tokens (0 when there are none)."""
-    mask = mask.astype(jnp.float32)
-    return -jnp.sum(token_log_probs * mask) / jnp.maximum(jnp.sum(mask), 1.0)

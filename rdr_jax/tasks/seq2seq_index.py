@@ -32,12 +32,12 @@ from typing import Iterator
 import jax.numpy as jnp
 import numpy as np
 
+from rdr_jax import losses
 from rdr_jax.data.batching import DevBatches
 from rdr_jax.data.files import read_json_records
 from rdr_jax.data.indexing_data import IndexingData, MixedIterator, QueryDevSet
 from rdr_jax.decoding.scoring import identifier_token_log_probs
-from rdr_jax.tasks.generative import (RETRIEVER, GenerativeTask, GeneratorModel, IdentifierData, identifier_mapping,
-                                      sequence_cross_entropy)
+from rdr_jax.tasks.generative import RETRIEVER, GenerativeTask, GeneratorModel, IdentifierData, identifier_mapping
 from rdr_jax.training.config import ConfigError, TaskSection, option
 from rdr_jax.training.task import register_task
 
@@ -109,10 +109,10 @@ class Seq2SeqIndexTask(GenerativeTask):
         mask = batch["target_mask"].astype(bool)
         query = batch["is_query"].astype(bool)[:, None] & mask
         index = ~batch["is_query"].astype(bool)[:, None] & mask
-        loss = sequence_cross_entropy(token, mask)
+        loss = losses.sequence_cross_entropy(token, mask)
         exact = jnp.all(correct | ~mask, axis=-1).astype(jnp.float32)   # every identifier token is the argmax
-        return loss, {"query_loss": sequence_cross_entropy(token, query),
-                      "index_loss": sequence_cross_entropy(token, index),
+        return loss, {"query_loss": losses.sequence_cross_entropy(token, query),
+                      "index_loss": losses.sequence_cross_entropy(token, index),
                       "token_accuracy": jnp.sum(correct) / jnp.maximum(jnp.sum(mask), 1),
                       "exact_match": jnp.mean(exact)}
 

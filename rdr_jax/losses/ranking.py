@@ -1,6 +1,6 @@
 """Ranking and distillation objectives for cross-encoders and generative retrievers, as pure functions.
 
-Same conventions as :mod:`rdr_jax.losses` (into which this module is meant to fold): float32 whatever the
+Same conventions as the DPR/RDR objectives (:mod:`rdr_jax.losses.contrastive`): float32 whatever the
 model's dtype; lists are padded to a fixed K with a boolean ``mask`` [B, K] (True = a real entry); masked
 entries are replaced with ``jnp.where`` (by 0, or by the float32 minimum inside softmaxes, never ``-inf``)
 *before* any arithmetic, so padding — even NaN or inf padding — gets exactly zero gradient and fully
@@ -22,19 +22,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from rdr_jax.losses import rdr_kl
-
-_NEG = jnp.finfo(jnp.float32).min
+from rdr_jax.losses.contrastive import rdr_kl
+from rdr_jax.losses.masking import NEG, masked_mean
 
 
 def _mask_or_all(scores: jax.Array, mask: jax.Array | None) -> jax.Array:
     return jnp.ones(scores.shape, bool) if mask is None else jnp.broadcast_to(mask.astype(bool), scores.shape)
-
-
-def _masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
-    """Mean of ``values`` where ``mask``; 0 when nothing is selected."""
-    mask = mask.astype(jnp.float32)
-    return jnp.sum(jnp.where(mask > 0, values, 0.0)) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
 def _valid_pairs(mask: jax.Array) -> jax.Array:
@@ -62,10 +55,10 @@ def distill_ranknet(student: jax.Array, teacher: jax.Array, mask: jax.Array | No
     # log(1 + exp(-(s_i - s_j))) = softplus(s_j - s_i), stable for large margins
     losses = jnp.where(pairs, jax.nn.softplus(s[:, None, :] - s[:, :, None]), 0.0)
     if not per_query:
-        return _masked_mean(losses, pairs)
+        return masked_mean(losses, pairs)
     counts = jnp.sum(pairs, axis=(1, 2)).astype(jnp.float32)
     per_row = jnp.sum(losses, axis=(1, 2)) / jnp.maximum(counts, 1.0)
-    return _masked_mean(per_row, counts > 0)
+    return masked_mean(per_row, counts > 0)
 
 
 def margin_mse(student_pos: jax.Array, student_neg: jax.Array, teacher_pos: jax.Array, teacher_neg: jax.Array,
@@ -80,7 +73,7 @@ def margin_mse(student_pos: jax.Array, student_neg: jax.Array, teacher_pos: jax.
     f32 = lambda x: jnp.asarray(x, jnp.float32)
     diff = (f32(student_pos) - f32(student_neg)) - (f32(teacher_pos) - f32(teacher_neg))
     valid = _mask_or_all(diff, mask)
-    return _masked_mean(jnp.square(jnp.where(valid, diff, 0.0)), valid)
+    return masked_mean(jnp.square(jnp.where(valid, diff, 0.0)), valid)
 
 
 def margin_mse_list(student: jax.Array, teacher: jax.Array, mask: jax.Array | None = None) -> jax.Array:
@@ -110,11 +103,11 @@ def infonce(scores: jax.Array, positive_index: jax.Array | int | None = 0, mask:
     out. The mean is over the rows that count.
     """
     mask = _mask_or_all(scores, mask)
-    logits = jnp.where(mask, scores.astype(jnp.float32) / temperature, _NEG)
+    logits = jnp.where(mask, scores.astype(jnp.float32) / temperature, NEG)
     log_probs = jax.nn.log_softmax(logits, axis=-1)
     if labels is not None:
         positives = labels.astype(bool) & mask
-        log_p_pos = jax.nn.logsumexp(jnp.where(positives, log_probs, _NEG), axis=-1)
+        log_p_pos = jax.nn.logsumexp(jnp.where(positives, log_probs, NEG), axis=-1)
         row_valid = jnp.any(positives, axis=-1)
     else:
         index = jnp.broadcast_to(jnp.asarray(0 if positive_index is None else positive_index, jnp.int32),
@@ -122,7 +115,7 @@ def infonce(scores: jax.Array, positive_index: jax.Array | int | None = 0, mask:
         safe = jnp.clip(index, 0, scores.shape[-1] - 1)
         log_p_pos = jnp.take_along_axis(log_probs, safe[:, None], axis=-1)[:, 0]
         row_valid = (index >= 0) & jnp.take_along_axis(mask, safe[:, None], axis=-1)[:, 0]
-    return _masked_mean(-log_p_pos, row_valid)
+    return masked_mean(-log_p_pos, row_valid)
 
 
 def pointwise_bce(logits: jax.Array, labels: jax.Array, mask: jax.Array | None = None) -> jax.Array:
@@ -136,7 +129,7 @@ def pointwise_bce(logits: jax.Array, labels: jax.Array, mask: jax.Array | None =
     x = jnp.where(valid, logits.astype(jnp.float32), 0.0)
     y = jnp.where(valid, jnp.asarray(labels, jnp.float32), 0.0)
     values = jnp.maximum(x, 0.0) - x * y + jnp.log1p(jnp.exp(-jnp.abs(x)))
-    return _masked_mean(values, valid)
+    return masked_mean(values, valid)
 
 
 def listwise_kl(student: jax.Array, teacher: jax.Array, mask: jax.Array | None = None,

@@ -1,4 +1,5 @@
-"""Training objectives as pure functions of arrays.
+"""DPR and RDR objectives (in-batch negatives, reader-to-retriever distillation, the DPR reader) as pure
+functions of arrays.
 
 Each is computed in float32 whatever the model's compute dtype, and masks use ``jnp.where`` with the
 float32 minimum (never ``-inf``), so fully padded rows cannot produce NaNs.
@@ -12,14 +13,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-_NEG = jnp.finfo(jnp.float32).min
-
-
-def _masked_mean(values: jax.Array, mask: jax.Array | None) -> jax.Array:
-    if mask is None:
-        return jnp.mean(values)
-    mask = mask.astype(jnp.float32)
-    return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+from rdr_jax.losses.masking import NEG, masked_mean
 
 
 def dot_scores(q_emb: jax.Array, p_emb: jax.Array) -> jax.Array:
@@ -52,10 +46,10 @@ def dpr_nll_from_scores(scores: jax.Array, positive_index: jax.Array, valid: jax
     """``dpr_nll`` given the score matrix [B, N]."""
     scores = scores.astype(jnp.float32)
     if passage_mask is not None:
-        scores = jnp.where(passage_mask.astype(bool)[None, :], scores, _NEG)
+        scores = jnp.where(passage_mask.astype(bool)[None, :], scores, NEG)
     log_probs = jax.nn.log_softmax(scores, axis=-1)
     nll = -jnp.take_along_axis(log_probs, positive_index[:, None].astype(jnp.int32), axis=-1)[:, 0]
-    return _masked_mean(nll, valid)
+    return masked_mean(nll, valid)
 
 
 def in_batch_accuracy(scores: jax.Array, positive_index: jax.Array, valid: jax.Array | None = None) -> jax.Array:
@@ -63,7 +57,7 @@ def in_batch_accuracy(scores: jax.Array, positive_index: jax.Array, valid: jax.A
     correct = (jnp.argmax(scores, axis=-1) == positive_index).astype(jnp.float32)
     if valid is None:
         valid = positive_index >= 0
-    return _masked_mean(correct, valid)
+    return masked_mean(correct, valid)
 
 
 def rdr_kl(student_scores: jax.Array, teacher_scores: jax.Array, mask: jax.Array | None = None,
@@ -82,13 +76,13 @@ def rdr_kl(student_scores: jax.Array, teacher_scores: jax.Array, mask: jax.Array
     if mask is None:
         mask = jnp.ones(s.shape, bool)
     mask = mask.astype(bool)
-    s = jnp.where(mask, s, _NEG)
-    t = jnp.where(mask, t, _NEG)
+    s = jnp.where(mask, s, NEG)
+    t = jnp.where(mask, t, NEG)
     log_ps = jax.nn.log_softmax(s, axis=-1)
     log_pt = jax.nn.log_softmax(t, axis=-1)
     pt = jnp.exp(log_pt)
     per_question = jnp.sum(jnp.where(mask, pt * (log_pt - log_ps), 0.0), axis=-1)
-    loss = _masked_mean(per_question, jnp.any(mask, axis=-1))
+    loss = masked_mean(per_question, jnp.any(mask, axis=-1))
     if scale_by_temperature_squared:
         loss = loss * temperature ** 2
     return loss
@@ -109,14 +103,14 @@ def reader_losses(start_logits: jax.Array, end_logits: jax.Array, relevance_logi
     relevance = jax.nn.log_softmax(relevance_logits.astype(jnp.float32), axis=-1)
     relevance_loss = -jnp.mean(relevance[:, 0])
     text = text_mask[:, 0].astype(bool)
-    log_start = jax.nn.log_softmax(jnp.where(text, start_logits[:, 0].astype(jnp.float32), _NEG), axis=-1)
-    log_end = jax.nn.log_softmax(jnp.where(text, end_logits[:, 0].astype(jnp.float32), _NEG), axis=-1)
+    log_start = jax.nn.log_softmax(jnp.where(text, start_logits[:, 0].astype(jnp.float32), NEG), axis=-1)
+    log_end = jax.nn.log_softmax(jnp.where(text, end_logits[:, 0].astype(jnp.float32), NEG), axis=-1)
     span_ll = (jnp.take_along_axis(log_start, span_starts.astype(jnp.int32), axis=-1)
                + jnp.take_along_axis(log_end, span_ends.astype(jnp.int32), axis=-1))
     spans = span_mask.astype(bool)
-    marginal = jax.nn.logsumexp(jnp.where(spans, span_ll, _NEG), axis=-1)
+    marginal = jax.nn.logsumexp(jnp.where(spans, span_ll, NEG), axis=-1)
     has_span = jnp.any(spans, axis=-1)
-    span_loss = _masked_mean(jnp.where(has_span, -marginal, 0.0), has_span)
+    span_loss = masked_mean(jnp.where(has_span, -marginal, 0.0), has_span)
     metrics = {"relevance_loss": relevance_loss, "span_loss": span_loss,
                "relevance_accuracy": jnp.mean((jnp.argmax(relevance_logits, axis=-1) == 0).astype(jnp.float32))}
     return relevance_loss, span_loss, metrics

@@ -50,7 +50,7 @@ def check_destination(dst: Path, to: str, src: Path | None = None) -> None:
         raise ValueError(f"DST {dst}: is SRC itself; give another directory")
     found = destination_format(dst)
     if found not in ("empty", to):
-        what = "a non-empty directory that is not a checkpoint" if found is None else f"a {found} checkpoint"
+        what = "a non-empty directory that is not a checkpoint" if found is None else f"an {found} checkpoint" if found == "orbax" else f"a {found} checkpoint"
         raise ValueError(f"DST {dst}: is {what}; writing --to {to} there would mix formats, give a new or empty "
                          "directory")
 

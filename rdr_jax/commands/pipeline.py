@@ -78,24 +78,6 @@ def embedding_dim(model) -> int:
     return getattr(model.config, "projection_dim", 0) or model.config.hidden_size
 
 
-def count_passages(path: Path) -> int | None:
-    """Row count for the progress bar's total, for files small enough to scan quickly (a last line without a
-    newline counts; a header row does not)."""
-    from rdr_jax.data.readers import dpr_passages_header
-
-    if path.suffix == ".gz" or path.stat().st_size > 2 << 30:
-        return None
-    lines, last = 0, b"\n"
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            lines += chunk.count(b"\n")
-            last = chunk[-1:]
-    lines += last != b"\n"
-    with open(path, "rb") as f:
-        first = f.readline().decode("utf-8", "replace").rstrip("\r\n").split("\t")
-    return lines - int(dpr_passages_header(first) is not None)
-
-
 # ---- encode -------------------------------------------------------------------------------------------------
 
 def add_encode_arguments(p):
@@ -112,22 +94,31 @@ def add_encode_arguments(p):
 
 
 def run_encode(args) -> int:
+    from tqdm import tqdm
+
     from rdr_jax.data.readers import read_dpr_passages
-    from rdr_jax.retrieval.encode import Encoder, corpus_fingerprint, encode_corpus
+    from rdr_jax.retrieval.encode import Encoder, check_encoding_dir, corpus_fingerprint, encode_corpus
 
     passages = input_file("--passages", args.passages)
     if args.process_index >= args.process_count:
         raise ValueError(f"--process-index {args.process_index} must be below --process-count {args.process_count}")
     out = output_dir("--out", args.out, marker="meta.json", what="an encoding directory")
-    first = next(iter(read_dpr_passages(passages)), None)  # an empty corpus fails here, before any work
-    if first is None:
+    corpus = corpus_fingerprint(passages)
+    check_encoding_dir(out, model_name=str(args.model), max_length=args.max_length, shard_size=args.shard_size,
+                       fp16=args.fp16, shard_count=args.process_count, corpus=corpus)
+    # One reading pass before any work: a malformed row, bad UTF-8 or a duplicate id at row 20M fails now,
+    # not hours into the encoding (and the count is the progress bar's total).
+    total = sum(1 for _ in tqdm(read_dpr_passages(passages), desc="checking passages", unit=" rows",
+                                mininterval=2.0, delay=2.0))
+    if total == 0:
         raise ValueError(f"--passages {passages}: no passages (empty or header-only file)")
     model, tokenizer = load_encoder(args.model, "ctx", args.dtype, args.max_length)
-    out = encode_corpus(Encoder(model, args.batch_size), tokenizer, read_dpr_passages(passages), out,
+    out = encode_corpus(Encoder(model, args.batch_size), tokenizer,
+                        read_dpr_passages(passages, check_duplicates=False), out,
                         max_length=args.max_length, shard_size=args.shard_size, fp16=args.fp16,
-                        total=count_passages(passages), model_name=str(args.model),
+                        total=total, model_name=str(args.model),
                         shard_index=args.process_index, shard_count=args.process_count,
-                        corpus=corpus_fingerprint(passages))
+                        corpus=corpus)
     meta = json.loads((out / "meta.json").read_text())
     if not meta.get("complete"):
         print(f"encoded this job's shards into {out}; the encoding completes when every job has finished")
@@ -241,12 +232,12 @@ def usable_ks(requested, depth: int, *, explicit: bool) -> list[int]:
 
     ks = [k for k in requested if k <= depth]
     dropped = [k for k in requested if k > depth]
-    if dropped and explicit:
-        print(f"warning: --k {' '.join(map(str, dropped))}: the results hold at most {depth} passages per "
-              f"question; {', '.join(f'Top-{k}' for k in dropped)} left out", file=sys.stderr)
     if not ks:
         raise ValueError(f"--k {' '.join(map(str, requested))}: deeper than the results (at most {depth} "
                          "passages per question)")
+    if dropped and explicit:
+        print(f"warning: --k {' '.join(map(str, dropped))}: the results hold at most {depth} passages per "
+              f"question; {', '.join(f'Top-{k}' for k in dropped)} left out", file=sys.stderr)
     return ks
 
 

@@ -141,6 +141,29 @@ def _same_corpus(recorded: dict, corpus: dict) -> bool:
     return all(recorded.get(k) == corpus.get(k) for k in ("size", "sha256_head_tail"))
 
 
+def check_encoding_dir(out_dir: Path, *, model_name: str, max_length: int, shard_size: int, fp16: bool,
+                       shard_count: int = 1, corpus: dict | None = None) -> dict:
+    """The settings an encoding records; refuses an ``out_dir`` holding an encoding made with other settings
+    or of another corpus (callers check this before loading the model)."""
+    settings = {"model": model_name, "max_length": max_length, "shard_size": shard_size,
+                "dtype": "float16" if fp16 else "float32"}
+    if shard_count > 1:
+        settings["process_shards"] = shard_count
+    meta_path = Path(out_dir) / META
+    if meta_path.is_file():
+        previous = json.loads(meta_path.read_text())
+        changed = {k: (previous.get(k), v) for k, v in settings.items() if previous.get(k) != v}
+        if changed:
+            raise ValueError(f"{out_dir}: holds an encoding made with other settings {changed}; "
+                             "use another output directory")
+        recorded = previous.get("corpus")
+        if corpus is not None and recorded is not None and not _same_corpus(recorded, corpus):
+            raise ValueError(f"{out_dir}: holds an encoding of another corpus ({recorded.get('path')}, "
+                             f"{recorded.get('size')} bytes), not {corpus['path']} ({corpus['size']} bytes); "
+                             "use another output directory")
+    return settings
+
+
 def encode_corpus(encoder: Encoder, tokenizer, passages: Iterable[dict], out_dir: str | os.PathLike, *,
                   max_length: int = 256, shard_size: int = 50_000, fp16: bool = False, total: int | None = None,
                   model_name: str = "", buckets=DEFAULT_BUCKETS, progress: bool = True, shard_index: int = 0,
@@ -161,22 +184,9 @@ def encode_corpus(encoder: Encoder, tokenizer, passages: Iterable[dict], out_dir
     if shard_size < 1 or max_length < 1:
         raise ValueError(f"shard_size ({shard_size}) and max_length ({max_length}) must be >= 1")
     out_dir = Path(out_dir)
-    settings = {"model": model_name, "max_length": max_length, "shard_size": shard_size,
-                "dtype": "float16" if fp16 else "float32"}
-    if shard_count > 1:
-        settings["process_shards"] = shard_count
+    settings = check_encoding_dir(out_dir, model_name=model_name, max_length=max_length, shard_size=shard_size,
+                                  fp16=fp16, shard_count=shard_count, corpus=corpus)
     meta_path = out_dir / META
-    if meta_path.is_file():
-        previous = json.loads(meta_path.read_text())
-        changed = {k: (previous.get(k), v) for k, v in settings.items() if previous.get(k) != v}
-        if changed:
-            raise ValueError(f"{out_dir}: holds an encoding made with other settings {changed}; "
-                             "use another output directory")
-        recorded = previous.get("corpus")
-        if corpus is not None and recorded is not None and not _same_corpus(recorded, corpus):
-            raise ValueError(f"{out_dir}: holds an encoding of another corpus ({recorded.get('path')}, "
-                             f"{recorded.get('size')} bytes), not {corpus['path']} ({corpus['size']} bytes); "
-                             "use another output directory")
     passages = iter(passages)
     first = next(passages, None)
     if first is None:

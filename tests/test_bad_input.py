@@ -350,3 +350,12 @@ def test_generate_prints_no_stray_json():
     from rdr_jax.commands import generate
 
     assert "json.dumps" not in inspect.getsource(generate.run)
+
+
+def test_write_results_leaves_no_temporary_file(tmp_path):
+    from rdr_jax.retrieval.retrieve import write_results
+
+    (tmp_path / "out").mkdir()
+    with pytest.raises(OSError):
+        write_results(tmp_path / "out", [])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

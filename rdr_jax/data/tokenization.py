@@ -34,14 +34,13 @@ def load_tokenizer(model_dir: str | os.PathLike, *, tokenizer_dir: str | os.Path
     read from ``tokenizer_dir`` when given (checked against ``model_dir``'s config.json).
     """
     import json
-    from pathlib import Path
 
     from transformers import AutoTokenizer
 
-    model_dir = Path(model_dir)
-    source = Path(tokenizer_dir) if tokenizer_dir is not None else model_dir
-    if not source.is_dir():
-        raise FileNotFoundError(f"{source}: no such tokenizer directory")
+    from rdr_jax.convert.hf_io import resolve_model_dir
+
+    model_dir = resolve_model_dir(model_dir)  # a directory, or a hub name in the local cache
+    source = resolve_model_dir(tokenizer_dir) if tokenizer_dir is not None else model_dir
     if not any((source / name).is_file() for name in VOCABULARY_FILES + ("tokenizer_config.json",)):
         raise ValueError(f"{source}: no tokenizer files (none of {', '.join(VOCABULARY_FILES)}); save the model "
                          "with save_pretrained(dir, tokenizer=...) or copy its base model's tokenizer files there")

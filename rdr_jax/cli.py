@@ -13,6 +13,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from rdr_jax.commands import COMMANDS  # noqa: E402
 
+MAX_MESSAGE_CHARS = 600
+
 EPILOG = """examples:
   rdr-jax demo --workdir runs/demo
   rdr-jax convert facebook-dpr-ctx_encoder-single-nq-base/ ctx_jax/ --to orbax
@@ -55,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "debug", False):
             raise
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if len(message) > MAX_MESSAGE_CHARS:  # e.g. a long list of checkpoint keys: --debug has it all
+            message = message[:MAX_MESSAGE_CHARS] + " ... (--debug shows all)"
         print(f"rdr-jax {args.command}: error: {message}", file=sys.stderr)
         return 2
 

@@ -23,11 +23,44 @@ def add_arguments(p):
                    help="tensor dtype of the written HF weights (default: as loaded, float32)")
 
 
+HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def destination_format(path: Path) -> str | None:
+    """"hf" or "orbax" for a checkpoint directory written by save_pretrained, "empty", or None for anything
+    else (an encoding, an index, other files)."""
+    from rdr_jax.models.base import ORBAX_SUBDIR
+
+    if not path.is_dir() or not any(path.iterdir()):
+        return "empty"
+    if not (path / "config.json").is_file():
+        return None
+    if (path / ORBAX_SUBDIR).is_dir():
+        return None if any((path / name).exists() for name in HF_WEIGHTS) else "orbax"
+    return "hf" if any((path / name).is_file() for name in HF_WEIGHTS) else None
+
+
+def check_destination(dst: Path, to: str, src: Path | None = None) -> None:
+    """Refuse a destination that would mix formats: a file, or a non-empty directory that is not a checkpoint
+    of the format being written (an orbax checkpoint, an encoding, an index...)."""
+    from rdr_jax.commands.args import output_dir
+
+    output_dir("DST", dst)
+    if src is not None and dst.exists() and src.resolve() == dst.resolve():
+        raise ValueError(f"DST {dst}: is SRC itself; give another directory")
+    found = destination_format(dst)
+    if found not in ("empty", to):
+        what = "a non-empty directory that is not a checkpoint" if found is None else f"an {found} checkpoint" if found == "orbax" else f"a {found} checkpoint"
+        raise ValueError(f"DST {dst}: is {what}; writing --to {to} there would mix formats, give a new or empty "
+                         "directory")
+
+
 def run(args) -> int:
     import rdr_jax
     from rdr_jax.convert.hf_io import copy_tokenizer_files, resolve_model_dir
     from rdr_jax.models import MODEL_CLASSES
 
+    check_destination(Path(args.dst), args.to, resolve_model_dir(args.src))
     if args.as_class:
         if args.as_class not in MODEL_CLASSES:
             raise ValueError(f"--as {args.as_class}: unknown class; choose from {', '.join(sorted(MODEL_CLASSES))}")

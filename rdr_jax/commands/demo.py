@@ -18,6 +18,8 @@ import json
 import time
 from pathlib import Path
 
+from rdr_jax.commands.args import output_dir, positive_int
+
 HELP = """Run the embedded end-to-end demo: DPR encoders from the real MiniLM checkpoint, a reader trained
 as the teacher, RDR distillation into the question encoder, and top-1/5/20 answer recall on the embedded
 dev split before and after. Writes WORKDIR/results.json and WORKDIR/recall.png. A rerun reuses the steps
@@ -33,12 +35,12 @@ PLOT_KS = tuple(range(1, 21))
 
 def add_arguments(p):
     p.add_argument("--workdir", default="runs/demo", help="where everything is written (default runs/demo)")
-    p.add_argument("--batch-size", type=int, default=64, help="encoding batch size (default 64)")
-    p.add_argument("--train-questions", type=int, default=320,
+    p.add_argument("--batch-size", type=positive_int, default=64, help="encoding batch size (default 64)")
+    p.add_argument("--train-questions", type=positive_int, default=320,
                    help="train questions whose top-k passages the reader scores for RDR (default 320)")
-    p.add_argument("--top-k", type=int, default=8, help="passages per train question for RDR (default 8)")
-    p.add_argument("--reader-steps", type=int, default=None, help="override the reader's train.steps")
-    p.add_argument("--rdr-steps", type=int, default=None, help="override RDR's train.steps")
+    p.add_argument("--top-k", type=positive_int, default=8, help="passages per train question for RDR (default 8)")
+    p.add_argument("--reader-steps", type=positive_int, default=None, help="override the reader's train.steps")
+    p.add_argument("--rdr-steps", type=positive_int, default=None, help="override RDR's train.steps")
 
 
 def minilm_dir() -> Path:
@@ -62,7 +64,7 @@ def configs_dir() -> Path:
 class Demo:
     def __init__(self, args):
         self.args = args
-        self.work = Path(args.workdir).resolve()
+        self.work = output_dir("--workdir", args.workdir).resolve()
         self.work.mkdir(parents=True, exist_ok=True)
         self.timings: dict[str, float] = {}
         from rdr_jax.data.embedded_data import embedded_dir

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from rdr_jax.commands.args import (check_architecture, check_max_length, input_file, int_at_least, model_config,
+                                   output_file, positive_int)
+
+SEQ2SEQ = ("T5ForConditionalGeneration", "BartForConditionalGeneration")
 
 HELP = """Retrieve passages with a generative retriever: trie-constrained beam search over the passage
 identifiers, each beam's identifier mapped to its passages (score = the beam's summed log-probability).
@@ -29,12 +33,12 @@ def add_arguments(p):
     p.add_argument("--passages", required=True, help="passages TSV: id<TAB>text<TAB>title (header optional)")
     p.add_argument("--out", required=True, help="output retriever-results JSON")
     p.add_argument("--run-out", default=None, help="also write a TREC run (qid = question's line number, from 0)")
-    p.add_argument("--num-beams", type=int, default=10, help="beams = identifiers per question (default 10)")
-    p.add_argument("--max-length", type=int, default=None,
+    p.add_argument("--num-beams", type=positive_int, default=10, help="beams = identifiers per question (default 10)")
+    p.add_argument("--max-length", type=positive_int, default=None,
                    help="most identifier tokens generated, EOS included (default: the longest identifier)")
-    p.add_argument("--max-question-length", type=int, default=64, help="question tokens (default 64)")
-    p.add_argument("--batch-size", type=int, default=16, help="questions per step (default 16)")
-    p.add_argument("--k", type=int, nargs="+", default=[1, 5, 10, 20, 100], help="k values of the printed recall")
+    p.add_argument("--max-question-length", type=int_at_least(2), default=64, help="question tokens (default 64)")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="questions per step (default 16)")
+    p.add_argument("--k", type=positive_int, nargs="+", default=[1, 5, 10, 20, 100], help="k values of the printed recall")
     p.add_argument("--match", choices=("string", "regex"), default="string",
                    help="has_answer rule: string (NQ, TriviaQA) or regex (CuratedTREC)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
@@ -51,9 +55,14 @@ def run(args) -> int:
     if bool(args.qa) == bool(args.gold):
         raise ValueError("give either --qa (questions to retrieve for) or --gold (training questions for "
                          "distillation candidates)")
-    for option, path in (("--qa", args.qa), ("--gold", args.gold), ("--passages", args.passages)):
-        if path and not Path(path).is_file():
-            raise FileNotFoundError(f"{option} {path}: no such file")
+    for option, path in (("--qa", args.qa), ("--gold", args.gold), ("--passages", args.passages),
+                         ("--identifiers", args.identifiers)):
+        input_file(option, path)
+    output_file("--out", args.out)
+    output_file("--run-out", args.run_out)
+    model_dir, config = model_config("--model", args.model)
+    check_architecture("--model", model_dir, config, SEQ2SEQ, "a T5/BART generation model")
+    check_max_length("--model", args.max_question_length, model_dir, config, flag="--max-question-length")
     questions = list(read_dpr_training(args.gold)) if args.gold else list(read_qa(args.qa))
     if not questions:
         raise ValueError(f"{'--gold' if args.gold else '--qa'} {args.gold or args.qa}: no questions")
@@ -71,7 +80,6 @@ def run(args) -> int:
     ks = [k for k in args.k if k <= args.num_beams] or [args.num_beams]
     recall = recall_of_results(results, ks)
     print(format_results_table({"generative": recall}))
-    print(json.dumps({"recall": recall}))
     what = "distillation candidates" if args.gold else "results"
     print(f"wrote {what} for {len(results)} questions to {args.out}")
     return 0

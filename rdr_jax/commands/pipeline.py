@@ -6,6 +6,9 @@ import json
 import os
 from pathlib import Path
 
+from rdr_jax.commands.args import (check_architecture, check_max_length, check_room_for_text, input_file,
+                                   model_config, nonnegative_int, output_dir, output_file, positive_int)
+
 ENCODE_HELP = """Encode a passages TSV (DPR layout: id, text, title) with a DPR context encoder into embedding
 shards, data-parallel over all local devices. Resumable: rerunning the same command continues after the
 last complete shard. Several jobs (hosts) can share a corpus with --process-index/--process-count.
@@ -37,8 +40,9 @@ examples:
 
 
 def _add_model_runtime(p, *, max_length: int, batch_size: int) -> None:
-    p.add_argument("--batch-size", type=int, default=batch_size, help=f"rows per step (default {batch_size})")
-    p.add_argument("--max-length", type=int, default=max_length, help=f"max tokens (default {max_length})")
+    p.add_argument("--batch-size", type=positive_int, default=batch_size, help=f"rows per step (default {batch_size})")
+    p.add_argument("--max-length", type=positive_int, default=max_length,
+                   help=f"max tokens (default {max_length}; at most the model's max_position_embeddings)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="compute dtype (bfloat16 on accelerators)")
 
@@ -49,26 +53,29 @@ def _dtype(name: str):
     return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
 
 
-def load_encoder(model_dir, cls_name: str, dtype: str):
-    """A DPR encoder from a DPR or plain BERT checkpoint, with its tokenizer."""
-    from rdr_jax.convert.hf_io import resolve_model_dir
+ENCODERS = ("DPRContextEncoder", "DPRQuestionEncoder", "BertModel")
+
+
+def load_encoder(model_dir, cls_name: str, dtype: str, max_length: int | None = None):
+    """A DPR encoder from a DPR or plain BERT checkpoint, with its tokenizer. Refuses another family or
+    architecture, a directory without its tokenizer, and a ``max_length`` the model cannot take, before the
+    weights are read."""
     from rdr_jax.data.tokenization import load_tokenizer
     from rdr_jax.models import DPRContextEncoder, DPRQuestionEncoder
 
-    model_dir = resolve_model_dir(model_dir)
+    model_dir, config = model_config("--model", model_dir)
+    check_architecture("--model", model_dir, config, ENCODERS, "a DPR encoder")
+    if max_length is not None:
+        check_max_length("--model", max_length, model_dir, config)
+    tokenizer = load_tokenizer(model_dir)
+    if max_length is not None:
+        check_room_for_text(max_length, tokenizer, pair=cls_name == "ctx")
     cls = {"ctx": DPRContextEncoder, "question": DPRQuestionEncoder}[cls_name]
-    return cls.from_pretrained(model_dir, dtype=_dtype(dtype)), load_tokenizer(model_dir)
+    return cls.from_pretrained(model_dir, dtype=_dtype(dtype), allow_fresh_heads=False), tokenizer
 
 
-def count_passages(path: Path) -> int | None:
-    """Line count for the progress bar's total, for files small enough to scan quickly."""
-    if path.suffix == ".gz" or path.stat().st_size > 2 << 30:
-        return None
-    with open(path, "rb") as f:
-        lines = sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 24), b""))
-    with open(path, encoding="utf-8") as f:
-        header = f.readline().lower().startswith("id\t")
-    return lines - int(header)
+def embedding_dim(model) -> int:
+    return getattr(model.config, "projection_dim", 0) or model.config.hidden_size
 
 
 # ---- encode -------------------------------------------------------------------------------------------------
@@ -77,27 +84,41 @@ def add_encode_arguments(p):
     p.add_argument("--model", required=True, help="DPR context encoder (or BERT) checkpoint directory")
     p.add_argument("--passages", required=True, help="passages TSV: id<TAB>text<TAB>title (header optional)")
     p.add_argument("--out", required=True, help="output directory for embedding shards")
-    p.add_argument("--shard-size", type=int, default=50_000, help="passages per shard file (default 50000)")
+    p.add_argument("--shard-size", type=positive_int, default=50_000, help="passages per shard file (default 50000)")
     p.add_argument("--fp16", action="store_true", help="store embeddings as float16 (half the disk)")
-    p.add_argument("--process-index", type=int, default=0,
+    p.add_argument("--process-index", type=nonnegative_int, default=0,
                    help="split the corpus over independent jobs: this job's index (default 0)")
-    p.add_argument("--process-count", type=int, default=1,
+    p.add_argument("--process-count", type=positive_int, default=1,
                    help="number of jobs sharing the corpus; each encodes every N-th shard (default 1)")
     _add_model_runtime(p, max_length=256, batch_size=128)
 
 
 def run_encode(args) -> int:
-    from rdr_jax.data.readers import read_dpr_passages
-    from rdr_jax.retrieval.encode import Encoder, encode_corpus
+    from tqdm import tqdm
 
-    passages = Path(args.passages)
-    if not passages.is_file():
-        raise FileNotFoundError(f"--passages {passages}: no such file")
-    model, tokenizer = load_encoder(args.model, "ctx", args.dtype)
-    out = encode_corpus(Encoder(model, args.batch_size), tokenizer, read_dpr_passages(passages), args.out,
+    from rdr_jax.data.readers import read_dpr_passages
+    from rdr_jax.retrieval.encode import Encoder, check_encoding_dir, corpus_fingerprint, encode_corpus
+
+    passages = input_file("--passages", args.passages)
+    if args.process_index >= args.process_count:
+        raise ValueError(f"--process-index {args.process_index} must be below --process-count {args.process_count}")
+    out = output_dir("--out", args.out, marker="meta.json", what="an encoding directory")
+    corpus = corpus_fingerprint(passages)
+    check_encoding_dir(out, model_name=str(args.model), max_length=args.max_length, shard_size=args.shard_size,
+                       fp16=args.fp16, shard_count=args.process_count, corpus=corpus)
+    # One reading pass before any work: a malformed row, bad UTF-8 or a duplicate id at row 20M fails now,
+    # not hours into the encoding (and the count is the progress bar's total).
+    total = sum(1 for _ in tqdm(read_dpr_passages(passages), desc="checking passages", unit=" rows",
+                                mininterval=2.0, delay=2.0))
+    if total == 0:
+        raise ValueError(f"--passages {passages}: no passages (empty or header-only file)")
+    model, tokenizer = load_encoder(args.model, "ctx", args.dtype, args.max_length)
+    out = encode_corpus(Encoder(model, args.batch_size), tokenizer,
+                        read_dpr_passages(passages, check_duplicates=False), out,
                         max_length=args.max_length, shard_size=args.shard_size, fp16=args.fp16,
-                        total=count_passages(passages), model_name=str(args.model),
-                        shard_index=args.process_index, shard_count=args.process_count)
+                        total=total, model_name=str(args.model),
+                        shard_index=args.process_index, shard_count=args.process_count,
+                        corpus=corpus)
     meta = json.loads((out / "meta.json").read_text())
     if not meta.get("complete"):
         print(f"encoded this job's shards into {out}; the encoding completes when every job has finished")
@@ -114,21 +135,32 @@ def add_index_arguments(p):
     p.add_argument("--kind", choices=("flat", "hnsw", "ivfpq"), default="flat",
                    help="flat: exact inner product; hnsw: graph; ivfpq: compressed (default flat)")
     p.add_argument("--passages", default=None, help="passages TSV to check the id mapping against")
-    p.add_argument("--hnsw-m", type=int, default=32, help="HNSW neighbours per node (default 32)")
-    p.add_argument("--nlist", type=int, default=1024, help="IVF lists (default 1024)")
-    p.add_argument("--pq-m", type=int, default=16, help="PQ sub-quantizers (default 16)")
+    p.add_argument("--hnsw-m", type=positive_int, default=32, help="HNSW neighbours per node (default 32)")
+    p.add_argument("--nlist", type=positive_int, default=1024, help="IVF lists (default 1024)")
+    p.add_argument("--pq-m", type=positive_int, default=16, help="PQ sub-quantizers (default 16)")
 
 
 def run_index(args) -> int:
     from rdr_jax.data.readers import read_dpr_passages
-    from rdr_jax.retrieval.index import PassageIndex
+    from rdr_jax.retrieval.encode import complete_encoding_meta, encoded_ids
+    from rdr_jax.retrieval.index import PassageIndex, check_ids_against_corpus
 
+    embeddings = Path(args.embeddings)
+    if not embeddings.is_dir():
+        raise FileNotFoundError(f"--embeddings {embeddings}: no such directory")
+    out = output_dir("--out", args.out, marker="index.json", what="an index directory")
+    meta = complete_encoding_meta(embeddings)
+    if args.kind == "ivfpq" and meta["dim"] % args.pq_m:
+        raise ValueError(f"--pq-m {args.pq_m}: must divide the embedding dim {meta['dim']}")
+    if args.kind == "ivfpq" and args.nlist > meta["num_passages"]:
+        raise ValueError(f"--nlist {args.nlist}: more lists than the {meta['num_passages']} passages; lower --nlist")
+    if args.passages:  # before building: an HNSW index of a large corpus takes hours
+        check_ids_against_corpus(encoded_ids(embeddings), (p["id"] for p in read_dpr_passages(args.passages)),
+                                 source=f"--passages {args.passages}", what="the encoding")
     options = {"flat": {}, "hnsw": {"hnsw_m": args.hnsw_m}, "ivfpq": {"nlist": args.nlist, "pq_m": args.pq_m}}
-    index = PassageIndex.build(args.embeddings, args.kind, **options[args.kind])
-    if args.passages:
-        index.check_against_corpus((p["id"] for p in read_dpr_passages(args.passages)), source=args.passages)
-    index.save(args.out)
-    print(f"indexed {len(index.passage_ids)} passages ({args.kind}) into {args.out}")
+    index = PassageIndex.build(embeddings, args.kind, **options[args.kind])
+    index.save(out)
+    print(f"indexed {len(index.passage_ids)} passages ({args.kind}) into {out}")
     return 0
 
 
@@ -140,7 +172,7 @@ def add_retrieve_arguments(p):
     p.add_argument("--passages", required=True, help="the passages TSV the index was built from")
     p.add_argument("--qa", required=True, help="questions: DPR qa CSV/TSV (question<TAB>[answers]) or JSONL")
     p.add_argument("--out", required=True, help="output retriever-results JSON")
-    p.add_argument("--k", type=int, default=100, help="passages per question (default 100)")
+    p.add_argument("--k", type=positive_int, default=100, help="passages per question (default 100)")
     p.add_argument("--match", choices=("string", "regex"), default="string",
                    help="has_answer rule: string (NQ, TriviaQA) or regex (CuratedTREC)")
     _add_model_runtime(p, max_length=64, batch_size=128)
@@ -153,17 +185,24 @@ def run_retrieve(args) -> int:
     from rdr_jax.retrieval.metrics import format_results_table
     from rdr_jax.retrieval.retrieve import recall_of_results, retrieve, write_results
 
-    questions = list(read_qa(args.qa))
+    out = output_file("--out", args.out)
+    qa, passages = input_file("--qa", args.qa), input_file("--passages", args.passages)
+    questions = list(read_qa(qa))
     if not questions:
-        raise ValueError(f"--qa {args.qa}: no questions")
+        raise ValueError(f"--qa {qa}: no questions")
     index = PassageIndex.load(args.index)
-    index.check_against_corpus((p["id"] for p in read_dpr_passages(args.passages)), source=args.passages)
-    model, tokenizer = load_encoder(args.model, "question", args.dtype)
+    index.check_against_corpus((p["id"] for p in read_dpr_passages(passages)), source=f"--passages {passages}")
+    model, tokenizer = load_encoder(args.model, "question", args.dtype, args.max_length)
+    if embedding_dim(model) != index.index.d:
+        raise ValueError(f"--model {args.model}: embeddings of dim {embedding_dim(model)}, but --index "
+                         f"{args.index} holds vectors of dim {index.index.d}; use the question encoder paired "
+                         "with the context encoder of the index")
     embeddings = encode_texts(Encoder(model, args.batch_size), tokenizer, [q["question"] for q in questions],
                               max_length=args.max_length, as_questions=True, desc="encoding questions")
-    results = retrieve(embeddings, questions, index, read_dpr_passages(args.passages), args.k, args.match)
-    write_results(args.out, results)
-    ks = [k for k in (1, 5, 20, 50, 100) if k <= args.k]
+    results = retrieve(embeddings, questions, index, read_dpr_passages(passages), args.k, args.match)
+    write_results(out, results)
+    depth = min(args.k, len(index.passage_ids))
+    ks = [k for k in (1, 5, 20, 50, 100) if k <= depth] or [depth]
     print(format_results_table({Path(args.qa).name: recall_of_results(results, ks)}))
     print(f"wrote {args.out}")
     return 0
@@ -171,13 +210,35 @@ def run_retrieve(args) -> int:
 
 # ---- evaluate -----------------------------------------------------------------------------------------------
 
+DEFAULT_KS = (1, 5, 20, 50, 100)
+
+
 def add_evaluate_arguments(p):
     p.add_argument("--results", help="retriever-results JSON (DPR layout) -> top-k answer recall")
     p.add_argument("--run", help="TREC run file (qid Q0 docid rank score tag)")
     p.add_argument("--qrels", help="TREC qrels (qid 0 docid rel) for --run")
-    p.add_argument("--k", type=int, nargs="+", default=[1, 5, 20, 50, 100], help="k values for answer recall")
+    p.add_argument("--k", type=positive_int, nargs="+", default=None,
+                   help="k values for answer recall (default 1 5 20 50 100, those the results are deep enough "
+                        "for); a k deeper than the results is left out with a warning")
     p.add_argument("--measures", nargs="+", default=["MRR@10", "nDCG@10", "R@100"], help="IR measures for --run")
     p.add_argument("--out", help="write the numbers as JSON here")
+
+
+def usable_ks(requested, depth: int, *, explicit: bool) -> list[int]:
+    """The k values a result list ``depth`` passages deep can report; a deeper k would count every question
+    that has fewer passages as if the ranking went on (Top-100 = Top-20 on 20-deep results). Explicitly
+    requested ones that are left out are named on stderr; none left is an error."""
+    import sys
+
+    ks = [k for k in requested if k <= depth]
+    dropped = [k for k in requested if k > depth]
+    if not ks:
+        raise ValueError(f"--k {' '.join(map(str, requested))}: deeper than the results (at most {depth} "
+                         "passages per question)")
+    if dropped and explicit:
+        print(f"warning: --k {' '.join(map(str, dropped))}: the results hold at most {depth} passages per "
+              f"question; {', '.join(f'Top-{k}' for k in dropped)} left out", file=sys.stderr)
+    return ks
 
 
 def run_evaluate(args) -> int:
@@ -187,13 +248,19 @@ def run_evaluate(args) -> int:
 
     if bool(args.results) == bool(args.run):
         raise ValueError("give either --results (answer recall) or --run with --qrels (IR measures)")
+    output_file("--out", args.out)
     if args.results:
-        hits = [[c["has_answer"] for c in r["ctxs"]] for r in read_retriever_results(args.results)]
-        table = {Path(args.results).name: top_k_answer_recall(hits, args.k)}
+        hits = [[c["has_answer"] for c in r["ctxs"]] for r in read_retriever_results(input_file("--results", args.results))]
+        if not hits:
+            raise ValueError(f"--results {args.results}: no questions")
+        depth = max(len(h) for h in hits)
+        ks = usable_ks(args.k or DEFAULT_KS, depth, explicit=args.k is not None)
+        table = {Path(args.results).name: top_k_answer_recall(hits, ks)}
     else:
         if not args.qrels:
             raise ValueError("--run needs --qrels")
-        table = {Path(args.run).name: evaluate_run(read_qrels(args.qrels), read_trec_run(args.run), args.measures)}
+        table = {Path(args.run).name: evaluate_run(read_qrels(input_file("--qrels", args.qrels)),
+                                                   read_trec_run(input_file("--run", args.run)), args.measures)}
     print(format_results_table(table))
     if args.out:
         write_results_json(args.out, table)

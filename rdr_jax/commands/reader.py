@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+
+from rdr_jax.commands.args import (check_architecture, check_max_length, check_room_for_text, input_file,
+                                   model_config, output_dir, output_file, positive_int)
 
 READ_HELP = """Run a DPR reader over retriever results: the best span of the most relevant passages per question
 (DPR's span selection), written as JSONL, with reader EM printed.
@@ -22,16 +26,17 @@ examples:
 def _add_reader_arguments(p):
     p.add_argument("--model", required=True, help="DPR reader checkpoint directory (HF or native)")
     p.add_argument("--results", required=True, help="retriever-results JSON (DPR layout)")
-    p.add_argument("--max-length", type=int, default=256, help="reader input length (default 256)")
-    p.add_argument("--limit", type=int, default=None, help="only the first N questions")
+    p.add_argument("--max-length", type=positive_int, default=256, help="reader input length (default 256)")
+    p.add_argument("--limit", type=positive_int, default=None, help="only the first N questions")
 
 
 def add_read_arguments(p):
     _add_reader_arguments(p)
     p.add_argument("--out", required=True, help="output JSONL of answers")
-    p.add_argument("--passages-per-question", type=int, default=50,
+    p.add_argument("--passages-per-question", type=positive_int, default=50,
                    help="top passages the reader sees (default 50)")
-    p.add_argument("--max-answer-length", type=int, default=10, help="max span length in tokens (default 10)")
+    p.add_argument("--max-answer-length", type=positive_int, default=10,
+                   help="max span length in tokens (default 10)")
 
 
 def add_teacher_arguments(p):
@@ -39,7 +44,9 @@ def add_teacher_arguments(p):
     p.add_argument("--out", required=True, help="TFDS data directory to write into")
     p.add_argument("--name", default="rdr_teacher", help="dataset name (default rdr_teacher)")
     p.add_argument("--split", default="train", help="split name (default train)")
-    p.add_argument("--top-k", type=int, default=100, help="passages scored per question (default 100)")
+    p.add_argument("--top-k", type=positive_int, default=100, help="passages scored per question (default 100)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing dataset OUT/NAME (all its splits); without it that is an error")
 
 
 def _load(args, passages: int):
@@ -50,13 +57,22 @@ def _load(args, passages: int):
     from rdr_jax.models import DPRReader
     from rdr_jax.retrieval.reader import ReaderRunner
 
-    model = DPRReader.from_pretrained(args.model)
-    runner = ReaderRunner(model, load_tokenizer(args.model), passages_per_question=passages,
-                          max_length=args.max_length,
-                          max_answer_length=getattr(args, "max_answer_length", 10))
-    results = list(itertools.islice(read_retriever_results(args.results), args.limit))
+    results_path = input_file("--results", args.results)
+    model_dir, config = model_config("--model", args.model)
+    check_architecture("--model", model_dir, config, ("DPRReader",), "a DPR reader")
+    check_max_length("--model", args.max_length, model_dir, config)
+    results = list(itertools.islice(read_retriever_results(results_path), args.limit))
     if not results:
         raise ValueError(f"--results {args.results}: no questions")
+    empty = next((i for i, r in enumerate(results) if not r["ctxs"]), None)
+    if empty is not None:
+        raise ValueError(f"--results {args.results}: question {empty + 1} ({results[empty]['question']!r:.60}) has no "
+                         "retrieved passages")
+    tokenizer = load_tokenizer(model_dir)
+    check_room_for_text(args.max_length, tokenizer, pair=True)
+    model = DPRReader.from_pretrained(model_dir, allow_fresh_heads=False)
+    runner = ReaderRunner(model, tokenizer, passages_per_question=passages, max_length=args.max_length,
+                          max_answer_length=getattr(args, "max_answer_length", 10))
     return runner, results
 
 
@@ -64,11 +80,13 @@ def run_read(args) -> int:
     from rdr_jax.retrieval.metrics import format_results_table
     from rdr_jax.retrieval.reader import read_answers
 
+    out = output_file("--out", args.out)
     runner, results = _load(args, args.passages_per_question)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     rows = list(read_answers(runner, results, total=len(results)))
-    out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    os.replace(tmp, out)
     judged = [r["exact_match"] for r in rows if r["exact_match"] is not None]
     if judged:
         print(format_results_table({Path(args.results).name: {"EM": 100.0 * sum(judged) / len(judged)}}))
@@ -77,11 +95,20 @@ def run_read(args) -> int:
 
 
 def run_teacher_scores(args) -> int:
-    from rdr_jax.data.tfds_format import write_dataset
+    from rdr_jax.data.tfds_format import DEFAULT_VERSION, _DATASET_NAME, write_dataset
     from rdr_jax.retrieval.reader import teacher_score_rows, teacher_scores_features
 
+    if not _DATASET_NAME.fullmatch(args.name):
+        raise ValueError(f"--name {args.name!r}: not a TFDS dataset name (letters, digits and underscores, "
+                         "starting with a letter)")
+    out = output_dir("--out", args.out)
+    dataset = out / args.name / DEFAULT_VERSION
+    if dataset.exists() and not args.overwrite:
+        raise ValueError(f"--out {out}: dataset {dataset} already exists; pass --overwrite to replace it "
+                         "(or another --out / --name)")
     runner, results = _load(args, args.top_k)
-    path = write_dataset(args.out, args.name, teacher_scores_features(),
-                         {args.split: teacher_score_rows(runner, results, total=len(results))})
+    path = write_dataset(out, args.name, teacher_scores_features(),
+                         {args.split: teacher_score_rows(runner, results, total=len(results))},
+                         overwrite=args.overwrite)
     print(f"wrote teacher scores for {len(results)} questions to {path}")
     return 0

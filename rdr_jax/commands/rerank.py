@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rdr_jax.commands.args import (check_architecture, check_max_length, check_room_for_text, input_file,
+                                   model_config, nonnegative_int, output_file, positive_int)
+
 RERANK_HELP = """Re-rank the top --depth passages of each query with a cross-encoder (BERT or DeBERTa-v2/v3
 sequence classifier, e.g. cross-encoder/ms-marco-MiniLM-L-6-v2, xpmir/cross-encoder-DeBERTav3-DistillRankNET).
 Input: a TREC run with MS MARCO queries and a passages TSV, writing a TREC run (MRR@10 / nDCG@10 before and
@@ -26,14 +29,14 @@ def add_rerank_arguments(p):
                                       "psgs.tsv (id<TAB>text<TAB>title)")
     p.add_argument("--results", help="DPR retriever-results JSON (instead of --run/--queries/--passages)")
     p.add_argument("--out", required=True, help="output: TREC run for --run, results JSON for --results")
-    p.add_argument("--depth", type=int, default=100, help="passages re-ranked per query (default 100)")
+    p.add_argument("--depth", type=positive_int, default=100, help="passages re-ranked per query (default 100)")
     p.add_argument("--qrels", help="TREC qrels: print MRR@10 / nDCG@10 before and after (with --run)")
-    p.add_argument("--k", type=int, nargs="+", default=[1, 5, 20, 50, 100],
+    p.add_argument("--k", type=positive_int, nargs="+", default=[1, 5, 20, 50, 100],
                    help="k values of the answer recall printed for --results")
-    p.add_argument("--label-index", type=int, default=None,
+    p.add_argument("--label-index", type=nonnegative_int, default=None,
                    help="logit that scores relevance (default: 0 for one logit, 1 for two labels)")
-    p.add_argument("--batch-size", type=int, default=64, help="pairs per step (default 64)")
-    p.add_argument("--max-length", type=int, default=512, help="max tokens per pair (default 512)")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="pairs per step (default 64)")
+    p.add_argument("--max-length", type=positive_int, default=512, help="max tokens per pair (default 512)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="compute dtype (bfloat16 on accelerators)")
     p.add_argument("--tag", default="rdr_jax_rerank", help="run tag written in the TREC file")
@@ -43,25 +46,25 @@ def load_scorer(args):
     """The cross-encoder and its tokenizer as a CrossEncoderScorer; refuses other model classes."""
     import jax.numpy as jnp
 
-    from rdr_jax.convert.hf_io import resolve_model_dir
     from rdr_jax.data.tokenization import load_tokenizer
     from rdr_jax.models import from_pretrained
+    from rdr_jax.models.base import model_class_for_config
     from rdr_jax.retrieval.rerank import CrossEncoderScorer
 
-    model_dir = resolve_model_dir(args.model)
-    model = from_pretrained(model_dir, dtype={"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype])
-    if type(model).__name__ not in CROSS_ENCODERS:
-        raise ValueError(f"--model {args.model}: is a {type(model).__name__}, not a cross-encoder "
-                         f"({' or '.join(CROSS_ENCODERS)})")
-    return CrossEncoderScorer(model, load_tokenizer(model_dir), batch_size=args.batch_size,
-                              max_length=args.max_length, label_index=args.label_index)
+    model_dir, config = model_config("--model", args.model)
+    cls = model_class_for_config(config, source=str(model_dir / "config.json"))
+    check_architecture("--model", model_dir, {"architectures": [cls.__name__]}, CROSS_ENCODERS, "a cross-encoder")
+    check_max_length("--model", args.max_length, model_dir, config)
+    tokenizer = load_tokenizer(model_dir)
+    check_room_for_text(args.max_length, tokenizer, pair=True)
+    model = from_pretrained(model_dir, dtype={"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype],
+                            allow_fresh_heads=False)
+    return CrossEncoderScorer(model, tokenizer, batch_size=args.batch_size, max_length=args.max_length,
+                              label_index=args.label_index)
 
 
 def _require_file(option: str, path) -> Path:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{option} {path}: no such file")
-    return path
+    return input_file(option, path)
 
 
 def passages_reader(path: Path):
@@ -86,11 +89,15 @@ def load_wanted(rows, wanted: set[str], what: str, source) -> dict:
     from tqdm import tqdm
 
     found = {}
-    for row in tqdm(rows, desc=f"reading {what}", unit=" rows", mininterval=2.0):
-        if row["id"] in wanted:
-            found[row["id"]] = row
-            if len(found) == len(wanted):
-                break
+    # updated by hand: tqdm's iterator counts a row only once the next one is asked for, so breaking out
+    # after the last wanted row showed "59 rows" for 60
+    with tqdm(desc=f"reading {what}", unit=" rows", mininterval=2.0) as bar:
+        for row in rows:
+            bar.update(1)
+            if row["id"] in wanted:
+                found[row["id"]] = row
+                if len(found) == len(wanted):
+                    break
     missing = sorted(wanted - set(found))
     if missing:
         raise ValueError(f"{source}: {len(missing)} {what} of the run are missing (e.g. {missing[:3]})")
@@ -151,4 +158,5 @@ def run_rerank(args) -> int:
         raise ValueError("give either --run (with --queries and --passages) or --results")
     if args.depth < 1:
         raise ValueError(f"--depth must be >= 1, got {args.depth}")
+    output_file("--out", args.out)
     return _rerank_results(args) if args.results else _rerank_trec(args)

@@ -33,8 +33,67 @@ _JSON_CUT_MARGIN = 8
 from rdr_jax.errors import FormatError  # noqa: F401  (re-exported: readers raise it)
 
 
+class _Utf8Text:
+    """A text file whose decoding errors name the file and line (`FILE:LINE: not valid UTF-8`) instead of
+    "'utf-8' codec can't decode byte 0xff in position 3634" (a position inside the decoder's chunk)."""
+
+    def __init__(self, handle: TextIO, path: Path):
+        self._handle, self._path = handle, path
+
+    def _error(self) -> FormatError:
+        line, column, byte = _first_invalid_utf8(self._path)
+        if line is None:
+            return FormatError(self._path, None, "not valid UTF-8")
+        return FormatError(self._path, line, f"not valid UTF-8 (byte 0x{byte:02x} at column {column})")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._handle.close()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        try:
+            return next(self._handle)
+        except UnicodeDecodeError:
+            raise self._error() from None
+
+    def read(self, size: int = -1) -> str:
+        try:
+            return self._handle.read(size)
+        except UnicodeDecodeError:
+            raise self._error() from None
+
+    def readline(self, size: int = -1) -> str:
+        try:
+            return self._handle.readline(size)
+        except UnicodeDecodeError:
+            raise self._error() from None
+
+    def __getattr__(self, name: str):
+        return getattr(self._handle, name)
+
+
+def _open_binary(path: Path):
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+
+
+def _first_invalid_utf8(path: Path) -> tuple[int | None, int | None, int | None]:
+    """(line, 1-based byte column, byte) of the first byte that is not UTF-8 (read again only on an error)."""
+    with _open_binary(path) as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                return line_number, error.start + 1, raw[error.start]
+    return None, None, None
+
+
 def open_text(path: str | os.PathLike, newline: str = "\n") -> TextIO:
-    """Opens a UTF-8 text file, gunzipping `.gz`.
+    """Opens a UTF-8 text file, gunzipping `.gz`; bytes that are not UTF-8 raise `FILE:LINE: not valid UTF-8`.
 
     Lines end at "\n" only (a stray "\r" inside a MS MARCO passage must not split it); the csv
     readers pass newline="" as the csv module requires.
@@ -43,8 +102,8 @@ def open_text(path: str | os.PathLike, newline: str = "\n") -> TextIO:
     if not path.is_file():
         raise FileNotFoundError(f"input file not found: {path}")
     if path.suffix == ".gz":
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", newline=newline)
-    return open(path, encoding="utf-8", newline=newline)
+        return _Utf8Text(io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", newline=newline), path)
+    return _Utf8Text(open(path, encoding="utf-8", newline=newline), path)
 
 
 def _base_suffix(path: str | os.PathLike) -> str:
@@ -234,29 +293,60 @@ def _iter_tsv_fields(path: str | os.PathLike) -> Iterator[tuple[int, list[str]]]
 # DPR / open-domain QA.
 
 
-def read_dpr_passages(path: str | os.PathLike) -> Iterator[dict]:
+DPR_PASSAGE_COLUMNS = ("id", "text", "title")
+
+
+def dpr_passages_header(row: list[str]) -> dict[str, int] | None:
+    """Column positions by name when ``row`` is a header naming id, text and title (in any order), else None."""
+    names = [field.strip().lower() for field in row]
+    if sorted(names) == sorted(DPR_PASSAGE_COLUMNS):
+        return {name: names.index(name) for name in DPR_PASSAGE_COLUMNS}
+    return None
+
+
+def read_dpr_passages(path: str | os.PathLike, *, check_duplicates: bool = True) -> Iterator[dict]:
     """DPR passages TSV (`id<TAB>text<TAB>title`, csv quoting as in psgs_w100.tsv, header optional).
 
+    A header row is read by name (`text<TAB>id<TAB>title` works); without one the columns are id, text,
+    title. A passage id seen before raises `FILE:LINE: duplicate passage id` naming both lines.
     Yields {"id": str, "title": str, "text": str}.
     """
     _allow_long_csv_fields()
+    columns = {name: i for i, name in enumerate(DPR_PASSAGE_COLUMNS)}
+    seen: set[str] = set()
     with open_text(path, newline="") as handle:
         reader = csv.reader(handle, delimiter="\t")
         first = True
         for row in reader:
             line = reader.line_num
-            if first:
-                first = False
-                if [field.strip().lower() for field in row] == ["id", "text", "title"]:
-                    continue
             if not row or (len(row) == 1 and not row[0].strip()):
                 continue
+            if first:
+                first = False
+                header = dpr_passages_header(row)
+                if header is not None:
+                    columns = header
+                    continue
             if len(row) != 3:
                 raise FormatError(path, line, f"expected 3 tab-separated fields (id, text, title), got {len(row)}")
-            passage_id, text, title = row
-            if not passage_id.strip():
+            passage_id = row[columns["id"]].strip()
+            if not passage_id:
                 raise FormatError(path, line, "empty field 'id'")
-            yield {"id": passage_id.strip(), "title": title, "text": text}
+            if check_duplicates:
+                if passage_id in seen:
+                    earlier = _first_line_of_id(path, passage_id, columns["id"])
+                    raise FormatError(path, line, f"duplicate passage id {passage_id!r:.80} (first on line {earlier})")
+                seen.add(passage_id)
+            yield {"id": passage_id, "title": row[columns["title"]], "text": row[columns["text"]]}
+
+
+def _first_line_of_id(path, passage_id: str, column: int) -> int | None:
+    with open_text(path, newline="") as handle:
+        reader = csv.reader(handle, delimiter="\t")
+        for row in reader:
+            if len(row) > column and row[column].strip() == passage_id:
+                return reader.line_num
+    return None
 
 
 def _parse_answer_list(text: str, path, line: int) -> list[str]:
@@ -369,10 +459,17 @@ def _id_text_rows(path, id_name: str) -> Iterator[tuple[int, str, str]]:
         yield line, fields[0].strip(), fields[1]
 
 
-def read_msmarco_collection(path: str | os.PathLike) -> Iterator[dict]:
+def read_msmarco_collection(path: str | os.PathLike, *, check_duplicates: bool = True) -> Iterator[dict]:
     """MS MARCO collection.tsv (`pid<TAB>text`). Yields the passages schema {"id", "title": "", "text"}
-    so a MS MARCO corpus and a DPR corpus go through the same encoding code."""
-    for _, pid, text in _id_text_rows(path, "pid"):
+    so a MS MARCO corpus and a DPR corpus go through the same encoding code. A repeated pid raises
+    `FILE:LINE: duplicate passage id`."""
+    seen: set[str] = set()
+    for line, pid, text in _id_text_rows(path, "pid"):
+        if check_duplicates:
+            if pid in seen:
+                earlier = next(n for n, other, _ in _id_text_rows(path, "pid") if other == pid)
+                raise FormatError(path, line, f"duplicate passage id {pid!r:.80} (first on line {earlier})")
+            seen.add(pid)
         yield {"id": pid, "title": "", "text": text}
 
 

@@ -17,14 +17,50 @@ from typing import Sequence
 import numpy as np
 
 
-def load_tokenizer(model_dir: str | os.PathLike):
-    """The fast tokenizer saved with a checkpoint (tokenizer.json / vocab.txt); never downloads."""
+# Files any of which holds a tokenizer's vocabulary (fast tokenizer, WordPiece, BPE, SentencePiece).
+VOCABULARY_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spm.model", "spiece.model",
+                    "sentencepiece.bpe.model")
+# A tokenizer this much smaller than the model's embedding table is not the model's tokenizer. Models pad
+# vocab_size up (T5: 32100 tokens for 32128 rows, DeBERTa-v3: 128001 for 128100), never by half.
+MIN_VOCABULARY_FRACTION = 0.5
+
+
+def load_tokenizer(model_dir: str | os.PathLike, *, tokenizer_dir: str | os.PathLike | None = None):
+    """The fast tokenizer saved with a checkpoint (tokenizer.json / vocab.txt ...); never downloads.
+
+    Refuses (ValueError naming the directory) a directory without tokenizer vocabulary files, and a tokenizer
+    whose vocabulary is far smaller than the ``vocab_size`` of the model's config.json: transformers would
+    otherwise build a tokenizer of a handful of special tokens and map every word to [UNK]. The tokenizer is
+    read from ``tokenizer_dir`` when given (checked against ``model_dir``'s config.json).
+    """
+    import json
+
     from transformers import AutoTokenizer
 
+    from rdr_jax.convert.hf_io import resolve_model_dir
+
+    model_dir = resolve_model_dir(model_dir)  # a directory, or a hub name in the local cache
+    source = resolve_model_dir(tokenizer_dir) if tokenizer_dir is not None else model_dir
+    if not any((source / name).is_file() for name in VOCABULARY_FILES + ("tokenizer_config.json",)):
+        raise ValueError(f"{source}: no tokenizer files (none of {', '.join(VOCABULARY_FILES)}); save the model "
+                         "with save_pretrained(dir, tokenizer=...) or copy its base model's tokenizer files there")
     try:
-        return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{model_dir}: no tokenizer files found (tokenizer.json or vocab.txt): {e}") from None
+        tokenizer = AutoTokenizer.from_pretrained(str(source), local_files_only=True)
+    except (OSError, ValueError, TypeError) as e:
+        message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"{source}: cannot load the tokenizer: {message}") from None
+    config = model_dir / "config.json"
+    vocab_size = None
+    if config.is_file():
+        try:
+            vocab_size = json.loads(config.read_text()).get("vocab_size")
+        except (json.JSONDecodeError, AttributeError):
+            vocab_size = None
+    if isinstance(vocab_size, int) and len(tokenizer) < MIN_VOCABULARY_FRACTION * vocab_size:
+        raise ValueError(f"{source}: the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
+                         f"{vocab_size}; it is not this model's tokenizer (its vocabulary files are missing or "
+                         "incomplete)")
+    return tokenizer
 
 
 def _to_arrays(input_ids: list[list[int]], pad_id: int, length: int) -> dict[str, np.ndarray]:

@@ -83,12 +83,34 @@ class PretrainedModel(nnx.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=jnp.float32,
-                        seed: int = 0, **kwargs) -> "PretrainedModel":
+                        seed: int = 0, allow_fresh_heads: bool = True, **kwargs) -> "PretrainedModel":
         """Load an HF directory (safetensors / pytorch_model.bin, sharded or not) or a directory saved with
         ``save_pretrained(..., format="orbax")``. ``dtype`` is the compute dtype, ``param_dtype`` the
-        storage dtype of the parameters."""
+        storage dtype of the parameters.
+
+        The checkpoint's ``model_type`` must be one this class reads: its own family or a related one (a DPR
+        encoder from a BERT checkpoint, with a warning as transformers gives); another family (RoBERTa, T5,
+        DeBERTa for a BERT class, ...) is refused with a CheckpointError. Heads the checkpoint lacks are
+        initialised freshly with a warning, or refused with ``allow_fresh_heads=False`` (inference)."""
         model_dir = resolve_model_dir(name_or_path)
         raw_config = read_config_json(model_dir)
+        own_type, source_type = cls.config_class.model_type, raw_config.get("model_type")
+        if source_type is None:
+            log.warning("%s: config.json has no model_type; reading it as %s (model_type %r)", model_dir,
+                        cls.__name__, own_type)
+        elif source_type != own_type:
+            source_class = MODEL_CLASSES.get(DEFAULT_CLASS_FOR_MODEL_TYPE.get(source_type, ""))
+            related = source_class is not None and (issubclass(cls.config_class, source_class.config_class)
+                                                    or issubclass(source_class.config_class, cls.config_class))
+            if not related:
+                readable = sorted({own_type} | {c.config_class.model_type for c in MODEL_CLASSES.values()
+                                                if issubclass(cls.config_class, c.config_class)
+                                                or issubclass(c.config_class, cls.config_class)})
+                raise CheckpointError(f"{model_dir}: is a {source_type!r} checkpoint "
+                                      f"(architectures {raw_config.get('architectures')}); {cls.__name__} reads "
+                                      f"model_type {' or '.join(map(repr, readable))}")
+            log.warning("%s: a model of type %r is loaded as %s (model_type %r)", model_dir, source_type,
+                        cls.__name__, own_type)
         config = cls.config_class.from_dict(cls.config_dict_for(raw_config))
         config = cls.config_for_checkpoint(config, model_dir)
         model = _abstract_model(cls, config, dtype=dtype, param_dtype=param_dtype, **kwargs)
@@ -109,6 +131,11 @@ class PretrainedModel(nnx.Module):
             loaded.add(k)
         del state
         fresh = [k for k in flat if k not in loaded]
+        if fresh and not allow_fresh_heads:
+            heads = sorted({k.rsplit(".", 1)[0] for k in fresh})
+            raise CheckpointError(f"{model_dir}: has no trained {', '.join(heads)} (the checkpoint is a "
+                                  f"{'/'.join(raw_config.get('architectures') or [str(source_type)])}, not a "
+                                  f"trained {cls.__name__}); these would be random")
         if fresh:  # heads the checkpoint lacks: initialise them for real, in one compiled function
             log.warning("%s: initialising %s freshly (not in the checkpoint)", model_dir, ", ".join(sorted(fresh)))
             init = nnx.jit(lambda: nnx.state(cls(config, rngs=nnx.Rngs(seed), dtype=dtype, param_dtype=param_dtype,
@@ -143,9 +170,19 @@ class PretrainedModel(nnx.Module):
         return mapping.apply_rules_to_hf(self.hf_rules(self.config), params)
 
     def save_pretrained(self, out_dir: str | os.PathLike, *, format: str = "hf", dtype=None,
-                        max_shard_bytes: int | None = None) -> Path:
+                        max_shard_bytes: int | None = None, tokenizer=None) -> Path:
         """``format="hf"``: config.json + model.safetensors for transformers. ``format="orbax"``: config.json
-        + a native orbax checkpoint that :meth:`from_pretrained` reads back."""
+        + a native orbax checkpoint that :meth:`from_pretrained` reads back.
+
+        ``tokenizer``: a transformers tokenizer (saved with its ``save_pretrained``) or a directory whose
+        tokenizer files are copied, so the output directory is self-contained: the inference commands refuse a
+        model directory without its tokenizer."""
+        if tokenizer is not None and not hasattr(tokenizer, "save_pretrained"):
+            from rdr_jax.data.tokenization import VOCABULARY_FILES
+
+            if not any((Path(tokenizer) / name).is_file() for name in VOCABULARY_FILES + ("tokenizer_config.json",)):
+                raise ValueError(f"tokenizer={tokenizer}: no tokenizer files there "
+                                 f"(none of {', '.join(VOCABULARY_FILES)})")
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         if format == "hf":
@@ -157,6 +194,12 @@ class PretrainedModel(nnx.Module):
         tmp = out_dir / "config.json.tmp"
         tmp.write_text(json.dumps(self.hf_config_dict(), indent=2, sort_keys=True) + "\n")
         os.replace(tmp, out_dir / "config.json")
+        if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+            tokenizer.save_pretrained(str(out_dir))
+        elif tokenizer is not None:
+            from rdr_jax.convert.hf_io import copy_tokenizer_files
+
+            copy_tokenizer_files(Path(tokenizer), out_dir)
         return out_dir
 
 

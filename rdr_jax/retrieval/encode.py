@@ -121,42 +121,94 @@ def _done_path(out_dir: Path, index: int, count: int) -> Path:
     return out_dir / f"done-{index:05d}-of-{count:05d}.json"
 
 
-def encode_corpus(encoder: Encoder, tokenizer, passages: Iterable[dict], out_dir: str | os.PathLike, *,
-                  max_length: int = 256, shard_size: int = 50_000, fp16: bool = False, total: int | None = None,
-                  model_name: str = "", buckets=DEFAULT_BUCKETS, progress: bool = True, shard_index: int = 0,
-                  shard_count: int = 1) -> Path:
-    """Encode ``passages`` (dicts with id, title, text) into shards under ``out_dir``; resumable.
+def corpus_fingerprint(path: str | os.PathLike, sample_bytes: int = 1 << 20) -> dict:
+    """What an encoding records of its corpus file: path, size and a SHA-256 of its first and last MiB (cheap
+    on a 13 GB TSV, and any other corpus differs in size or in those bytes)."""
+    import hashlib
 
-    A rerun skips the shards already on disk (the input must be the same stream). Split over processes
-    (``shard_index`` of ``shard_count``, e.g. ``jax.process_index()``/``jax.process_count()``), every process
-    reads the same stream and encodes the shard files ``g`` with ``g % shard_count == shard_index`` (file names
-    are the global shard numbers: no collisions); each marks its part done, and the last to finish marks the
-    encoding complete, so ``load_encoded``/``iter_shards`` read all processes' shards in corpus order, unmerged.
-    """
-    if not 0 <= shard_index < shard_count:
-        raise ValueError(f"shard_index {shard_index} is not in [0, shard_count={shard_count})")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    path = Path(path)
+    size = path.stat().st_size
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        digest.update(f.read(sample_bytes))
+        if size > sample_bytes:
+            f.seek(max(sample_bytes, size - sample_bytes))
+            digest.update(f.read(sample_bytes))
+    return {"path": str(path.resolve()), "size": size, "sha256_head_tail": digest.hexdigest()}
+
+
+def _same_corpus(recorded: dict, corpus: dict) -> bool:
+    return all(recorded.get(k) == corpus.get(k) for k in ("size", "sha256_head_tail"))
+
+
+def check_encoding_dir(out_dir: Path, *, model_name: str, max_length: int, shard_size: int, fp16: bool,
+                       shard_count: int = 1, corpus: dict | None = None) -> dict:
+    """The settings an encoding records; refuses an ``out_dir`` holding an encoding made with other settings
+    or of another corpus (callers check this before loading the model)."""
     settings = {"model": model_name, "max_length": max_length, "shard_size": shard_size,
                 "dtype": "float16" if fp16 else "float32"}
     if shard_count > 1:
         settings["process_shards"] = shard_count
-    meta_path = out_dir / META
+    meta_path = Path(out_dir) / META
     if meta_path.is_file():
         previous = json.loads(meta_path.read_text())
         changed = {k: (previous.get(k), v) for k, v in settings.items() if previous.get(k) != v}
         if changed:
             raise ValueError(f"{out_dir}: holds an encoding made with other settings {changed}; "
                              "use another output directory")
+        recorded = previous.get("corpus")
+        if corpus is not None and recorded is not None and not _same_corpus(recorded, corpus):
+            raise ValueError(f"{out_dir}: holds an encoding of another corpus ({recorded.get('path')}, "
+                             f"{recorded.get('size')} bytes), not {corpus['path']} ({corpus['size']} bytes); "
+                             "use another output directory")
+    return settings
+
+
+def encode_corpus(encoder: Encoder, tokenizer, passages: Iterable[dict], out_dir: str | os.PathLike, *,
+                  max_length: int = 256, shard_size: int = 50_000, fp16: bool = False, total: int | None = None,
+                  model_name: str = "", buckets=DEFAULT_BUCKETS, progress: bool = True, shard_index: int = 0,
+                  shard_count: int = 1, corpus: dict | None = None) -> Path:
+    """Encode ``passages`` (dicts with id, title, text) into shards under ``out_dir``; resumable.
+
+    A rerun skips the shards already on disk; the input must be the same stream: ``corpus`` (a
+    :func:`corpus_fingerprint` of the passages file) is recorded in meta.json and a different corpus is
+    refused before anything is written, and every shard on disk is checked against the passage ids streamed
+    for it. Split over processes (``shard_index`` of ``shard_count``, e.g.
+    ``jax.process_index()``/``jax.process_count()``), every process reads the same stream and encodes the
+    shard files ``g`` with ``g % shard_count == shard_index`` (file names are the global shard numbers: no
+    collisions); each marks its part done, and the last to finish marks the encoding complete, so
+    ``load_encoded``/``iter_shards`` read all processes' shards in corpus order, unmerged.
+    """
+    if not 0 <= shard_index < shard_count:
+        raise ValueError(f"shard_index {shard_index} is not in [0, shard_count={shard_count})")
+    if shard_size < 1 or max_length < 1:
+        raise ValueError(f"shard_size ({shard_size}) and max_length ({max_length}) must be >= 1")
+    out_dir = Path(out_dir)
+    settings = check_encoding_dir(out_dir, model_name=model_name, max_length=max_length, shard_size=shard_size,
+                                  fp16=fp16, shard_count=shard_count, corpus=corpus)
+    meta_path = out_dir / META
+    passages = iter(passages)
+    first = next(passages, None)
+    if first is None:
+        raise ValueError("no passages to encode (the corpus is empty)")
+    passages = itertools.chain([first], passages)
+    if corpus is not None:
+        settings["corpus"] = corpus
     done = completed_shards(out_dir)
     if done and shard_count == 1:
         print(f"[encode] resuming: {done} shard(s) ({done * shard_size} passages) already in {out_dir}")
-    if not meta_path.is_file() or shard_count == 1:
-        _atomic_write(meta_path, json.dumps({**settings, "complete": False}, indent=2))
+    meta_written = False
+
+    def start_writing():  # nothing is written (meta.json included) until a shard is about to be
+        nonlocal meta_written
+        if not meta_written and (not meta_path.is_file() or shard_count == 1):
+            out_dir.mkdir(parents=True, exist_ok=True)
+            _atomic_write(meta_path, json.dumps({**settings, "complete": False}, indent=2))
+        meta_written = True
+
     bar = tqdm(total=total, desc="encoding passages" + (f" (part {shard_index + 1}/{shard_count})"
                                                         if shard_count > 1 else ""),
                unit="psg", disable=not progress, smoothing=0.1)
-    passages = iter(passages)
     shard, count, encoded, t0 = 0, 0, 0, time.time()
     dim = None
     while True:
@@ -165,7 +217,11 @@ def encode_corpus(encoder: Encoder, tokenizer, passages: Iterable[dict], out_dir
             break
         emb_path, ids_path = _shard_paths(out_dir, shard)
         mine = shard % shard_count == shard_index
-        if mine and not (emb_path.is_file() and ids_path.is_file()):
+        on_disk = emb_path.is_file() and ids_path.is_file()
+        if on_disk:
+            _check_shard_ids(ids_path, [r["id"] for r in rows], count)
+        if mine and not on_disk:
+            start_writing()
             embs = []
             for start in range(0, len(rows), encoder.batch_size):
                 chunk = rows[start:start + encoder.batch_size]
@@ -185,6 +241,10 @@ def encode_corpus(encoder: Encoder, tokenizer, passages: Iterable[dict], out_dir
         shard += 1
         count += len(rows)
     bar.close()
+    if completed_shards(out_dir) > shard:
+        raise ValueError(f"{out_dir}: holds {completed_shards(out_dir)} shards but the corpus fills {shard}; "
+                         "it is an encoding of a longer corpus, use another output directory")
+    start_writing()
     elapsed = max(time.time() - t0, 1e-9)
     _atomic_write(_done_path(out_dir, shard_index, shard_count),
                   json.dumps({"num_passages": count, "num_shards": shard, "dim": dim}))
@@ -198,6 +258,18 @@ def encode_corpus(encoder: Encoder, tokenizer, passages: Iterable[dict], out_dir
     return out_dir
 
 
+def _check_shard_ids(ids_path: Path, ids: list[str], offset: int) -> None:
+    """A shard already on disk must hold the passages the corpus has at its place (resume of the same corpus)."""
+    stored = json.loads(ids_path.read_text())
+    if stored != ids:
+        at = next((i for i, (a, b) in enumerate(zip(stored, ids)) if a != b), min(len(stored), len(ids)))
+        found = ids[at] if at < len(ids) else "(end of corpus)"
+        held = stored[at] if at < len(stored) else "(end of shard)"
+        raise ValueError(f"{ids_path.parent}: {ids_path.name} holds passage {held!r} at corpus row {offset + at + 1} "
+                         f"but the corpus has {found!r}; it is an encoding of another corpus, use another output "
+                         "directory")
+
+
 def complete_encoding_meta(out_dir: Path) -> dict:
     """The meta.json of a finished encoding; a clear error for a missing or unfinished one."""
     meta_path = out_dir / META
@@ -206,6 +278,8 @@ def complete_encoding_meta(out_dir: Path) -> dict:
     meta = json.loads(meta_path.read_text())
     if not meta.get("complete"):
         raise ValueError(f"{out_dir}: encoding is incomplete; rerun `rdr-jax encode` to finish it")
+    if not meta.get("num_passages") or not meta.get("dim"):
+        raise ValueError(f"{out_dir}: the encoding holds no passages; encode a non-empty corpus")
     return meta
 
 
@@ -219,6 +293,16 @@ def load_encoded(out_dir: str | os.PathLike) -> tuple[np.ndarray, list[str]]:
         embs.append(np.load(emb_path).astype(np.float32))
         ids.extend(json.loads(ids_path.read_text()))
     return np.concatenate(embs), ids
+
+
+def encoded_ids(out_dir: str | os.PathLike) -> list[str]:
+    """The passage ids of a finished encoding, in corpus order (the ids files only, no embeddings)."""
+    out_dir = Path(out_dir)
+    meta = complete_encoding_meta(out_dir)
+    ids: list[str] = []
+    for i in range(meta["num_shards"]):
+        ids.extend(json.loads(_shard_paths(out_dir, i)[1].read_text()))
+    return ids
 
 
 def iter_shards(out_dir: Path) -> Iterator[tuple[np.ndarray, list[str]]]:

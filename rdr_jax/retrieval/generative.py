@@ -83,10 +83,11 @@ def load_generative_retriever(model_dir: str | os.PathLike, identifiers: str | o
     from rdr_jax.models.seq2seq import Seq2SeqLM
 
     model_dir = resolve_model_dir(model_dir)
-    model = from_pretrained(model_dir, dtype={"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype])
+    tokenizer = load_tokenizer(model_dir, tokenizer_dir=tokenizer_dir)
+    model = from_pretrained(model_dir, dtype={"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype],
+                            allow_fresh_heads=False)
     if not isinstance(model, Seq2SeqLM):
         raise ValueError(f"--model {model_dir}: is a {type(model).__name__}, not a T5/BART generation model")
-    tokenizer = load_tokenizer(tokenizer_dir or model_dir)
     if identifiers is None:
         identifiers = Path(model_dir) / IDENTIFIERS_TSV
         if not identifiers.is_file():

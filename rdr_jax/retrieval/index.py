@@ -27,6 +27,10 @@ def _faiss():
 
 def new_index(kind: str, dim: int, *, hnsw_m: int = 32, ef_construction: int = 200, nlist: int = 1024,
               pq_m: int = 16, pq_bits: int = 8):
+    for name, value in (("dim", dim), ("hnsw_m", hnsw_m), ("ef_construction", ef_construction), ("nlist", nlist),
+                        ("pq_m", pq_m), ("pq_bits", pq_bits)):
+        if not isinstance(value, int) or value < 1:  # FAISS aborts the process (or crashes) on these
+            raise ValueError(f"index option {name} must be a positive integer, got {value!r}")
     faiss = _faiss()
     if kind == "flat":
         return faiss.IndexFlatIP(dim)
@@ -40,6 +44,21 @@ def new_index(kind: str, dim: int, *, hnsw_m: int = 32, ef_construction: int = 2
         quantizer = faiss.IndexFlatIP(dim)
         return faiss.IndexIVFPQ(quantizer, dim, nlist, pq_m, pq_bits, faiss.METRIC_INNER_PRODUCT)
     raise ValueError(f"index kind must be one of {KINDS}, got {kind!r}")
+
+
+def check_ids_against_corpus(passage_ids: Sequence[str], corpus_ids: Iterable[str], source: str = "corpus",
+                             what: str = "the index") -> None:
+    """Refuse rows (of an index or an encoding) that are not the corpus's passages in the corpus's order."""
+    n = 0
+    for n, pid in enumerate(corpus_ids, start=1):
+        if n > len(passage_ids):
+            raise ValueError(f"{source}: has more passages than {what} ({len(passage_ids)}); {what} is stale, "
+                             "rebuild it")
+        if passage_ids[n - 1] != pid:
+            raise ValueError(f"{source}: passage {n} has id {pid!r} but {what.split()[-1]} row {n - 1} is "
+                             f"{passage_ids[n - 1]!r}; {what} was built from another corpus")
+    if n != len(passage_ids):
+        raise ValueError(f"{source}: has {n} passages but {what} has {len(passage_ids)}")
 
 
 class PassageIndex:
@@ -95,16 +114,7 @@ class PassageIndex:
 
     def check_against_corpus(self, corpus_ids: Iterable[str], source: str = "corpus") -> None:
         """Refuse an index whose rows are not the corpus's passages in the corpus's order."""
-        n = 0
-        for n, pid in enumerate(corpus_ids, start=1):
-            if n > len(self.passage_ids):
-                raise ValueError(f"{source}: has more passages than the index ({len(self.passage_ids)}); "
-                                 "the index is stale, rebuild it")
-            if self.passage_ids[n - 1] != pid:
-                raise ValueError(f"{source}: passage {n} has id {pid!r} but index row {n - 1} is "
-                                 f"{self.passage_ids[n - 1]!r}; the index was built from another corpus")
-        if n != len(self.passage_ids):
-            raise ValueError(f"{source}: has {n} passages but the index has {len(self.passage_ids)}")
+        check_ids_against_corpus(self.passage_ids, corpus_ids, source)
 
     def search(self, queries: np.ndarray, k: int, *, batch_size: int = 512, ef_search: int = 128,
                nprobe: int = 32, progress: bool = False) -> tuple[np.ndarray, list[list[str]]]:
@@ -113,7 +123,11 @@ class PassageIndex:
             self.index.hnsw.efSearch = max(ef_search, k)
         elif self.kind == "ivfpq":
             self.index.nprobe = nprobe
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
         queries = np.ascontiguousarray(queries, np.float32)
+        if queries.ndim != 2 or queries.shape[1] != self.index.d:
+            raise ValueError(f"queries of shape {queries.shape} do not fit an index of dim {self.index.d}")
         k = min(k, self.index.ntotal)
         all_scores, all_rows = [], []
         for start in tqdm(range(0, len(queries), batch_size), desc="searching", unit="batch",

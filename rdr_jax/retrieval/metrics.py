@@ -167,7 +167,9 @@ def evaluate_run(
 
 
 def _rows(path: str | os.PathLike):
-    with open(path, encoding="utf-8") as f:
+    from rdr_jax.data.readers import open_text  # bytes that are not UTF-8: FILE:LINE errors
+
+    with open_text(path) as f:
         for line_number, line in enumerate(f, start=1):
             fields = line.split()
             if fields:

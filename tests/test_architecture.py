@@ -47,14 +47,27 @@ def modules(root: Path = PACKAGE) -> dict[str, Path]:
     return {module_name(p, root): p for p in sorted(root.rglob("*.py"))}
 
 
-def imports_of(path: Path, name: str, known: set[str]) -> list[tuple[str, int, bool]]:
-    """(imported rdr_jax module, line, at module level) for every import statement of the file; ``from pkg import
-    sub`` counts as importing ``pkg.sub`` when that is a module."""
+def _type_checking_only(tree: ast.Module) -> set[int]:
+    """The import statements under ``if TYPE_CHECKING:``: annotations only, never run."""
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            out.update(id(n) for stmt in node.body for n in ast.walk(stmt))
+    return out
+
+
+def imports_of(path: Path, name: str, known: set[str], *, runtime_only: bool = False) -> list[tuple[str, int, bool]]:
+    """(imported rdr_jax module, line, at module level) for every import statement of the file (``runtime_only``:
+    leaving out those under ``if TYPE_CHECKING:``); ``from pkg import sub`` counts as importing ``pkg.sub`` when
+    that is a module."""
     tree = ast.parse(path.read_text(), filename=str(path))
     top_level = {id(node) for node in tree.body}
+    skip = _type_checking_only(tree) if runtime_only else set()
     is_package = path.name == "__init__.py"
     out = []
     for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
         if isinstance(node, ast.Import):
             targets = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -101,9 +114,10 @@ def violations(root: Path = PACKAGE, allowed=frozenset(ALLOWED_UPWARD)) -> list[
 
 
 def cycles(root: Path = PACKAGE, allowed=frozenset(ALLOWED_UPWARD)) -> list[list[str]]:
-    """Import cycles among the package's modules (every import statement, any depth; allowed edges left out)."""
+    """Import cycles among the package's modules (every import statement that runs, at any depth: annotations
+    under ``if TYPE_CHECKING:`` cannot make a cycle at run time; allowed edges left out)."""
     found = modules(root)
-    graph = {name: sorted({t for t, _, _ in imports_of(path, name, set(found))
+    graph = {name: sorted({t for t, _, _ in imports_of(path, name, set(found), runtime_only=True)
                            if t in found and t != name and (name, t) not in allowed})
              for name, path in found.items()}
     # Tarjan's strongly connected components

@@ -337,10 +337,10 @@ def test_convert_refuses_to_mix_formats(work, capsys, tmp_path):
 
 
 def test_progress_bars_count_every_row(capsys):
-    from rdr_jax.commands.rerank import load_wanted
+    from rdr_jax.data.files import select_by_id
 
     rows = [{"id": str(i)} for i in range(60)]
-    assert len(load_wanted(iter(rows), {"59", "3"}, "passages", "--passages p")) == 2
+    assert len(select_by_id(iter(rows), {"59", "3"}, "passages", "--passages p")) == 2
     assert "60 rows" in capsys.readouterr().err  # tqdm's iterator showed 59: it counts a row on the next one
 
 

@@ -59,6 +59,9 @@ def test_resumed_run_equals_uninterrupted_run(files):
         a = load_file(full / "final" / sub / "model.safetensors")
         b = load_file(resumed / "final" / sub / "model.safetensors")
         assert a.keys() == b.keys() and len(a) > 10
+        # the export carries the tokenizer it was trained with: inference commands load it as it is
+        from rdr_jax.data.tokenization import load_tokenizer
+        assert len(load_tokenizer(full / "final" / sub)) == 30522
         for k in a:
             assert np.array_equal(a[k], b[k]), f"{sub}/{k} differs after resuming"
         start = load_file(files["bert"] / "model.safetensors")

@@ -109,7 +109,7 @@ class Demo:
 
     def run(self) -> int:
         from rdr_jax.convert.hf_io import copy_tokenizer_files
-        from rdr_jax.data.embedded_data import embedded_dir, load_biencoder, load_qas
+        from rdr_jax.data.embedded_data import load_biencoder, load_qas
         from rdr_jax.data.tfds_format import write_dataset
         from rdr_jax.data.tokenization import load_tokenizer
         from rdr_jax.models import DPRContextEncoder, DPRQuestionEncoder, DPRReader

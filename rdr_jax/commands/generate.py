@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 from rdr_jax.commands.args import (check_architecture, check_max_length, input_file, int_at_least, model_config,
                                    output_file, positive_int)

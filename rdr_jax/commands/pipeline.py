@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from rdr_jax.commands.args import (check_architecture, check_max_length, check_room_for_text, input_file,

@@ -84,27 +84,8 @@ def passages_reader(path: Path):
                      f"found {columns} tab-separated fields on the first line")
 
 
-def load_wanted(rows, wanted: set[str], what: str, source) -> dict:
-    """Stream ``rows`` (dicts with "id") once, keeping only the wanted ids; errors name the missing ones."""
-    from tqdm import tqdm
-
-    found = {}
-    # updated by hand: tqdm's iterator counts a row only once the next one is asked for, so breaking out
-    # after the last wanted row showed "59 rows" for 60
-    with tqdm(desc=f"reading {what}", unit=" rows", mininterval=2.0) as bar:
-        for row in rows:
-            bar.update(1)
-            if row["id"] in wanted:
-                found[row["id"]] = row
-                if len(found) == len(wanted):
-                    break
-    missing = sorted(wanted - set(found))
-    if missing:
-        raise ValueError(f"{source}: {len(missing)} {what} of the run are missing (e.g. {missing[:3]})")
-    return found
-
-
 def _rerank_trec(args) -> int:
+    from rdr_jax.data.files import select_by_id
     from rdr_jax.data.readers import read_msmarco_queries
     from rdr_jax.retrieval.metrics import (evaluate_run, format_results_table, rank_documents, read_qrels,
                                            read_trec_run, write_trec_run)
@@ -117,9 +98,9 @@ def _rerank_trec(args) -> int:
         raise ValueError(f"--run {args.run}: no rows")
     queries_path, passages_path = _require_file("--queries", args.queries), _require_file("--passages", args.passages)
     qrels = read_qrels(_require_file("--qrels", args.qrels)) if args.qrels else None
-    queries = load_wanted(read_msmarco_queries(queries_path), set(run), "queries", f"--queries {queries_path}")
+    queries = select_by_id(read_msmarco_queries(queries_path), set(run), "queries", f"--queries {queries_path}")
     wanted = {docid for scores in run.values() for docid in rank_documents(scores)[:args.depth]}
-    passages = load_wanted(passages_reader(passages_path), wanted, "passages", f"--passages {passages_path}")
+    passages = select_by_id(passages_reader(passages_path), wanted, "passages", f"--passages {passages_path}")
     scorer = load_scorer(args)
     reranked = rerank_run(scorer, {qid: q["text"] for qid, q in queries.items()}, passages, run, args.depth)
     write_trec_run(args.out, reranked, tag=args.tag)

@@ -149,8 +149,16 @@ def write_safetensors(state: Mapping[str, np.ndarray], out_dir: str | os.PathLik
     return written
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json",
-                   "spm.model", "sentencepiece.bpe.model", "spiece.model", "merges.txt", "vocab.json")
+# Files any of which holds a tokenizer's vocabulary (fast tokenizer, WordPiece, BPE, SentencePiece).
+VOCABULARY_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spm.model", "spiece.model",
+                    "sentencepiece.bpe.model")
+# Everything a checkpoint directory's tokenizer consists of (copied along with the model).
+TOKENIZER_FILES = VOCABULARY_FILES + ("tokenizer_config.json", "special_tokens_map.json", "merges.txt")
+
+
+def has_tokenizer_files(directory: str | os.PathLike) -> bool:
+    """Whether ``directory`` holds a tokenizer: a vocabulary file, or a tokenizer_config.json naming one."""
+    return any((Path(directory) / name).is_file() for name in VOCABULARY_FILES + ("tokenizer_config.json",))
 
 
 def copy_tokenizer_files(src: Path, dst: Path) -> None:

@@ -5,7 +5,6 @@ JSON, or MS MARCO triples; tokenised per batch into fixed ``[B * K, L]`` pair in
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -13,16 +12,8 @@ import numpy as np
 from rdr_jax.data import readers
 from rdr_jax.data.files import iter_json_records, require_file, resolve_data_path, select_by_id
 from rdr_jax.data.stand_in_teacher import lexical_overlap
+from rdr_jax.data.tokenization import passage_text
 from rdr_jax.errors import ConfigError
-
-
-def passage_text(passage: str | Mapping) -> str:
-    """A passage as the cross-encoder reads it: ``title text`` when there is a title (DPR corpora), else the
-    text (MS MARCO)."""
-    if isinstance(passage, str):
-        return passage
-    title, text = passage.get("title", "") or "", passage["text"]
-    return f"{title} {text}" if title.strip() else text
 
 
 @dataclasses.dataclass

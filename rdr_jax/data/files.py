@@ -62,11 +62,15 @@ def select_by_id(rows: Iterable[dict], wanted: set[str], what: str, source) -> d
     from tqdm import tqdm
 
     found = {}
-    for row in tqdm(rows, desc=f"reading {what}", unit=" rows", mininterval=2.0):
-        if row["id"] in wanted:
-            found[row["id"]] = row
-            if len(found) == len(wanted):
-                break
+    # updated by hand: tqdm's iterator counts a row only once the next one is asked for, so breaking out
+    # after the last wanted row showed "59 rows" for 60
+    with tqdm(desc=f"reading {what}", unit=" rows", mininterval=2.0) as bar:
+        for row in rows:
+            bar.update(1)
+            if row["id"] in wanted:
+                found[row["id"]] = row
+                if len(found) == len(wanted):
+                    break
     missing = sorted(wanted - set(found))
     if missing:
         raise ValueError(f"{source}: {len(missing)} {what} of the run are missing (e.g. {missing[:3]})")

@@ -6,6 +6,9 @@ JSON) never sit in memory. Files ending in `.gz` are decompressed on the fly.
 
 A malformed row raises `ValueError("FILE:LINE: ...")` naming the field, before anything deeper
 in the stack sees it.
+
+Longer than 400 lines, kept as one file: every reader shares the same row checks, error messages and
+streaming helpers (open_text, the chunked JSON reader), and callers find each dataset's reader here.
 """
 
 from __future__ import annotations

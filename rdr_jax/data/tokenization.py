@@ -12,14 +12,13 @@ DPRReaderTokenizer returns them.
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
+from rdr_jax.convert.hf_io import VOCABULARY_FILES, has_tokenizer_files
 
-# Files any of which holds a tokenizer's vocabulary (fast tokenizer, WordPiece, BPE, SentencePiece).
-VOCABULARY_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spm.model", "spiece.model",
-                    "sentencepiece.bpe.model")
+
 # A tokenizer this much smaller than the model's embedding table is not the model's tokenizer. Models pad
 # vocab_size up (T5: 32100 tokens for 32128 rows, DeBERTa-v3: 128001 for 128100), never by half.
 MIN_VOCABULARY_FRACTION = 0.5
@@ -41,7 +40,7 @@ def load_tokenizer(model_dir: str | os.PathLike, *, tokenizer_dir: str | os.Path
 
     model_dir = resolve_model_dir(model_dir)  # a directory, or a hub name in the local cache
     source = resolve_model_dir(tokenizer_dir) if tokenizer_dir is not None else model_dir
-    if not any((source / name).is_file() for name in VOCABULARY_FILES + ("tokenizer_config.json",)):
+    if not has_tokenizer_files(source):
         raise ValueError(f"{source}: no tokenizer files (none of {', '.join(VOCABULARY_FILES)}); save the model "
                          "with save_pretrained(dir, tokenizer=...) or copy its base model's tokenizer files there")
     try:
@@ -118,3 +117,12 @@ def encode_reader_inputs(tokenizer, question: str | Sequence[str], titles: Seque
     out = _to_arrays(ids, tokenizer.pad_token_id, max_length)
     out["passage_start"] = np.array([min(len(qt), max_length) for qt in question_and_titles], np.int32)
     return out
+
+
+def passage_text(passage: str | Mapping) -> str:
+    """A passage as a cross-encoder reads it: ``title text`` when there is a title (DPR corpora), else the
+    text (MS MARCO)."""
+    if isinstance(passage, str):
+        return passage
+    title, text = passage.get("title", "") or "", passage["text"]
+    return f"{title} {text}" if title.strip() else text

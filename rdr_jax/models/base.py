@@ -7,7 +7,6 @@ safetensors that transformers loads — is here once.
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import logging
 import os
@@ -20,7 +19,8 @@ import numpy as np
 from flax import nnx
 
 from rdr_jax.convert import mapping
-from rdr_jax.convert.hf_io import CheckpointError, read_state_dict, resolve_model_dir, write_safetensors
+from rdr_jax.convert.hf_io import (VOCABULARY_FILES, CheckpointError, copy_tokenizer_files, has_tokenizer_files,
+                                   read_state_dict, resolve_model_dir, write_safetensors)
 from rdr_jax.models.config import ModelConfig, read_config_json
 from rdr_jax.models.layers import CHECKPOINTED
 
@@ -178,9 +178,7 @@ class PretrainedModel(nnx.Module):
         tokenizer files are copied, so the output directory is self-contained: the inference commands refuse a
         model directory without its tokenizer."""
         if tokenizer is not None and not hasattr(tokenizer, "save_pretrained"):
-            from rdr_jax.data.tokenization import VOCABULARY_FILES
-
-            if not any((Path(tokenizer) / name).is_file() for name in VOCABULARY_FILES + ("tokenizer_config.json",)):
+            if not has_tokenizer_files(tokenizer):
                 raise ValueError(f"tokenizer={tokenizer}: no tokenizer files there "
                                  f"(none of {', '.join(VOCABULARY_FILES)})")
         out_dir = Path(out_dir)
@@ -197,8 +195,6 @@ class PretrainedModel(nnx.Module):
         if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
             tokenizer.save_pretrained(str(out_dir))
         elif tokenizer is not None:
-            from rdr_jax.convert.hf_io import copy_tokenizer_files
-
             copy_tokenizer_files(Path(tokenizer), out_dir)
         return out_dir
 

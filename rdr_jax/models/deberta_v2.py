@@ -21,7 +21,7 @@ from flax import nnx
 from rdr_jax.convert.mapping import Rule, embedding, layer_norm, linear
 from rdr_jax.models import layers as L
 from rdr_jax.models.base import PretrainedModel, register
-from rdr_jax.models.config import RELATIVE_ATTENTION_IMPLS, ModelConfig, Runtime  # noqa: F401 (read here by tasks)
+from rdr_jax.models.config import ModelConfig, Runtime
 from rdr_jax.models.deberta_relative import relative_score_indices, relative_term
 from rdr_jax.models.outputs import BaseModelOutputWithPooling, SequenceClassifierOutput
 

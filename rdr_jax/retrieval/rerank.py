@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from rdr_jax.data.tokenization import bucket_length
+from rdr_jax.data.tokenization import bucket_length, passage_text
 from rdr_jax.retrieval.encode import DEFAULT_BUCKETS, ShardedRunner
 from rdr_jax.retrieval.metrics import rank_documents
 
@@ -36,15 +36,6 @@ def default_label_index(num_labels: int) -> int:
         return 1
     raise ValueError(f"the classifier has {num_labels} labels; pass label_index to say which one scores "
                      "relevance")
-
-
-def passage_text(passage: str | Mapping) -> str:
-    """A passage as the cross-encoder reads it: ``title text`` when there is a title (DPR corpora), else the
-    text (MS MARCO)."""
-    if isinstance(passage, str):
-        return passage
-    title, text = passage.get("title", "") or "", passage["text"]
-    return f"{title} {text}" if title.strip() else text
 
 
 class CrossEncoderScorer:

@@ -51,14 +51,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from rdr_jax import losses as R
-from rdr_jax.convert.hf_io import resolve_model_dir
+from rdr_jax.convert.hf_io import has_tokenizer_files, resolve_model_dir
 from rdr_jax.data import readers
 from rdr_jax.data.cross_encoder_lists import CrossEncoderData
 from rdr_jax.data.stand_in_teacher import STAND_IN_TEACHERS
 from rdr_jax.data.tokenization import load_tokenizer
-from rdr_jax.models.deberta_v2 import RELATIVE_ATTENTION_IMPLS
+from rdr_jax.models.config import RELATIVE_ATTENTION_IMPLS
 from rdr_jax.retrieval.rerank import CrossEncoderScorer
-from rdr_jax.tasks.cross_encoder_models import (CLASSIFIERS, classifier_dir, has_tokenizer, label_index,
+from rdr_jax.tasks.cross_encoder_models import (CLASSIFIERS, classifier_dir, label_index,
                                                 load_classifier, random_classifier_dir)
 from rdr_jax.tasks.model_setup import ModelSpec, resolve_path
 from rdr_jax.training.config import ConfigError, TaskSection, option
@@ -225,7 +225,7 @@ class CrossEncoderTask(FileDataTask):
             return None
         t = self.config.task
         path = resolve_path(t.teacher_tokenizer) if t.teacher_tokenizer else (
-            str(self.teacher_dir) if has_tokenizer(self.teacher_dir) and t.teacher_model != "init" else None)
+            str(self.teacher_dir) if has_tokenizer_files(self.teacher_dir) and t.teacher_model != "init" else None)
         if path is None or Path(path).resolve() == Path(self._tokenizer_path()).resolve():
             return None
         if self._teacher_tokenizer is None:

@@ -8,7 +8,7 @@ import logging
 import os
 from pathlib import Path
 
-from rdr_jax.convert.hf_io import TOKENIZER_FILES, resolve_model_dir
+from rdr_jax.convert.hf_io import resolve_model_dir
 from rdr_jax.errors import ConfigError
 from rdr_jax.models.base import from_pretrained, model_class_for_config
 from rdr_jax.models.bert import BertForSequenceClassification
@@ -21,10 +21,6 @@ log = logging.getLogger(__name__)
 
 CLASSIFIERS = {"bert": BertForSequenceClassification, "deberta_v2": DebertaV2ForSequenceClassification}
 FAMILY_OF_MODEL_TYPE = {"bert": "bert", "deberta-v2": "deberta_v2"}
-
-
-def has_tokenizer(model_dir: Path) -> bool:
-    return any((model_dir / name).is_file() for name in TOKENIZER_FILES)
 
 
 def classifier_dir(path: str, stage_dir: Path, num_labels: int) -> Path:

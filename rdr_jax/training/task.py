@@ -153,11 +153,17 @@ class Task:
         return {"examples": int(batch[self.question_field].shape[0]), "tokens": tokens}
 
     # ---- export ----------------------------------------------------------------------------------------------
+    @property
+    def tokenizer(self):
+        """The tokenizer the task's models read, saved beside them by ``export``; None when there is none."""
+        return None
+
     def export(self, model: ModelBundle, out_dir: str | Path) -> list[Path]:
-        """Write each trained submodule as a Hugging Face directory ``out_dir/<submodule>/``."""
+        """Write each trained submodule as a Hugging Face directory ``out_dir/<submodule>/``, with the tokenizer it
+        was trained with: the inference commands refuse a model directory without one."""
         written = []
         for name in self.trainable_submodules():
-            written.append(getattr(model, name).save_pretrained(Path(out_dir) / name))
+            written.append(getattr(model, name).save_pretrained(Path(out_dir) / name, tokenizer=self.tokenizer))
         return written
 
 

@@ -69,10 +69,9 @@ def run(args) -> int:
         model = rdr_jax.from_pretrained(args.src)
     dst = Path(args.dst)
     if args.to == "hf":
-        import numpy as np
-        import ml_dtypes
+        from rdr_jax.models.config import dtype_from_name
 
-        dtype = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}.get(args.dtype)
+        dtype = dtype_from_name(args.dtype, "--dtype") if args.dtype else None
         model.save_pretrained(dst, dtype=dtype)
     else:
         model.save_pretrained(dst, format="orbax")

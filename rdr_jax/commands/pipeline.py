@@ -47,9 +47,9 @@ def _add_model_runtime(p, *, max_length: int, batch_size: int) -> None:
 
 
 def _dtype(name: str):
-    import jax.numpy as jnp
+    from rdr_jax.models.config import dtype_from_name
 
-    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+    return dtype_from_name(name, "--dtype")
 
 
 ENCODERS = ("DPRContextEncoder", "DPRQuestionEncoder", "BertModel")

@@ -44,10 +44,9 @@ def add_rerank_arguments(p):
 
 def load_scorer(args):
     """The cross-encoder and its tokenizer as a CrossEncoderScorer; refuses other model classes."""
-    import jax.numpy as jnp
-
     from rdr_jax.data.tokenization import load_tokenizer
     from rdr_jax.models import from_pretrained
+    from rdr_jax.models.config import dtype_from_name
     from rdr_jax.models.base import model_class_for_config
     from rdr_jax.retrieval.rerank import CrossEncoderScorer
 
@@ -57,7 +56,7 @@ def load_scorer(args):
     check_max_length("--model", args.max_length, model_dir, config)
     tokenizer = load_tokenizer(model_dir)
     check_room_for_text(args.max_length, tokenizer, pair=True)
-    model = from_pretrained(model_dir, dtype={"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype],
+    model = from_pretrained(model_dir, dtype=dtype_from_name(args.dtype, "--dtype"),
                             allow_fresh_heads=False)
     return CrossEncoderScorer(model, tokenizer, batch_size=args.batch_size, max_length=args.max_length,
                               label_index=args.label_index)

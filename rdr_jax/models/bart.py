@@ -21,7 +21,7 @@ from flax import nnx
 from rdr_jax.convert.mapping import Rule, embedding, layer_norm, linear
 from rdr_jax.models import layers as L
 from rdr_jax.models.base import PretrainedModel, register
-from rdr_jax.models.config import ModelConfig, Runtime
+from rdr_jax.models.config import ModelConfig, ComputeSettings
 from rdr_jax.models.seq2seq import DecoderCache, Seq2SeqBlock, Seq2SeqLM, Seq2SeqStack
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ class BartConfig(ModelConfig):
 class BartAttention(nnx.Module):
     """Multi-head attention with biased q/k/v/out projections and ``head_dim ** -0.5`` score scaling."""
 
-    def __init__(self, config: BartConfig, rt: Runtime, num_heads: int, *, rngs: nnx.Rngs):
+    def __init__(self, config: BartConfig, rt: ComputeSettings, num_heads: int, *, rngs: nnx.Rngs):
         E = config.d_model
         H, D = num_heads, config.d_model // num_heads
         kw = dict(dtype=rt.dtype, param_dtype=rt.param_dtype, init_std=config.init_std, rngs=rngs)
@@ -99,7 +99,7 @@ class BartAttention(nnx.Module):
 class BartLayer(Seq2SeqBlock):
     """Post-LN layer: self-attention, cross-attention (decoder only), feed-forward; each ``norm(x + dropout(f(x)))``."""
 
-    def __init__(self, config: BartConfig, rt: Runtime, *, is_decoder: bool, rngs: nnx.Rngs):
+    def __init__(self, config: BartConfig, rt: ComputeSettings, *, is_decoder: bool, rngs: nnx.Rngs):
         E = config.d_model
         heads = config.decoder_attention_heads if is_decoder else config.encoder_attention_heads
         ffn = config.decoder_ffn_dim if is_decoder else config.encoder_ffn_dim
@@ -142,7 +142,7 @@ class BartLayer(Seq2SeqBlock):
 class BartStack(Seq2SeqStack):
     """Encoder or decoder: token embedding (scaled) + learned positions, LayerNorm, dropout, layers."""
 
-    def __init__(self, config: BartConfig, rt: Runtime, *, is_decoder: bool, rngs: nnx.Rngs):
+    def __init__(self, config: BartConfig, rt: ComputeSettings, *, is_decoder: bool, rngs: nnx.Rngs):
         self.config, self.rt = config, rt
         num_layers = config.decoder_layers if is_decoder else config.encoder_layers
         self.num_heads = config.decoder_attention_heads if is_decoder else config.encoder_attention_heads
@@ -194,7 +194,7 @@ class BartForConditionalGeneration(Seq2SeqLM, PretrainedModel):
     def __init__(self, config: BartConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, remat: bool = False,
                  rngs: nnx.Rngs):
         self.config = config
-        self.runtime = rt = Runtime(dtype, param_dtype, remat)
+        self.compute = rt = ComputeSettings(dtype, param_dtype, remat)
         self.shared = L.Embed(config.vocab_size, config.d_model, (L.VOCAB, L.EMBED), dtype=dtype,
                               param_dtype=param_dtype, init_std=config.init_std, rngs=rngs)
         self.encoder = BartStack(config, rt, is_decoder=False, rngs=rngs)

@@ -11,7 +11,7 @@ from flax import nnx
 from rdr_jax.convert.mapping import Rule, embedding, layer_norm, linear
 from rdr_jax.models import layers as L
 from rdr_jax.models.base import PretrainedModel, register
-from rdr_jax.models.config import ModelConfig, Runtime
+from rdr_jax.models.config import ModelConfig, ComputeSettings
 from rdr_jax.models.outputs import BaseModelOutputWithPooling, SequenceClassifierOutput
 from rdr_jax.models.packing import TokenPacking
 
@@ -68,7 +68,7 @@ class BertConfig(ModelConfig):
 
 
 class BertEmbeddings(nnx.Module):
-    def __init__(self, config: BertConfig, rt: Runtime, *, rngs: nnx.Rngs):
+    def __init__(self, config: BertConfig, rt: ComputeSettings, *, rngs: nnx.Rngs):
         std = config.initializer_range
         kw = dict(dtype=rt.dtype, param_dtype=rt.param_dtype, init_std=std, rngs=rngs)
         self.word_embeddings = L.Embed(config.vocab_size, config.hidden_size, (L.VOCAB, L.EMBED), **kw)
@@ -88,7 +88,7 @@ class BertEmbeddings(nnx.Module):
 class BertLayer(nnx.Module):
     """Post-LN transformer block: self-attention and feed-forward, each with residual + LayerNorm."""
 
-    def __init__(self, config: BertConfig, rt: Runtime, *, rngs: nnx.Rngs):
+    def __init__(self, config: BertConfig, rt: ComputeSettings, *, rngs: nnx.Rngs):
         E, H, D, F = config.hidden_size, config.num_attention_heads, config.head_dim, config.intermediate_size
         kw = dict(dtype=rt.dtype, param_dtype=rt.param_dtype, init_std=config.initializer_range, rngs=rngs)
         ln = partial(L.LayerNorm, eps=config.layer_norm_eps, dtype=rt.dtype, param_dtype=rt.param_dtype)
@@ -128,7 +128,7 @@ class BertLayer(nnx.Module):
 class BertEncoderStack(nnx.Module):
     """Embeddings + layers (+ optional pooler): the body shared by BERT, DPR and the BERT cross-encoder."""
 
-    def __init__(self, config: BertConfig, rt: Runtime, *, add_pooling_layer: bool, rngs: nnx.Rngs):
+    def __init__(self, config: BertConfig, rt: ComputeSettings, *, add_pooling_layer: bool, rngs: nnx.Rngs):
         self.config, self.rt = config, rt
         self.embeddings = BertEmbeddings(config, rt, rngs=rngs)
         self.layers = nnx.List([BertLayer(config, rt, rngs=rngs) for _ in range(config.num_hidden_layers)])
@@ -211,7 +211,7 @@ class _BertBase(PretrainedModel):
     def __init__(self, config: BertConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, remat: bool = False,
                  rngs: nnx.Rngs):
         self.config = config
-        self.runtime = Runtime(dtype, param_dtype, remat)
+        self.compute = ComputeSettings(dtype, param_dtype, remat)
 
 
 @register(default_for_model_type=True)
@@ -220,7 +220,7 @@ class BertModel(_BertBase):
 
     def __init__(self, config: BertConfig, *, add_pooling_layer: bool = True, rngs: nnx.Rngs, **kw):
         super().__init__(config, rngs=rngs, **kw)
-        self.bert = BertEncoderStack(config, self.runtime, add_pooling_layer=add_pooling_layer, rngs=rngs)
+        self.bert = BertEncoderStack(config, self.compute, add_pooling_layer=add_pooling_layer, rngs=rngs)
 
     @classmethod
     def hf_rules(cls, config):
@@ -237,11 +237,11 @@ class BertForSequenceClassification(_BertBase):
 
     def __init__(self, config: BertConfig, *, rngs: nnx.Rngs, **kw):
         super().__init__(config, rngs=rngs, **kw)
-        self.bert = BertEncoderStack(config, self.runtime, add_pooling_layer=True, rngs=rngs)
+        self.bert = BertEncoderStack(config, self.compute, add_pooling_layer=True, rngs=rngs)
         rate = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
         self.dropout = nnx.Dropout(rate)
         self.classifier = L.Dense(config.hidden_size, config.labels, (L.EMBED,), (L.CLASSES,),
-                                  dtype=self.runtime.dtype, param_dtype=self.runtime.param_dtype,
+                                  dtype=self.compute.dtype, param_dtype=self.compute.param_dtype,
                                   init_std=config.initializer_range, rngs=rngs)
 
     @classmethod

@@ -1,5 +1,5 @@
 """Model configs: the fields a family reads from Hugging Face's config.json, with the rest kept verbatim; and
-:class:`Runtime`, how a model computes (dtypes, remat), which is not part of the config.
+:class:`ComputeSettings`, how a model computes (dtypes, remat), which is not part of the config.
 
 Unknown keys are preserved so that ``save_pretrained`` writes back a config.json that transformers reads
 as it read the original.
@@ -32,7 +32,7 @@ RELATIVE_ATTENTION_IMPLS = ("skew", "gather", "onehot")
 
 
 @dataclasses.dataclass(frozen=True)
-class Runtime:
+class ComputeSettings:
     """How a model computes, as opposed to what it is (the config); one for every family.
 
     ``dtype``: the compute dtype; ``param_dtype``: the storage dtype of the parameters; ``remat``: recompute

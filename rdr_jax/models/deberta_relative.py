@@ -1,5 +1,5 @@
 """DeBERTa's relative positions: the bucketed query - key distance of every token pair, and the three
-equivalent ways of reading a per-pair relative term (``Runtime.relative_attention_impl``).
+equivalent ways of reading a per-pair relative term (``ComputeSettings.relative_attention_impl``).
 
 The bucket matrix depends only on the (static) sequence length, so it is computed in numpy once per trace and
 enters the graph as a constant shared by every layer.

@@ -21,7 +21,7 @@ from flax import nnx
 from rdr_jax.convert.mapping import Rule, embedding, layer_norm, linear
 from rdr_jax.models import layers as L
 from rdr_jax.models.base import PretrainedModel, register
-from rdr_jax.models.config import ModelConfig, Runtime
+from rdr_jax.models.config import ModelConfig, ComputeSettings
 from rdr_jax.models.deberta_relative import relative_score_indices, relative_term
 from rdr_jax.models.outputs import BaseModelOutputWithPooling, SequenceClassifierOutput
 
@@ -151,7 +151,7 @@ def _scale(head_dim: int, scale_factor: int) -> float:
 
 # ---- modules -------------------------------------------------------------------------------------------------
 class DebertaV2Embeddings(nnx.Module):
-    def __init__(self, config: DebertaV2Config, rt: Runtime, *, rngs: nnx.Rngs):
+    def __init__(self, config: DebertaV2Config, rt: ComputeSettings, *, rngs: nnx.Rngs):
         W = config.embedding_width
         kw = dict(dtype=rt.dtype, param_dtype=rt.param_dtype, init_std=config.initializer_range, rngs=rngs)
         self.word_embeddings = L.Embed(config.vocab_size, W, (L.VOCAB, L.EMBED), **kw)
@@ -181,7 +181,7 @@ class DebertaV2Embeddings(nnx.Module):
 class DisentangledSelfAttention(nnx.Module):
     """Content-content attention plus the c2p/p2c relative terms, all divided by sqrt(head_dim * (1 + terms))."""
 
-    def __init__(self, config: DebertaV2Config, rt: Runtime, *, rngs: nnx.Rngs):
+    def __init__(self, config: DebertaV2Config, rt: ComputeSettings, *, rngs: nnx.Rngs):
         E, H, D = config.hidden_size, config.num_attention_heads, config.head_dim
         kw = dict(dtype=rt.dtype, param_dtype=rt.param_dtype, init_std=config.initializer_range, rngs=rngs)
         proj = partial(L.Dense, E, (H, D), (L.EMBED,), (L.HEADS, L.KV), **kw)
@@ -226,7 +226,7 @@ class DisentangledSelfAttention(nnx.Module):
 class DebertaV2Layer(nnx.Module):
     """Post-LN block: disentangled self-attention and feed-forward, each with residual + LayerNorm."""
 
-    def __init__(self, config: DebertaV2Config, rt: Runtime, *, rngs: nnx.Rngs):
+    def __init__(self, config: DebertaV2Config, rt: ComputeSettings, *, rngs: nnx.Rngs):
         E, H, D, F = config.hidden_size, config.num_attention_heads, config.head_dim, config.intermediate_size
         kw = dict(dtype=rt.dtype, param_dtype=rt.param_dtype, init_std=config.initializer_range, rngs=rngs)
         ln = partial(L.LayerNorm, eps=config.layer_norm_eps, dtype=rt.dtype, param_dtype=rt.param_dtype)
@@ -250,7 +250,7 @@ class DebertaV2Layer(nnx.Module):
 class ConvLayer(nnx.Module):
     """v2-xlarge's 1-D convolution over the embedding output, merged into the first layer's output."""
 
-    def __init__(self, config: DebertaV2Config, rt: Runtime, *, rngs: nnx.Rngs):
+    def __init__(self, config: DebertaV2Config, rt: ComputeSettings, *, rngs: nnx.Rngs):
         E, K, G = config.hidden_size, config.conv_kernel_size, config.conv_groups
         # PyTorch Conv1d layout [out, in / groups, width], so conversion is a plain copy.
         self.kernel = L.param(rngs, L.normal_init(config.initializer_range), (E, E // G, K), (L.EMBED, None, None),
@@ -275,7 +275,7 @@ class ConvLayer(nnx.Module):
 class DebertaV2Body(nnx.Module):
     """Embeddings + encoder (relative embeddings, layers, optional conv): transformers' ``DebertaV2Model``."""
 
-    def __init__(self, config: DebertaV2Config, rt: Runtime, *, rngs: nnx.Rngs):
+    def __init__(self, config: DebertaV2Config, rt: ComputeSettings, *, rngs: nnx.Rngs):
         self.config, self.rt = config, rt
         self.embeddings = DebertaV2Embeddings(config, rt, rngs=rngs)
         self.layers = nnx.List([DebertaV2Layer(config, rt, rngs=rngs) for _ in range(config.num_hidden_layers)])
@@ -333,7 +333,7 @@ class DebertaV2Body(nnx.Module):
 class ContextPooler(nnx.Module):
     """act(dense(dropout(hidden[:, 0]))), as transformers' DeBERTa ``ContextPooler``."""
 
-    def __init__(self, config: DebertaV2Config, rt: Runtime, *, rngs: nnx.Rngs):
+    def __init__(self, config: DebertaV2Config, rt: ComputeSettings, *, rngs: nnx.Rngs):
         P = config.pooler_width
         self.dense = L.Dense(P, P, (L.EMBED,), (L.MLP,), dtype=rt.dtype, param_dtype=rt.param_dtype,
                              init_std=config.initializer_range, rngs=rngs)
@@ -391,7 +391,7 @@ class _DebertaV2Base(PretrainedModel):
     def __init__(self, config: DebertaV2Config, *, dtype=jnp.float32, param_dtype=jnp.float32, remat: bool = False,
                  relative_attention_impl: str = "skew", rngs: nnx.Rngs):
         self.config = config
-        self.runtime = Runtime(dtype, param_dtype, remat, relative_attention_impl)
+        self.compute = ComputeSettings(dtype, param_dtype, remat, relative_attention_impl)
 
 
 @register(default_for_model_type=True)
@@ -400,7 +400,7 @@ class DebertaV2Model(_DebertaV2Base):
 
     def __init__(self, config: DebertaV2Config, *, rngs: nnx.Rngs, **kw):
         super().__init__(config, rngs=rngs, **kw)
-        self.deberta = DebertaV2Body(config, self.runtime, rngs=rngs)
+        self.deberta = DebertaV2Body(config, self.compute, rngs=rngs)
 
     @classmethod
     def hf_rules(cls, config):
@@ -428,7 +428,7 @@ class DebertaV2ForSequenceClassification(_DebertaV2Base):
 
     def __init__(self, config: DebertaV2Config, *, rngs: nnx.Rngs, **kw):
         super().__init__(config, rngs=rngs, **kw)
-        rt = self.runtime
+        rt = self.compute
         self.deberta = DebertaV2Body(config, rt, rngs=rngs)
         self.pooler = ContextPooler(config, rt, rngs=rngs)
         rate = config.cls_dropout if config.cls_dropout is not None else config.hidden_dropout_prob

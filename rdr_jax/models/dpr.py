@@ -15,7 +15,7 @@ from rdr_jax.convert.mapping import linear
 from rdr_jax.models import layers as L
 from rdr_jax.models.base import PretrainedModel, register
 from rdr_jax.models.bert import BertConfig, BertEncoderStack, bert_body_rules
-from rdr_jax.models.config import Runtime
+from rdr_jax.models.config import ComputeSettings
 from rdr_jax.models.outputs import BaseModelOutputWithPooling, DPRReaderOutput
 
 
@@ -26,7 +26,7 @@ class DPRConfig(BertConfig):
 
 
 class DPREncoder(nnx.Module):
-    def __init__(self, config: DPRConfig, rt: Runtime, *, rngs: nnx.Rngs):
+    def __init__(self, config: DPRConfig, rt: ComputeSettings, *, rngs: nnx.Rngs):
         self.bert_model = BertEncoderStack(config, rt, add_pooling_layer=False, rngs=rngs)
         self.encode_proj = (L.Dense(config.hidden_size, config.projection_dim, (L.EMBED,), (L.MLP,),
                                     dtype=rt.dtype, param_dtype=rt.param_dtype,
@@ -57,7 +57,7 @@ class _DPRBase(PretrainedModel):
     def __init__(self, config: DPRConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, remat=False,
                  rngs: nnx.Rngs):
         self.config = config
-        self.runtime = Runtime(dtype, param_dtype, remat)
+        self.compute = ComputeSettings(dtype, param_dtype, remat)
 
     @classmethod
     def config_dict_for(cls, raw_config):
@@ -72,7 +72,7 @@ class _DPRBiEncoderHalf(_DPRBase):
 
     def __init__(self, config: DPRConfig, *, rngs: nnx.Rngs, **kw):
         super().__init__(config, rngs=rngs, **kw)
-        setattr(self, self.hf_prefix, DPREncoder(config, self.runtime, rngs=rngs))
+        setattr(self, self.hf_prefix, DPREncoder(config, self.compute, rngs=rngs))
 
     @property
     def encoder(self) -> DPREncoder:
@@ -126,7 +126,7 @@ class DPRReader(_DPRBase):
 
     def __init__(self, config: DPRConfig, *, rngs: nnx.Rngs, **kw):
         super().__init__(config, rngs=rngs, **kw)
-        self.span_predictor = DPRSpanPredictor(config, self.runtime, rngs=rngs)
+        self.span_predictor = DPRSpanPredictor(config, self.compute, rngs=rngs)
 
     @classmethod
     def hf_rules(cls, config):
@@ -146,7 +146,7 @@ class DPRReader(_DPRBase):
 
 
 class DPRSpanPredictor(nnx.Module):
-    def __init__(self, config: DPRConfig, rt: Runtime, *, rngs: nnx.Rngs):
+    def __init__(self, config: DPRConfig, rt: ComputeSettings, *, rngs: nnx.Rngs):
         kw = dict(dtype=rt.dtype, param_dtype=rt.param_dtype, init_std=config.initializer_range, rngs=rngs)
         self.encoder = DPREncoder(config, rt, rngs=rngs)
         size = config.projection_dim if config.projection_dim > 0 else config.hidden_size

@@ -155,7 +155,7 @@ class Seq2SeqStack(nnx.Module):
     """Encoder or decoder stack: :meth:`embed` -> the blocks -> :meth:`finish`.
 
     A family sets ``layers`` (an ``nnx.List`` of :class:`Seq2SeqBlock`), ``rt`` (its
-    :class:`~rdr_jax.models.config.Runtime`), ``num_heads`` and ``head_dim`` (the decoder cache's shape), and
+    :class:`~rdr_jax.models.config.ComputeSettings`), ``num_heads`` and ``head_dim`` (the decoder cache's shape), and
     overrides the hooks it needs. Without a cache the positions start at 0 and each block is rematerialised
     when ``rt.remat``; with one, the tokens sit at ``cache.index`` and the cache comes back advanced.
     """

@@ -28,7 +28,7 @@ from rdr_jax.convert.hf_io import checkpoint_files, torch_to_numpy
 from rdr_jax.convert.mapping import Rule, embedding, linear
 from rdr_jax.models import layers as L
 from rdr_jax.models.base import ORBAX_SUBDIR, PretrainedModel, register
-from rdr_jax.models.config import ModelConfig, Runtime
+from rdr_jax.models.config import ModelConfig, ComputeSettings
 from rdr_jax.models.seq2seq import Seq2SeqBlock, Seq2SeqLM, Seq2SeqStack
 
 
@@ -135,7 +135,7 @@ class T5LayerNorm(nnx.Module):
 class T5Attention(nnx.Module):
     """Multi-head attention without biases or score scaling (T5 folds the scale into its initialisation)."""
 
-    def __init__(self, config: T5Config, rt: Runtime, *, rngs: nnx.Rngs):
+    def __init__(self, config: T5Config, rt: ComputeSettings, *, rngs: nnx.Rngs):
         E, H, D, f = config.d_model, config.num_heads, config.d_kv, config.initializer_factor
         kw = dict(use_bias=False, dtype=rt.dtype, param_dtype=rt.param_dtype, rngs=rngs)
         self.q = L.Dense(E, (H, D), (L.EMBED,), (L.HEADS, L.KV), init_std=f * (E * D) ** -0.5, **kw)
@@ -156,7 +156,7 @@ class T5Attention(nnx.Module):
 class T5FeedForward(nnx.Module):
     """``DenseReluDense``: wi -> act -> dropout -> wo, or gated: act(wi_0 x) * wi_1 x -> dropout -> wo."""
 
-    def __init__(self, config: T5Config, rt: Runtime, *, rngs: nnx.Rngs):
+    def __init__(self, config: T5Config, rt: ComputeSettings, *, rngs: nnx.Rngs):
         E, F, f = config.d_model, config.d_ff, config.initializer_factor
         kw = dict(use_bias=False, dtype=rt.dtype, param_dtype=rt.param_dtype, rngs=rngs)
         self.gated = config.is_gated_act
@@ -177,7 +177,7 @@ class T5FeedForward(nnx.Module):
 class T5Block(Seq2SeqBlock):
     """Pre-norm block: self-attention, cross-attention (decoder only), feed-forward, each x + dropout(f(norm(x)))."""
 
-    def __init__(self, config: T5Config, rt: Runtime, *, is_decoder: bool, rngs: nnx.Rngs):
+    def __init__(self, config: T5Config, rt: ComputeSettings, *, is_decoder: bool, rngs: nnx.Rngs):
         norm = partial(T5LayerNorm, config.d_model, config.layer_norm_epsilon, dtype=rt.dtype,
                        param_dtype=rt.param_dtype)
         self.self_attention = T5Attention(config, rt, rngs=rngs)
@@ -218,7 +218,7 @@ class T5Stack(Seq2SeqStack):
     computes the bias that every block then reuses; the numbers are the same).
     """
 
-    def __init__(self, config: T5Config, rt: Runtime, *, is_decoder: bool, rngs: nnx.Rngs):
+    def __init__(self, config: T5Config, rt: ComputeSettings, *, is_decoder: bool, rngs: nnx.Rngs):
         self.config, self.rt, self.is_decoder = config, rt, is_decoder
         self.num_heads, self.head_dim = config.num_heads, config.d_kv
         num_layers = config.num_decoder_layers if is_decoder else config.num_layers
@@ -306,7 +306,7 @@ class T5ForConditionalGeneration(Seq2SeqLM, PretrainedModel):
     def __init__(self, config: T5Config, *, dtype=jnp.float32, param_dtype=jnp.float32, remat: bool = False,
                  rngs: nnx.Rngs):
         self.config = config
-        self.runtime = rt = Runtime(dtype, param_dtype, remat)
+        self.compute = rt = ComputeSettings(dtype, param_dtype, remat)
         self.shared = L.Embed(config.vocab_size, config.d_model, (L.VOCAB, L.EMBED), dtype=dtype,
                               param_dtype=param_dtype, init_std=config.initializer_factor, rngs=rngs)
         self.encoder = T5Stack(config, rt, is_decoder=False, rngs=rngs)

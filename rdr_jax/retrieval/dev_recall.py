@@ -38,12 +38,14 @@ def exact_top_k(queries: np.ndarray, vectors: np.ndarray, k: int, *, query_block
     k = min(k, n)
     out = np.zeros((len(queries), k), np.int64)
     for q0 in range(0, len(queries), query_block):
-        q = np.asarray(queries[q0:q0 + query_block], np.float32)
+        # float64 products and sums, rounded to float32 once: identical passages get identical scores whatever
+        # BLAS kernel a block's shape picks (float32 GEMM and GEMV round differently, which broke ties)
+        q = np.asarray(queries[q0:q0 + query_block], np.float64)
         best_scores = np.zeros((len(q), 0), np.float32)
         best_rows = np.zeros((len(q), 0), np.int64)
         for c0 in range(0, n, corpus_block):
-            block = np.asarray(vectors[c0:c0 + corpus_block], np.float32)
-            scores = np.concatenate([best_scores, q @ block.T], axis=1)
+            block = np.asarray(vectors[c0:c0 + corpus_block], np.float64)
+            scores = np.concatenate([best_scores, (q @ block.T).astype(np.float32)], axis=1)
             rows = np.concatenate([best_rows, np.broadcast_to(np.arange(c0, c0 + len(block)), (len(q), len(block)))],
                                   axis=1)
             best_scores, best_rows = _best_k(scores, rows, k)

@@ -252,6 +252,16 @@ def test_version_and_quiet_flags(capsys):
     assert build_parser().parse_args(["--quiet", "train", TINY]).quiet
 
 
+def test_documented_top_level_flags_exist():
+    """`rdr-jax --flag` lines of the README (tests/test_readme.py checks the subcommands' flags)."""
+    import re
+
+    documented = set(re.findall(r"rdr-jax (--[a-z][a-z-]*)", (ROOT / "README.md").read_text()))
+    assert {"--version", "--quiet"} <= documented
+    options = {o for a in build_parser()._actions for o in a.option_strings}
+    assert documented <= options, documented - options
+
+
 def test_backend_probe_line_is_silenced_but_warnings_pass():
     from rdr_jax.cli import _NoBackendProbeNoise
 

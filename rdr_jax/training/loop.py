@@ -67,8 +67,7 @@ class MetricsWriter:
         if enabled and tensorboard:
             try:
                 from tensorboardX import SummaryWriter
-                self.tb = SummaryWriter(str(workdir / "tensorboard"),
-                                        purge_step=resumed_at + 1 if resumed_at else None)
+                self.tb = SummaryWriter(str(workdir / "tensorboard"), purge_step=resumed_at + 1)
             except ImportError:
                 log.warning("tensorboardX is not installed: no TensorBoard logs (pip install tensorboardX)")
 

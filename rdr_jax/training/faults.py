@@ -185,6 +185,7 @@ class PreemptionWatcher:
     def __init__(self):
         self._flag = threading.Event()
         self.reason = "SIGTERM"   # what asked to stop: SIGTERM or SIGINT (Ctrl-C)
+        self.handled = ""         # for the log: which signals checkpoint ("" when none does)
         self._previous: dict[int, Any] = {}
         self._sync = jax.process_count() > 1
         if self._sync:
@@ -194,9 +195,11 @@ class PreemptionWatcher:
             except Exception as e:
                 log.warning("multi-process preemption sync unavailable (%s): SIGTERM will not checkpoint", e)
                 self._sync = None
+            self.handled = "SIGTERM" if self._sync else ""
         elif threading.current_thread() is threading.main_thread():
             self._previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, self._on_signal),
                               signal.SIGINT: signal.signal(signal.SIGINT, self._on_signal)}
+            self.handled = "SIGTERM or Ctrl-C"
         else:
             log.warning("training outside the main thread: no SIGTERM handler, preemption will not checkpoint")
 

@@ -279,6 +279,8 @@ def train(config: Config, *, iterator=None, progress: bool = True) -> dict[str, 
     seed_key = jax.random.PRNGKey(t.seed)
     writer = MetricsWriter(workdir, t.tensorboard, is_main, resumed_at=start)
     watcher = faults.PreemptionWatcher()
+    log.info("training steps %d to %d%s", start + 1, t.steps,
+             f"; {watcher.handled} checkpoints the step in flight and stops" if watcher.handled else "")
     data_states = _DataStates(iterator)
     last: dict[str, Any] = {}
     skipped_seen = 0

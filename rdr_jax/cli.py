@@ -6,11 +6,13 @@ Every subcommand exits non-zero with a one-line reason on bad input (no tracebac
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from rdr_jax import __version__  # noqa: E402
 from rdr_jax.commands import COMMANDS  # noqa: E402
 
 MAX_MESSAGE_CHARS = 600
@@ -34,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Retrieval models for open-domain QA and passage ranking in JAX: convert Hugging Face "
                     "checkpoints, encode and index corpora, retrieve, evaluate, train.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    parser.add_argument("--version", action="version", version=f"rdr-jax {__version__}")
+    parser.add_argument("--quiet", action="store_true", help="log only warnings and errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (help_text, add_arguments, _) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text.split("\n\n")[0].replace("\n", " "), description=help_text,
@@ -44,10 +48,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _NoBackendProbeNoise(logging.Filter):
+    """Drops JAX's INFO line for each optional backend it probes and does not find ("Unable to initialize backend
+    'tpu': ... libtpu.so ..." on every CPU/GPU host). Warnings pass: JAX itself warns when a TPU or GPU is present
+    but its backend failed, and a backend asked for by JAX_PLATFORMS raises."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno <= logging.INFO and str(record.msg).startswith("Unable to initialize backend"))
+
+
+def _set_up_logging(quiet: bool) -> int:
+    """Returns the logging.disable level to restore (``--quiet``: INFO and DEBUG off for this command only)."""
+    probe_logger = logging.getLogger("jax._src.xla_bridge")
+    if not any(isinstance(f, _NoBackendProbeNoise) for f in probe_logger.filters):
+        probe_logger.addFilter(_NoBackendProbeNoise())
+    previous = logging.root.manager.disable
+    if quiet:
+        logging.disable(logging.INFO)
+    return previous
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _, _, run = COMMANDS[args.command]
+    previous_disable = _set_up_logging(args.quiet)
     try:
         return run(args) or 0
     except KeyboardInterrupt:
@@ -61,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
             message = message[:MAX_MESSAGE_CHARS] + " ... (--debug shows all)"
         print(f"rdr-jax {args.command}: error: {message}", file=sys.stderr)
         return 2
+    finally:
+        logging.disable(previous_disable)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from rdr_jax.tasks.model_setup import MINILM_PACKAGE
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TESTS_DIR = Path(__file__).resolve().parent
-TINY_CONFIGS = REPO_ROOT / "configs" / "tiny"
+TINY_CONFIGS = REPO_ROOT / "rdr_jax" / "configs" / "tiny"
 EMBEDDED_BIENCODER = REPO_ROOT / "rdr_jax" / "data" / "embedded" / "train.biencoder.json"
 
 TINY_BERT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,

@@ -13,6 +13,7 @@ from rdr_jax.models import layers as L
 from rdr_jax.models.bart import BartForConditionalGeneration
 from rdr_jax.models.base import from_pretrained
 from rdr_jax.models.seq2seq import sequence_log_probs, shift_right
+from parity import assert_close
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -74,11 +75,11 @@ def test_logits_match_transformers(pair):
     expected = hf_logits(hf, *batch)
     out = model(*map(jnp.asarray, batch))
     assert out.logits.shape == expected.shape
-    np.testing.assert_allclose(np.asarray(out.logits), expected, atol=TOL, rtol=0)
-    np.testing.assert_allclose(np.asarray(model(*batch[:3]).logits), hf_logits(hf, *batch[:3]), atol=TOL, rtol=0)
-    np.testing.assert_allclose(np.asarray(out.encoder_last_hidden_state), hf.model.encoder(
+    assert_close(np.asarray(out.logits), expected, atol=TOL)
+    assert_close(np.asarray(model(*batch[:3]).logits), hf_logits(hf, *batch[:3]), atol=TOL)
+    assert_close(np.asarray(out.encoder_last_hidden_state), hf.model.encoder(
         input_ids=torch.tensor(batch[0]), attention_mask=torch.tensor(batch[1])).last_hidden_state.detach().numpy(),
-        atol=TOL, rtol=0)
+        atol=TOL)
 
 
 @pytest.mark.parametrize("pair", ["scaled"], indirect=True)
@@ -102,8 +103,8 @@ def test_cached_decoding_matches_full_forward(pair):
         _, logits = jax.lax.scan(step, cache, tokens.T)
         return jnp.swapaxes(logits, 0, 1)
 
-    np.testing.assert_allclose(np.asarray(scan_decode(state, input_ids, attention_mask, decoder_input_ids)), full,
-                               atol=TOL, rtol=0)
+    assert_close(np.asarray(scan_decode(state, input_ids, attention_mask, decoder_input_ids)), full,
+                 atol=TOL)
     # Eager, cross keys/values recomputed every step, a 3-token prefix first.
     encoder_hidden = model.encode(input_ids, attention_mask)
     cache = model.init_cache(batch, steps)
@@ -111,7 +112,7 @@ def test_cached_decoding_matches_full_forward(pair):
     for chunk in [decoder_input_ids[:, :3]] + [decoder_input_ids[:, t:t + 1] for t in range(3, steps)]:
         logits, cache = model.decode(chunk, encoder_hidden, attention_mask, cache)
         pieces.append(np.asarray(logits))
-    np.testing.assert_allclose(np.concatenate(pieces, axis=1), full, atol=TOL, rtol=0)
+    assert_close(np.concatenate(pieces, axis=1), full, atol=TOL)
     with pytest.raises(ValueError, match="max_position_embeddings"):
         model.init_cache(1, model.config.max_position_embeddings + 1)
 
@@ -125,7 +126,7 @@ def test_sequence_log_probs_matches_transformers(pair):
     token = torch.log_softmax(logits, -1).gather(-1, torch.tensor(targets)[..., None])[..., 0]
     expected = (token * torch.tensor(target_mask)).sum(-1).numpy()
     got = sequence_log_probs(model, input_ids, attention_mask, targets, target_mask)
-    np.testing.assert_allclose(np.asarray(got), expected, atol=1e-4, rtol=1e-6)
+    assert_close(np.asarray(got), expected, atol=1e-4)
 
 
 def test_round_trip_bit_exact_and_loads_in_transformers(pair, tmp_path):
@@ -174,7 +175,7 @@ def test_other_checkpoint_layouts(pair, tmp_path):
     save_file(copies, str(tmp_path / "copies" / "model.safetensors"), metadata={"format": "pt"})
     (tmp_path / "copies" / "config.json").write_text(config)
     model = BartForConditionalGeneration.from_pretrained(tmp_path / "copies")
-    np.testing.assert_allclose(np.asarray(model(*batch).logits), hf_logits(hf, *batch), atol=TOL, rtol=0)
+    assert_close(np.asarray(model(*batch).logits), hf_logits(hf, *batch), atol=TOL)
 
     body = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
     (tmp_path / "body").mkdir()
@@ -183,7 +184,7 @@ def test_other_checkpoint_layouts(pair, tmp_path):
     model = BartForConditionalGeneration.from_pretrained(tmp_path / "body")
     assert not np.any(np.asarray(model.final_logits_bias[...]))
     expected = hf_logits(hf, *batch) - hf.final_logits_bias.numpy()
-    np.testing.assert_allclose(np.asarray(model(*batch).logits), expected, atol=TOL, rtol=0)
+    assert_close(np.asarray(model(*batch).logits), expected, atol=TOL)
 
 
 @pytest.mark.parametrize("pair", ["base"], indirect=True)
@@ -193,7 +194,7 @@ def test_remat_dropout_and_bfloat16(pair):
     logits_of = nnx.jit(lambda m, rngs=None: m(*batch, rngs=rngs, deterministic=rngs is None).logits)
     reference = np.asarray(logits_of(model))
     remat = BartForConditionalGeneration.from_pretrained(path, remat=True)
-    np.testing.assert_allclose(np.asarray(logits_of(remat)), reference, atol=TOL, rtol=0)
+    assert_close(np.asarray(logits_of(remat)), reference, atol=TOL)
     dropped = logits_of(model, nnx.Rngs(dropout=0))
     assert np.abs(np.asarray(dropped) - reference).max() > 1e-3  # config dropout 0.1 is applied
     bf16 = BartForConditionalGeneration.from_pretrained(path, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)

@@ -11,6 +11,7 @@ from rdr_jax.decoding import PrefixTrie, constrained_beam_search
 from rdr_jax.models.bart import BartForConditionalGeneration
 from rdr_jax.models.seq2seq import sequence_log_probs
 from rdr_jax.models.t5 import T5ForConditionalGeneration
+from parity import assert_close
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -141,7 +142,7 @@ def test_matches_transformers_generate_with_prefix_allowed_tokens(family, seed):
             if hf_scores[row, beam] < -1e8:  # transformers' placeholder beams (see beam_search.py): stop here
                 break
             assert identifier(ours[row, beam], eos) == identifier(hf_sequences[row, beam], eos), (name, row, beam)
-            assert abs(scores[row, beam] - hf_scores[row, beam]) < 1e-4
+            assert_close(scores[row, beam], hf_scores[row, beam], atol=1e-4)
             compared += 1
     assert compared >= BATCH * 3, "the comparison covered real beams"
 

@@ -13,6 +13,7 @@ from rdr_jax.convert.hf_io import CheckpointError
 from rdr_jax.models import (BertForSequenceClassification, BertModel, DPRContextEncoder, DPRQuestionEncoder,
                             DPRReader)
 from hf_reference import max_abs_diff, padded_batch
+from parity import assert_close
 
 TINY = dict(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
             max_position_embeddings=64, type_vocab_size=2, attn_implementation="eager")
@@ -53,11 +54,11 @@ def test_bert_model_parity_and_round_trip(tmp_path, width):
     with torch.no_grad():
         ref = hf(**_torch_inputs(ids, mask, types), output_hidden_states=True)
     out = model(input_ids=ids, attention_mask=mask, token_type_ids=types, output_hidden_states=True)
-    assert max_abs_diff(out.last_hidden_state, ref.last_hidden_state) <= TOL
-    assert max_abs_diff(out.pooler_output, ref.pooler_output) <= TOL
+    assert_close(out.last_hidden_state, ref.last_hidden_state, atol=TOL)
+    assert_close(out.pooler_output, ref.pooler_output, atol=TOL)
     assert len(out.hidden_states) == len(ref.hidden_states)
     for ours, theirs in zip(out.hidden_states, ref.hidden_states):
-        assert max_abs_diff(ours, theirs) <= TOL
+        assert_close(ours, theirs, atol=TOL)
     _assert_round_trip(model, tmp_path / "hf", tmp_path, transformers.BertModel)
 
 
@@ -72,7 +73,7 @@ def test_bert_sequence_classification_parity(tmp_path, num_labels):
         ref = hf(**_torch_inputs(ids, mask, types)).logits
     logits = model(ids, mask, types).logits
     assert logits.shape == (4, num_labels)
-    assert max_abs_diff(logits, ref) <= TOL
+    assert_close(logits, ref, atol=TOL)
     _assert_round_trip(model, tmp_path / "hf", tmp_path, transformers.BertForSequenceClassification)
 
 
@@ -83,7 +84,7 @@ def test_cross_encoder_starts_from_plain_bert(tmp_path):
     ids, mask, types = padded_batch(2, 9, TINY["vocab_size"])
     with torch.no_grad():
         ref_pooled = hf(**_torch_inputs(ids, mask, types)).pooler_output
-    assert max_abs_diff(model.bert(ids, mask, types).pooler_output, ref_pooled) <= TOL
+    assert_close(model.bert(ids, mask, types).pooler_output, ref_pooled, atol=TOL)
     classifier = np.asarray(model.classifier.kernel[...])
     assert classifier.shape == (TINY["hidden_size"], 2) and np.abs(classifier).max() > 0  # freshly initialised
 
@@ -101,7 +102,7 @@ def test_dpr_encoder_parity_and_round_trip(tmp_path, cls_name, projection_dim):
         ref = hf(**_torch_inputs(ids, mask, types)).pooler_output
     out = model(input_ids=ids, attention_mask=mask, token_type_ids=types)
     assert out.pooler_output.shape == (3, projection_dim or TINY["hidden_size"])
-    assert max_abs_diff(out.pooler_output, ref) <= TOL
+    assert_close(out.pooler_output, ref, atol=TOL)
     _assert_round_trip(model, tmp_path / "hf", tmp_path, hf_cls)
 
 
@@ -119,7 +120,7 @@ def test_dpr_reader_parity_and_round_trip(tmp_path):
     assert out.start_logits.shape == ref.start_logits.shape == (n_passages, length)
     assert out.relevance_logits.shape == ref.relevance_logits.shape == (n_passages,)
     for name in ("start_logits", "end_logits", "relevance_logits"):
-        assert max_abs_diff(getattr(out, name), getattr(ref, name)) <= TOL, name
+        assert_close(getattr(out, name), getattr(ref, name), atol=TOL, what=name)
     _assert_round_trip(model, tmp_path / "hf", tmp_path, transformers.DPRReader)
 
 
@@ -133,11 +134,11 @@ def test_real_minilm_as_bert_and_dpr_context_encoder(minilm_dir):
         ref = hf(**{k: torch.tensor(v) for k, v in enc.items()})
     bert = rdr_jax.from_pretrained(minilm_dir)
     out = bert(**enc)
-    assert max_abs_diff(out.last_hidden_state, ref.last_hidden_state) <= TOL
-    assert max_abs_diff(out.pooler_output, ref.pooler_output) <= TOL
+    assert_close(out.last_hidden_state, ref.last_hidden_state, atol=TOL)
+    assert_close(out.pooler_output, ref.pooler_output, atol=TOL)
     ctx = DPRContextEncoder.from_pretrained(minilm_dir)
     emb = ctx(**enc).pooler_output
-    assert max_abs_diff(emb, ref.last_hidden_state[:, 0]) <= TOL  # DPR's embedding is the [CLS] state
+    assert_close(emb, ref.last_hidden_state[:, 0], atol=TOL)  # DPR's embedding is the [CLS] state
     question = DPRQuestionEncoder.from_pretrained(minilm_dir)
     assert np.array_equal(np.asarray(question(**enc).pooler_output), np.asarray(emb))
 
@@ -147,7 +148,7 @@ def test_question_encoder_starts_from_context_encoder(tmp_path):
     hf.save_pretrained(tmp_path / "ctx")
     question = DPRQuestionEncoder.from_pretrained(tmp_path / "ctx")
     ids = np.array([[5, 6, 7, 8, 9]])
-    assert max_abs_diff(question(ids).pooler_output, hf(input_ids=torch.tensor(ids)).pooler_output) <= TOL
+    assert_close(question(ids).pooler_output, hf(input_ids=torch.tensor(ids)).pooler_output, atol=TOL)
 
 
 def test_dpr_encoder_from_bert_saves_as_dpr(tmp_path, minilm_dir):
@@ -160,7 +161,7 @@ def test_dpr_encoder_from_bert_saves_as_dpr(tmp_path, minilm_dir):
     ids = np.array([[101, 2054, 2003, 1996, 3642, 1997, 2605, 102]])
     with torch.no_grad():
         ref = hf.eval()(input_ids=torch.tensor(ids)).pooler_output
-    assert max_abs_diff(ctx(ids).pooler_output, ref) <= TOL
+    assert_close(ctx(ids).pooler_output, ref, atol=TOL)
 
 
 @pytest.mark.parametrize("torch_dtype", [torch.float16, torch.bfloat16])
@@ -190,7 +191,7 @@ def test_pytorch_bin_and_sharded_checkpoints(tmp_path):
     from_shards = rdr_jax.from_pretrained(tmp_path / "sharded")
     ids = np.array([[5, 6, 7, 8, 9]])
     ref = hf(input_ids=torch.tensor(ids)).pooler_output
-    assert max_abs_diff(from_bin(ids).pooler_output, ref) <= TOL
+    assert_close(from_bin(ids).pooler_output, ref, atol=TOL)
     assert np.array_equal(np.asarray(from_shards(ids).pooler_output), np.asarray(from_bin(ids).pooler_output))
     hf_from_shards, info = transformers.DPRContextEncoder.from_pretrained(tmp_path / "sharded",
                                                                           output_loading_info=True)

@@ -14,6 +14,7 @@ from safetensors.numpy import load_file
 from transformers.models.deberta_v2 import modeling_deberta_v2 as hf_deberta
 
 from hf_reference import max_abs_diff, padded_batch, save_hf_model
+from parity import assert_close
 from rdr_jax.models import base
 from rdr_jax.models.deberta_relative import (build_relative_position, gather_relative, make_log_bucket_position,
                                              relative_score_indices, relative_term, skew, toeplitz_rows)
@@ -169,12 +170,12 @@ def test_each_attention_term_alone_matches_transformers(saved, term):
     c2p, p2c = relative_score_indices(length, ours.config)
     bias = attention.relative_bias(jnp.asarray(q), jnp.asarray(k), jnp.asarray(rel), jnp.asarray(c2p),
                                    jnp.asarray(p2c))
-    assert max_abs_diff(bias.reshape(batch * heads, length, length), ref) <= TOL
+    assert_close(bias.reshape(batch * heads, length, length), ref, atol=TOL)
 
     ids, mask, _ = padded_batch(2, length, config["vocab_size"], pad_rows=((1, 9),), token_types=False)
     out, ref_out = jit_forward(ours, ids, mask), hf_forward(hf, ids, mask)
-    assert max_abs_diff(out.logits, ref_out.logits) <= TOL
-    assert max_abs_diff(out.hidden_states[-1], ref_out.hidden_states[-1]) <= TOL
+    assert_close(out.logits, ref_out.logits, atol=TOL)
+    assert_close(out.hidden_states[-1], ref_out.hidden_states[-1], atol=TOL)
 
 
 # ---- (a), (b) whole-model parity ----------------------------------------------------------------------------------
@@ -185,10 +186,10 @@ def test_v3_base_width_parity_beyond_512_tokens(saved):
     ids, mask, _ = padded_batch(2, 520, V3_BASE["vocab_size"], pad_rows=((1, 37),), token_types=False)
     out, ref = jit_forward(ours, ids, mask), hf_forward(hf, ids, mask)
     assert out.logits.shape == (2, 1)
-    assert max_abs_diff(out.logits, ref.logits) <= TOL
-    assert max_abs_diff(out.hidden_states[-1], ref.hidden_states[-1]) <= TOL
+    assert_close(out.logits, ref.logits, atol=TOL)
+    assert_close(out.hidden_states[-1], ref.hidden_states[-1], atol=TOL)
     for ours_h, ref_h in zip(out.hidden_states, ref.hidden_states, strict=True):
-        assert max_abs_diff(ours_h, ref_h) <= TOL
+        assert_close(ours_h, ref_h, atol=TOL)
 
 
 def test_v2_xlarge_options_parity(saved):
@@ -200,9 +201,9 @@ def test_v2_xlarge_options_parity(saved):
     ids, mask, types = padded_batch(3, 40, V2_XLARGE_TINY["vocab_size"], pad_rows=((1, 11), (2, 1)))
     out, ref = jit_forward(ours, ids, mask, types), hf_forward(hf, ids, mask, types)
     assert out.logits.shape == (3, 3)
-    assert max_abs_diff(out.logits, ref.logits) <= TOL
+    assert_close(out.logits, ref.logits, atol=TOL)
     for ours_h, ref_h in zip(out.hidden_states, ref.hidden_states, strict=True):
-        assert max_abs_diff(ours_h, ref_h) <= TOL
+        assert_close(ours_h, ref_h, atol=TOL)
     # Token types matter in this configuration, so the check above covers them.
     assert max_abs_diff(out.logits, hf_forward(hf, ids, mask).logits) > 1e-4
 
@@ -213,7 +214,7 @@ def test_base_model_parity_and_dispatch(saved):
     assert type(ours) is DebertaV2Model
     ids, mask, _ = padded_batch(2, 40, V3_TINY["vocab_size"], pad_rows=((0, 5),), token_types=False)
     out, ref = jit_forward(ours, ids, mask), hf_forward(hf, ids, mask)
-    assert max_abs_diff(out.last_hidden_state, ref.last_hidden_state) <= TOL
+    assert_close(out.last_hidden_state, ref.last_hidden_state, atol=TOL)
 
 
 # ---- (d) the two gather implementations -----------------------------------------------------------------------------
@@ -268,7 +269,7 @@ def test_base_model_loads_classifier_checkpoint_body(saved):
     body = DebertaV2Model.from_pretrained(path)
     ids, mask, _ = padded_batch(2, 40, V3_TINY["vocab_size"], token_types=False)
     ref = hf_forward(hf, ids, mask)
-    assert max_abs_diff(jit_forward(body, ids, mask).last_hidden_state, ref.hidden_states[-1]) <= TOL
+    assert_close(jit_forward(body, ids, mask).last_hidden_state, ref.hidden_states[-1], atol=TOL)
 
 
 # ---- (f) bf16, dropout, remat, config errors ------------------------------------------------------------------------
@@ -280,7 +281,7 @@ def test_bf16_forward_is_finite_with_padding(saved):
     assert out.logits.dtype == jnp.bfloat16
     assert np.all(np.isfinite(np.asarray(out.logits, np.float32)))
     assert np.all(np.isfinite(np.asarray(out.hidden_states[-1], np.float32)))
-    assert max_abs_diff(np.asarray(out.logits, np.float32), hf_forward(hf, ids, mask).logits) < 0.1
+    assert_close(np.asarray(out.logits, np.float32), hf_forward(hf, ids, mask).logits, atol=0.1)
 
 
 def test_dropout_through_remat(saved):
@@ -304,9 +305,9 @@ def test_dropout_through_remat(saved):
     value, grads = nnx.jit(lambda m: nnx.value_and_grad(loss)(m, None, True))(remat)
     hf.zero_grad()
     (hf(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits ** 2).sum().backward()
-    assert abs(float(value) - eval_loss) <= TOL
+    assert_close(float(value), eval_loss, atol=TOL)
     word_grad = np.asarray(grads["deberta"]["embeddings"]["word_embeddings"]["embedding"][...])
-    assert max_abs_diff(word_grad, hf.deberta.embeddings.word_embeddings.weight.grad) <= TOL
+    assert_close(word_grad, hf.deberta.embeddings.word_embeddings.weight.grad, atol=TOL)
 
 
 @pytest.mark.parametrize("change,field", [(dict(pos_att_type="c2p|p2q"), "pos_att_type"),

@@ -21,6 +21,7 @@ import harness
 from rdr_jax.tasks import load_config
 from rdr_jax.training.config import ConfigError
 from rdr_jax.training.loop import train
+from parity import assert_close
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -88,7 +89,7 @@ def test_passage_scores_equal_transformers_teacher_forced_log_probs(tmp_path, fa
     log_probs = torch.log_softmax(logits.float(), -1)
     gathered = torch.gather(log_probs, -1, labels.clamp(min=0)[..., None])[..., 0].numpy()
     expected = (gathered * t_mask).sum(-1).reshape(b, k)
-    np.testing.assert_allclose(np.asarray(scores), expected, rtol=1e-5, atol=1e-5)
+    assert_close(np.asarray(scores), expected, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(token).sum(-1), np.asarray(scores), rtol=1e-6, atol=1e-6)
 
 

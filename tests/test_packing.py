@@ -10,7 +10,7 @@ from flax import nnx
 
 import rdr_jax
 from rdr_jax.models.packing import TokenPacking, packed_length
-from hf_reference import max_abs_diff
+from parity import assert_close
 
 TINY = dict(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
             max_position_embeddings=64, type_vocab_size=2, attn_implementation="eager")
@@ -85,11 +85,11 @@ def test_bert_packed_matches_transformers(tmp_path, steps):
     packing = TokenPacking.for_batch(mask, steps=steps)
     out = jax.jit(lambda m, p: m(ids, mask, types, packing=p, output_hidden_states=True))(model, packing)
     assert out.last_hidden_state.shape == ref.last_hidden_state.shape
-    assert np.abs(real(out.last_hidden_state, mask) - real(ref.last_hidden_state, mask)).max() <= TOL
+    assert_close(real(out.last_hidden_state, mask), real(ref.last_hidden_state, mask), atol=TOL)
     assert not np.asarray(out.last_hidden_state)[mask == 0].any()  # padded positions are zero
-    assert max_abs_diff(out.pooler_output, ref.pooler_output) <= TOL
+    assert_close(out.pooler_output, ref.pooler_output, atol=TOL)
     for ours, theirs in zip(out.hidden_states, ref.hidden_states, strict=True):
-        assert np.abs(real(ours, mask) - real(theirs, mask)).max() <= TOL
+        assert_close(real(ours, mask), real(theirs, mask), atol=TOL)
 
 
 def test_cross_encoder_and_dpr_encoder_packed(tmp_path):
@@ -99,12 +99,12 @@ def test_cross_encoder_and_dpr_encoder_packed(tmp_path):
     tin = dict(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), token_type_ids=torch.tensor(types))
     with torch.no_grad():
         ref = hf(**tin).logits
-    assert max_abs_diff(model(ids, mask, types, packing=TokenPacking.for_batch(mask)).logits, ref) <= TOL
+    assert_close(model(ids, mask, types, packing=TokenPacking.for_batch(mask)).logits, ref, atol=TOL)
 
     hf, model = hf_model(tmp_path / "ctx", transformers.DPRContextEncoder, transformers.DPRConfig, projection_dim=8)
     with torch.no_grad():
         ref = hf(**tin).pooler_output
-    assert max_abs_diff(model(ids, mask, types, packing=TokenPacking.for_batch(mask)).pooler_output, ref) <= TOL
+    assert_close(model(ids, mask, types, packing=TokenPacking.for_batch(mask)).pooler_output, ref, atol=TOL)
 
 
 def test_reader_packed_matches_transformers(tmp_path):
@@ -114,8 +114,8 @@ def test_reader_packed_matches_transformers(tmp_path):
         ref = hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask))
     out = model(ids, mask, packing=TokenPacking.for_batch(mask))
     for name in ("start_logits", "end_logits"):
-        assert np.abs(real(getattr(out, name), mask) - real(getattr(ref, name), mask)).max() <= TOL
-    assert max_abs_diff(out.relevance_logits, ref.relevance_logits) <= TOL
+        assert_close(real(getattr(out, name), mask), real(getattr(ref, name), mask), atol=TOL, what=name)
+    assert_close(out.relevance_logits, ref.relevance_logits, atol=TOL)
 
 
 def test_packed_gradients_match_padded(tmp_path):
@@ -156,7 +156,7 @@ def test_cls_only_gives_the_same_embedding_and_gradients(tmp_path, packed):
                  token_type_ids=torch.tensor(types)).pooler_output
     out = model(ids, mask, types, packing=packing, cls_only=True)
     assert out.last_hidden_state.shape == (3, 1, TINY["hidden_size"])
-    assert max_abs_diff(out.pooler_output, ref) <= TOL
+    assert_close(out.pooler_output, ref, atol=TOL)
 
     def loss(m, cls_only):
         return jnp.sum(jnp.cos(m(ids, mask, types, packing=packing, cls_only=cls_only).pooler_output))

@@ -16,6 +16,7 @@ from rdr_jax.commands.rerank import add_rerank_arguments, run_rerank
 from rdr_jax.data.readers import read_retriever_results
 from rdr_jax.retrieval.metrics import evaluate_run, rank_documents, read_trec_run, write_qrels, write_trec_run
 from rdr_jax.retrieval.rerank import CrossEncoderScorer, rerank_results, rerank_run
+from parity import assert_close
 
 spm = pytest.importorskip("sentencepiece", reason="sentencepiece trains the tiny DeBERTa vocabulary")
 
@@ -109,7 +110,7 @@ def test_scores_equal_transformers_logits(cross_encoders, scorers, name, label_i
     got = scorer.score([q for q, _ in pairs], [p for _, p in pairs])
     want = hf_scores(hf, tokenizer, pairs, label_index)
     assert got.dtype == np.float32 and got.shape == (len(pairs),)
-    assert np.abs(got - want).max() <= TOL
+    assert_close(got, want, atol=TOL)
     assert np.ptp(want) > 1e-2  # the scores really distinguish the pairs
 
 
@@ -154,7 +155,7 @@ def test_rerank_run_orders_by_cross_encoder_scores(cross_encoders, scorers, name
         ce = hf_scores(hf, tokenizer, [(QUERIES[qid], PASSAGES[d]) for d in top], scorer.label_index)
         expected_top = [top[i] for i in np.argsort(-ce, kind="stable")]
         assert rank_documents(reranked[qid]) == expected_top + rest
-        np.testing.assert_allclose([reranked[qid][d] for d in top], ce, atol=TOL)
+        assert_close([reranked[qid][d] for d in top], ce, atol=TOL)
     # The TREC file reads back as the same run and evaluates as the re-ranked order says.
     path = tmp_path / "reranked.trec"
     write_trec_run(path, reranked)

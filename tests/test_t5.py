@@ -15,6 +15,7 @@ from transformers.models.t5.modeling_t5 import T5Attention
 from rdr_jax.models.base import from_pretrained
 from rdr_jax.models.seq2seq import reorder_cache, sequence_log_probs, shift_right
 from rdr_jax.models.t5 import T5ForConditionalGeneration, relative_position_bucket
+from parity import assert_close
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -91,9 +92,9 @@ def test_logits_match_transformers(pair):
     expected = hf_logits(hf, *batch)
     out = model(*map(jnp.asarray, batch))
     assert out.logits.shape == expected.shape
-    np.testing.assert_allclose(np.asarray(out.logits), expected, atol=TOL, rtol=0)
+    assert_close(np.asarray(out.logits), expected, atol=TOL)
     # No decoder mask: transformers' default (causal only).
-    np.testing.assert_allclose(np.asarray(model(*batch[:3]).logits), hf_logits(hf, *batch[:3]), atol=TOL, rtol=0)
+    assert_close(np.asarray(model(*batch[:3]).logits), hf_logits(hf, *batch[:3]), atol=TOL)
 
 
 @pytest.mark.parametrize("pair", ["v1_1"], indirect=True)  # the code paths do not depend on width
@@ -120,7 +121,7 @@ def test_cached_decoding_matches_full_forward(pair):
 
     logits, index = scan_decode(state, input_ids, attention_mask, decoder_input_ids)
     assert int(index) == steps
-    np.testing.assert_allclose(np.asarray(logits), full, atol=TOL, rtol=0)
+    assert_close(np.asarray(logits), full, atol=TOL)
 
     # Eager, cross keys/values recomputed each step, a 2-token prefix then single tokens.
     encoder_hidden = model.encode(input_ids, attention_mask)
@@ -130,7 +131,7 @@ def test_cached_decoding_matches_full_forward(pair):
     for chunk in chunks:
         step_logits, cache = model.decode(chunk, encoder_hidden, attention_mask, cache)
         pieces.append(np.asarray(step_logits))
-    np.testing.assert_allclose(np.concatenate(pieces, axis=1), full, atol=TOL, rtol=0)
+    assert_close(np.concatenate(pieces, axis=1), full, atol=TOL)
 
 
 @pytest.mark.parametrize("pair", ["v1_1"], indirect=True)  # the code paths do not depend on width
@@ -149,7 +150,7 @@ def test_reorder_cache_gathers_rows(pair):
     logits, _ = model.decode(decoder_input_ids[np.array([2, 2, 0]), 2:3], encoder_hidden[order],
                              attention_mask[np.array([2, 2, 0])], moved)
     full = model(input_ids[[2, 2, 0]], attention_mask[[2, 2, 0]], decoder_input_ids[[2, 2, 0], :3]).logits
-    np.testing.assert_allclose(np.asarray(logits[:, 0]), np.asarray(full[:, 2]), atol=TOL, rtol=0)
+    assert_close(np.asarray(logits[:, 0]), np.asarray(full[:, 2]), atol=TOL)
 
 
 @pytest.mark.parametrize("pair", ["v1_1"], indirect=True)  # the code paths do not depend on width
@@ -168,7 +169,7 @@ def test_decoder_rows_sharing_an_encoder_row(pair):
     for t in range(steps):
         got, shared = model.decode(tokens[:, t:t + 1], encoder_hidden, attention_mask, shared)
         want, repeated = model.decode(tokens[:, t:t + 1], encoder_hidden[rows], attention_mask[rows], repeated)
-        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=0)
+        assert_close(np.asarray(got), np.asarray(want), atol=1e-5)
     with pytest.raises(ValueError, match="cross=False"):
         reorder_cache(shared, jnp.arange(len(rows)))
     with pytest.raises(ValueError, match="multiple of the encoder rows"):
@@ -186,7 +187,7 @@ def test_sequence_log_probs_matches_transformers(pair):
     expected = (token * torch.tensor(target_mask)).sum(-1).numpy()
     got = sequence_log_probs(model, input_ids, attention_mask, targets, target_mask)
     assert got.shape == (3,)
-    np.testing.assert_allclose(np.asarray(got), expected, atol=1e-4, rtol=1e-6)
+    assert_close(np.asarray(got), expected, atol=1e-4)
 
 
 def test_round_trip_bit_exact_and_loads_in_transformers(pair, tmp_path):
@@ -222,7 +223,7 @@ def test_checkpoint_variants_of_the_tied_keys(tmp_path):
     save_file(copies, str(tmp_path / "tied" / "model.safetensors"), metadata={"format": "pt"})
     model = T5ForConditionalGeneration.from_pretrained(tmp_path / "tied")
     assert model.lm_head is None and model.config.scale_decoder_outputs
-    np.testing.assert_allclose(np.asarray(model(*batch).logits), hf_logits(hf, *batch), atol=TOL, rtol=0)
+    assert_close(np.asarray(model(*batch).logits), hf_logits(hf, *batch), atol=TOL)
 
     untied = dict(state, **{"lm_head.weight": np.random.RandomState(0).normal(0, 0.05, state["shared.weight"].shape)
                             .astype(np.float32)})
@@ -235,7 +236,7 @@ def test_checkpoint_variants_of_the_tied_keys(tmp_path):
     reference = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path / "untied",
                                                                         attn_implementation="eager").eval()
     assert model.lm_head is not None and not model.config.scale_decoder_outputs
-    np.testing.assert_allclose(np.asarray(model(*batch).logits), hf_logits(reference, *batch), atol=TOL, rtol=0)
+    assert_close(np.asarray(model(*batch).logits), hf_logits(reference, *batch), atol=TOL)
 
 
 @pytest.mark.parametrize("pair", ["v1_1"], indirect=True)  # the code paths do not depend on width

@@ -53,11 +53,12 @@ def minilm_dir() -> Path:
 
 
 def configs_dir() -> Path:
-    import rdr_jax
+    """The demo's configs as shipped in the package (rdr_jax/configs/demo: a clone and a pip install alike)."""
+    from rdr_jax.commands.train import PACKAGE_DIR
 
-    path = Path(rdr_jax.__file__).resolve().parent.parent / "configs" / "demo"
+    path = PACKAGE_DIR / "configs" / "demo"
     if not path.is_dir():
-        raise FileNotFoundError(f"{path}: the demo configs are missing (run from a clone of the repository)")
+        raise FileNotFoundError(f"{path}: the demo configs are missing (a broken install: reinstall rdr_jax)")
     return path
 
 

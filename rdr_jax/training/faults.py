@@ -1,16 +1,20 @@
-"""Surviving faults: preemption (SIGTERM), non-finite losses, a full or unwritable workdir.
+"""Surviving faults: preemption (SIGTERM) and Ctrl-C, non-finite losses, a full or unwritable workdir, a workdir
+holding another run.
 
-- Preemption: SIGTERM does not kill the run. The step in flight finishes, a checkpoint of that step is written
-  (and waited for), a log line says so, and the process exits with ``PREEMPTED_EXIT_CODE`` (75, EX_TEMPFAIL:
-  "try again"): rerunning the same command resumes. With several processes the notice reaches them all
-  through jax.distributed's preemption sync (any process's SIGTERM counts) and they stop at the same step.
+- Preemption: SIGTERM (or a first Ctrl-C, SIGINT, on one process) does not kill the run. The step in flight
+  finishes, a checkpoint of that step is written (and waited for), a log line says so, and the process exits
+  with ``PREEMPTED_EXIT_CODE`` (75, EX_TEMPFAIL: "try again"): rerunning the same command resumes, and the
+  ``metrics.jsonl`` rows past the restored step are dropped then, so no step is logged twice. A second Ctrl-C
+  stops at once (exit 130, no checkpoint). With several processes the notice reaches them all through
+  jax.distributed's preemption sync (any process's SIGTERM counts) and they stop at the same step.
 - Non-finite loss or gradients (``train.nan_policy``): the step never applies such an update (a ``where`` on
   the finiteness of loss and gradients inside the jit-ed step, no host round-trip). ``skip``: the batch is
   skipped, counted in ``skipped_steps``, and training goes on. ``stop``: the state freezes at the last good
   step; the loop notices at its next host read (every logged step), checkpoints that state and raises
   ``NonFiniteLossError`` naming the step.
 - The workdir is checked before anything compiles: it must be creatable, writable, with ``train.min_free_gb``
-  free.
+  free, and not hold another run: when its ``config.yaml`` names another task or another ``model`` section
+  (``RUNTIME_MODEL_KEYS`` aside), the run is refused before anything in the workdir changes.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import signal
 import threading
 import uuid
 from pathlib import Path
-
+from typing import Any
 
 import jax
 
@@ -73,19 +77,58 @@ def check_workdir(workdir: str | os.PathLike, min_free_gb: float) -> Path:
     return workdir
 
 
+# Model settings that change how the parameters are computed with, not which parameters there are: a resumed
+# run may change them (e.g. turn on remat to fit memory).
+RUNTIME_MODEL_KEYS = frozenset({"dtype", "remat", "unpad", "relative_attention_impl"})
+
+
+def check_same_run(workdir: str | os.PathLike, config: dict) -> None:
+    """Refuse to train in a workdir whose ``config.yaml`` is another run's: another ``task.name``, or another
+    ``model`` section (``RUNTIME_MODEL_KEYS`` aside). Reads only, so a refused run changes nothing there."""
+    saved_path = Path(workdir) / "config.yaml"
+    if not saved_path.is_file():
+        return
+    import yaml
+
+    try:
+        saved = yaml.safe_load(saved_path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise WorkdirError(f"workdir {workdir}: its config.yaml cannot be read ({e}); is it another run's? use "
+                           f"another --workdir") from None
+    new = yaml.safe_load(yaml.safe_dump(config, sort_keys=False))   # the same YAML round trip as the saved one
+    saved_task = (saved.get("task") or {}).get("name") if isinstance(saved, dict) else None
+    new_task = new["task"]["name"]
+    where = f"workdir {workdir} holds a {saved_task!r} run (its config.yaml)"
+    advice = "use another --workdir (or delete that config.yaml to reuse the directory anyway)"
+    if saved_task != new_task:
+        raise WorkdirError(f"{where}; this config is task {new_task!r}: {advice}")
+    saved_model, new_model = saved.get("model") or {}, new.get("model") or {}
+    changed = sorted(k for k in set(saved_model) | set(new_model)
+                     if k not in RUNTIME_MODEL_KEYS and saved_model.get(k) != new_model.get(k))
+    if changed:
+        k = changed[0]
+        raise WorkdirError(f"{where} with another model: model.{k} was {saved_model.get(k)!r}, this config "
+                           f"has {new_model.get(k)!r}: {advice}")
+
+
 # ---- preemption ----------------------------------------------------------------------------------------------
 
 class PreemptionWatcher:
-    """Has a preemption notice (SIGTERM) arrived? Ask ``requested(step)`` once per step, on every process.
+    """Has a preemption notice (SIGTERM) or a Ctrl-C (SIGINT) arrived? Ask ``requested(step)`` once per step, on
+    every process.
 
-    One process: a SIGTERM handler sets a flag (the previous handler comes back on ``close``). Several
-    processes: jax.distributed's preemption sync manager catches SIGTERM in any process and makes every
-    process return True at the same step; a Python handler would replace its own, so none is installed.
+    One process: SIGTERM and the first SIGINT set a flag (the step in flight finishes, is checkpointed, and the
+    run exits with ``PREEMPTED_EXIT_CODE``); a second SIGINT raises KeyboardInterrupt at once (no checkpoint).
+    The previous handlers come back on ``close``. Several processes: jax.distributed's preemption sync manager
+    catches SIGTERM in any process and makes every process return True at the same step; a Python SIGTERM
+    handler would replace its own, so none is installed, and SIGINT keeps Python's default (KeyboardInterrupt).
     """
 
     def __init__(self):
         self._flag = threading.Event()
-        self._previous = None
+        self.reason = "SIGTERM"   # what asked to stop: SIGTERM or SIGINT (Ctrl-C)
+        self.handled = ""         # for the log: which signals checkpoint ("" when none does)
+        self._previous: dict[int, Any] = {}
         self._sync = jax.process_count() > 1
         if self._sync:
             try:
@@ -94,14 +137,21 @@ class PreemptionWatcher:
             except Exception as e:
                 log.warning("multi-process preemption sync unavailable (%s): SIGTERM will not checkpoint", e)
                 self._sync = None
+            self.handled = "SIGTERM" if self._sync else ""
         elif threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+            self._previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, self._on_signal),
+                              signal.SIGINT: signal.signal(signal.SIGINT, self._on_signal)}
+            self.handled = "SIGTERM or Ctrl-C"
         else:
             log.warning("training outside the main thread: no SIGTERM handler, preemption will not checkpoint")
 
-    def _on_sigterm(self, signum, frame):
+    def _on_signal(self, signum, frame):
+        if signum == signal.SIGINT and self._flag.is_set():
+            raise KeyboardInterrupt   # the second Ctrl-C (or a Ctrl-C after SIGTERM): stop now, no checkpoint
         if not self._flag.is_set():
-            log.warning("SIGTERM received: finishing the current step, then checkpointing and exiting")
+            self.reason = "SIGINT (Ctrl-C)" if signum == signal.SIGINT else "SIGTERM"
+            log.warning("%s received: finishing the current step, then checkpointing and exiting (Ctrl-C again "
+                        "stops at once, without a checkpoint)", self.reason)
         self._flag.set()
 
     def requested(self, step: int) -> bool:
@@ -111,10 +161,10 @@ class PreemptionWatcher:
         return self._flag.is_set()
 
     def close(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous = {}
 
 
 __all__ = ["PREEMPTED_EXIT_CODE", "NAN_POLICIES", "NonFiniteLossError", "WorkdirError", "check_workdir",
-           "PreemptionWatcher"]
+           "check_same_run", "RUNTIME_MODEL_KEYS", "PreemptionWatcher"]

@@ -17,7 +17,9 @@ time spent in evaluation; the first record's window includes compilation.
 Multi-process (after ``jax.distributed`` is up, see ``distributed.py``): every process runs this same loop;
 each reads only its block of every global batch; process 0 alone writes metrics, TensorBoard, config.yaml and
 the HF export; all take part in orbax checkpoints. Faults (``faults.py``): the workdir is checked before
-anything compiles, SIGTERM checkpoints and returns ``preempted``, NaN/Inf follow ``train.nan_policy``.
+anything compiles (and refused when it holds another task's or model's run), SIGTERM and a first Ctrl-C
+checkpoint and return ``preempted``, NaN/Inf follow ``train.nan_policy``. A resumed run drops the
+``metrics.jsonl`` rows past its checkpoint, so no step is logged twice.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any, Iterable
@@ -50,18 +53,44 @@ log = logging.getLogger(__name__)
 
 
 class MetricsWriter:
-    """metrics.jsonl (appended, so a resumed run continues the file) + optional TensorBoard."""
+    """metrics.jsonl (appended, so a resumed run continues the file) + optional TensorBoard.
 
-    def __init__(self, workdir: Path, tensorboard: bool, enabled: bool):
+    ``resumed_at``: the step the run starts from. Rows of later steps (logged after the checkpoint it resumes
+    from, by a run that was stopped) are dropped first, so no step appears twice; TensorBoard purges them too."""
+
+    def __init__(self, workdir: Path, tensorboard: bool, enabled: bool, resumed_at: int = 0):
         self.enabled = enabled
         self.path = workdir / "metrics.jsonl"
         self.tb = None
+        if enabled:
+            self.drop_rows_after(resumed_at)
         if enabled and tensorboard:
             try:
                 from tensorboardX import SummaryWriter
-                self.tb = SummaryWriter(str(workdir / "tensorboard"))
+                self.tb = SummaryWriter(str(workdir / "tensorboard"), purge_step=resumed_at + 1)
             except ImportError:
                 log.warning("tensorboardX is not installed: no TensorBoard logs (pip install tensorboardX)")
+
+    def drop_rows_after(self, step: int) -> None:
+        """Keep the rows of steps <= ``step`` (atomically: a temporary file renamed over the old one)."""
+        if not self.path.is_file():
+            return
+        lines = self.path.read_text().splitlines(keepends=True)
+        kept = []
+        for line in lines:
+            try:
+                row_step = int(json.loads(line)["step"])
+            except (ValueError, KeyError, TypeError):   # a line cut off by a kill mid-write
+                continue
+            if row_step <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+        if kept == lines:
+            return
+        log.info("%s: dropping %d row(s) after step %d (logged after the checkpoint this run resumes from)",
+                 self.path, len(lines) - len(kept), step)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, self.path)
 
     def write(self, step: int, values: dict[str, Any]) -> None:
         if not self.enabled:
@@ -208,6 +237,7 @@ def train(config: Config, *, iterator=None, progress: bool = True) -> dict[str, 
     """
     workdir = Path(config.workdir)
     t = config.train
+    faults.check_same_run(workdir, config.to_dict())   # before anything in the workdir is written
     faults.check_workdir(workdir, t.min_free_gb)    # before anything is built or compiled
     is_main = distributed.is_main_process()
     if is_main:
@@ -247,8 +277,10 @@ def train(config: Config, *, iterator=None, progress: bool = True) -> dict[str, 
     window_steps = 0
     eval_seconds = 0.0   # time spent evaluating in the current logging window (not step time)
     seed_key = jax.random.PRNGKey(t.seed)
-    writer = MetricsWriter(workdir, t.tensorboard, is_main)
+    writer = MetricsWriter(workdir, t.tensorboard, is_main, resumed_at=start)
     watcher = faults.PreemptionWatcher()
+    log.info("training steps %d to %d%s", start + 1, t.steps,
+             f"; {watcher.handled} checkpoints the step in flight and stops" if watcher.handled else "")
     data_states = _DataStates(iterator)
     last: dict[str, Any] = {}
     skipped_seen = 0
@@ -350,8 +382,8 @@ def train(config: Config, *, iterator=None, progress: bool = True) -> dict[str, 
             bar.update(1)
             if preempt:
                 checkpointer.wait()
-                log.warning("preempted (SIGTERM): checkpoint of step %d written to %s; exiting with code %d. "
-                            "Rerun the same command to resume.", done, checkpointer.directory,
+                log.warning("preempted (%s): checkpoint of step %d written to %s; exiting with code %d. "
+                            "Rerun the same command to resume.", watcher.reason, done, checkpointer.directory,
                             faults.PREEMPTED_EXIT_CODE)
                 preempted = True
                 break

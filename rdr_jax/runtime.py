@@ -15,7 +15,7 @@ Measured on the 2-core benchmark machine (``benchmarks/README.md`` has the numbe
 Skipped when ``RDR_JAX_HOST_TUNING=0``; tunables the user set already win.
 
 Not set, though faster: ``XLA_FLAGS=--xla_cpu_use_onednn=true --xla_cpu_experimental_onednn_fusion_type=dot``
-(matmuls through oneDNN: bert-base forward 3.17 -> 3.00 s, DPR step 2.66 -> 2.49 s) kills the process with
+(matmuls through oneDNN, a few percent faster: benchmarks/README.md) kills the process with
 SIGILL in PyTorch's own oneDNN kernels once both ran in one process (transformers' DeBERTa LayerNorm after a
 JAX matmul), and conversion and the tests load PyTorch beside JAX.
 """

@@ -8,7 +8,6 @@ import csv
 import json
 import logging
 
-import numpy as np
 import pytest
 import torch
 import transformers

@@ -12,7 +12,7 @@ import rdr_jax
 from rdr_jax.convert.hf_io import CheckpointError
 from rdr_jax.models import (BertForSequenceClassification, BertModel, DPRContextEncoder, DPRQuestionEncoder,
                             DPRReader)
-from hf_reference import max_abs_diff, padded_batch
+from hf_reference import padded_batch
 from parity import assert_close
 
 TINY = dict(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,

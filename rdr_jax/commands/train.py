@@ -6,6 +6,8 @@ import argparse
 import logging
 from pathlib import Path
 
+from rdr_jax.commands.args import nonnegative_int, positive_int
+
 PACKAGE_DIR = Path(__file__).resolve().parents[1]   # rdr_jax/
 
 HELP = """Train with a YAML config (task: dpr, rdr, reader, ...): sharded over a device mesh (mesh.data x
@@ -45,8 +47,8 @@ def add_arguments(parser):
                              "(several pairs, and repeatable)")
     parser.add_argument("--coordinator", metavar="HOST:PORT",
                         help="multi-process training: address of process 0 (jax.distributed)")
-    parser.add_argument("--num-processes", type=int, help="multi-process training: number of processes")
-    parser.add_argument("--process-id", type=int, help="multi-process training: this process's index")
+    parser.add_argument("--num-processes", type=positive_int, help="multi-process training: number of processes")
+    parser.add_argument("--process-id", type=nonnegative_int, help="multi-process training: this process's index")
     parser.add_argument("--distributed", choices=("auto", "off"), default="off",
                         help="auto: start jax.distributed from the environment (TPU pod slice, SLURM srun, "
                              "Open MPI mpirun); off (default): one process unless --coordinator is given")

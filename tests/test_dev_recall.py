@@ -88,8 +88,9 @@ def rdr_config(files, workdir, *extra):
 
 
 def direct_recall(files, question_vectors, passage_vectors, passage_ids, ks=(1, 5, 20)):
-    """Top-k answer recall computed without the task's code: full score matrix, stable sort, has_answer."""
-    scores = question_vectors @ passage_vectors.T
+    """Top-k answer recall computed without the task's code: full score matrix (exact products and sums,
+    rounded once to float32, as the search defines them), stable sort, has_answer."""
+    scores = (question_vectors.astype(np.float64) @ passage_vectors.T.astype(np.float64)).astype(np.float32)
     top = np.argsort(-scores, axis=1, kind="stable")[:, :max(ks)]
     text = {p["id"]: p["text"] for p in files["corpus"]}
     hits = np.array([[has_answer(ex["answers"], text[passage_ids[r]]) for r in row]

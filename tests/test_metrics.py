@@ -171,7 +171,7 @@ def test_run_and_qrels_files_round_trip(tmp_path):
         (read_trec_run, "q1 Q0 d1 1 high tag\n", "line 1: score 'high' is not a number"),
         (read_trec_run, "q1 Q0 d1 1 0.5 t\n\nq1 Q0 d1 2 0.4 t\n", "line 3: document 'd1' appears twice"),
         (read_qrels, "q1 0 d1 1\nq1 0 d2\n", "bad.txt:2: expected 4 columns"),
-        (read_qrels, "q1 0 d1 0.5\n", "bad.txt:1: relevance '0.5' is not an integer"),
+        (read_qrels, "q1 0 d1 0.5\n", "bad.txt:1: field 'relevance' must be an integer, got '0.5'"),
         (read_qrels, "q1 0 d1 1\nq1 0 d1 2\n", "bad.txt:2: document 'd1' is judged twice"),
     ],
 )

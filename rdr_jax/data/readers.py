@@ -489,6 +489,12 @@ def read_qrels(path: str | os.PathLike, form: str = "auto") -> Iterator[dict]:
     """Relevance judgements, yielding {"qid", "pid", "relevance": int}. ``form="trec"``: exactly TREC's
     `qid 0 pid rel` (what trec_eval reads; a missing column is an error, not another layout); ``"auto"`` also
     takes TSV `qid pid rel` / `qid pid` (relevance 1), as MS MARCO ships them."""
+    for _, row in iter_qrels(path, form):
+        yield row
+
+
+def iter_qrels(path: str | os.PathLike, form: str = "auto") -> Iterator[tuple[int, dict]]:
+    """(line number, judgement) of :func:`read_qrels`, for callers whose own checks name the line."""
     if form not in QRELS_FORMS:
         raise ValueError(f"qrels form must be one of {QRELS_FORMS}, got {form!r}")
     with open_text(path) as handle:
@@ -509,8 +515,8 @@ def read_qrels(path: str | os.PathLike, form: str = "auto") -> Iterator[dict]:
             try:
                 relevance_value = int(relevance)
             except ValueError:
-                raise FormatError(path, line, f"relevance {relevance!r} is not an integer") from None
-            yield {"qid": qid, "pid": pid, "relevance": relevance_value, "line": line}
+                raise FormatError(path, line, f"field 'relevance' must be an integer, got {relevance!r}") from None
+            yield line, {"qid": qid, "pid": pid, "relevance": relevance_value}
 
 
 TRIPLES_FORMS = ("auto", "text", "ids")

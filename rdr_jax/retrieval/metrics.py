@@ -28,7 +28,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from rdr_jax.data.readers import read_qrels as read_qrels_rows
+from rdr_jax.data.readers import iter_qrels
 from rdr_jax.errors import FormatError
 from rdr_jax.retrieval.answers import exact_match_score
 
@@ -204,10 +204,10 @@ def read_trec_run(path: str | os.PathLike) -> Run:
 def read_qrels(path: str | os.PathLike) -> Qrels:
     """Read a TREC qrels file (`qid iteration docid relevance` per line) into {qid: {docid: rel}}."""
     qrels: Qrels = {}
-    for row in read_qrels_rows(path, form="trec"):
+    for line, row in iter_qrels(path, form="trec"):
         judgments = qrels.setdefault(row["qid"], {})
         if row["pid"] in judgments:
-            raise FormatError(path, row["line"], f"document {row['pid']!r} is judged twice for query {row['qid']!r}")
+            raise FormatError(path, line, f"document {row['pid']!r} is judged twice for query {row['qid']!r}")
         judgments[row["pid"]] = row["relevance"]
     return qrels
 

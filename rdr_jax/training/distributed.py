@@ -20,6 +20,7 @@ the block, and ``globalize_index_fields`` re-bases them before ``shard_batch`` a
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 from typing import Any
@@ -104,11 +105,28 @@ def is_main_process() -> bool:
     return jax.process_index() == 0
 
 
-def barrier(name: str) -> None:
-    """Every process waits here until all have arrived (a no-op with one process)."""
-    if jax.process_count() > 1:
+# How long a process waits at a barrier for the others: process 0 may be building a random model or reading a
+# large file meanwhile. A device-collective barrier would give up after the collectives' connect timeout
+# (gloo's, on CPU: seconds), hence the coordination service's barrier below.
+BARRIER_TIMEOUT_S = 3600
+_barriers = itertools.count()
+
+
+def barrier(name: str, timeout_s: float = BARRIER_TIMEOUT_S) -> None:
+    """Every process waits here until all have arrived (a no-op with one process).
+
+    Through jax.distributed's coordination service (no device collective, so no connect timeout while process
+    0 works): every process calls the same barriers in the same order, so a counter makes each id unique."""
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed as jax_distributed  # the coordination client has no public accessor
+
+    client = getattr(jax_distributed.global_state, "client", None)
+    if client is None or not hasattr(client, "wait_at_barrier"):
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices(name)
+        return
+    client.wait_at_barrier(f"{name}:{next(_barriers)}", timeout_in_ms=int(timeout_s * 1000))
 
 
 @contextlib.contextmanager

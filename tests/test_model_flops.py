@@ -14,6 +14,7 @@ import harness
 sys.path.insert(0, str(harness.REPO_ROOT))   # the benchmarks package: its count must be the trainer's
 from benchmarks import common as C  # noqa: E402
 from benchmarks.accelerator import BERT_BASE  # noqa: E402
+from rdr_jax.cli import main  # noqa: E402
 from rdr_jax.models.dpr import DPRConfig  # noqa: E402
 from rdr_jax.tasks import load_config  # noqa: E402
 from rdr_jax.tasks.dpr import dpr_step_flops  # noqa: E402
@@ -118,3 +119,17 @@ def test_analytic_count_agrees_with_xla_on_cpu(case):
         analytic = trainer.task.step_flops({k: tuple(v.shape) for k, v in batch.items()})
     assert 0.90 <= analytic / xla <= 1.0, (analytic, xla)
 
+
+def test_train_cli_logs_mfu_from_the_analytic_count(tmp_path):
+    """``rdr-jax train configs/tiny/dpr.yaml --set train.peak_flops=1e12``: flops_per_step is the task's analytic
+    count of its (8 questions x Lq 24, 16 passages x Lp 64) batches, and every record's MFU follows from it."""
+    assert main(["--quiet", "train", str(harness.TINY_CONFIGS / "dpr.yaml"), "--workdir", str(tmp_path),
+                 "--set", "train.peak_flops=1e12", "train.steps=2", "train.log_every=1"]) == 0
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    bert = DPRConfig.from_json_file(tmp_path / "init" / "bert")
+    expected = dpr_step_flops(bert, bert, 8, 24, 16, 64)
+    assert records[0]["flops_per_step"] == expected
+    assert len(records) == 2
+    for r in records:
+        step_seconds = 8 / r["examples_per_sec"]   # one step per record
+        assert r["mfu"] == pytest.approx(expected / step_seconds / (1e12 * jax.device_count()), rel=1e-6)

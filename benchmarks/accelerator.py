@@ -1,9 +1,10 @@
 """Accelerator measurements (run on a GPU/TPU machine), each beside the PyTorch original on the same device:
 
 1. a bf16 DPR training step at bert-base size through the project's training engine (``DPRTask`` +
-   ``make_train_step``: both towers train, dropout on, AdamW, fp32 master weights), FLOPs from XLA's cost
-   analysis (and the analytic count), MFU against the device's bf16 peak; PyTorch: two BertModels under bf16
-   autocast, the same loss, ``torch.optim.AdamW``;
+   ``make_train_step``: both towers train, dropout on, AdamW, fp32 master weights), MFU against the device's
+   bf16 peak from the analytic count the trainer logs (``C.dpr_step_flops``; the same FLOPs credited to both
+   sides, though transformers also computes every position of the last layer), XLA's cost analysis reported
+   beside it; PyTorch: two BertModels under bf16 autocast, the same loss, ``torch.optim.AdamW``;
 2. bert-base DPR context-encoder throughput (bf16 forward, passages/s);
 3. the T5 constrained beam search of ``benchmarks.beam_search`` (fp32, both sides on the device).
 
@@ -62,8 +63,10 @@ def jax_train(args, workdir: Path) -> dict:
     batch = task.batch_maker(lambda idx, rng: full_batch(args.batch, args.lq, args.lp))(None, None)
     batch = jax.device_put(batch, sharding)
     state, frozen, key = setup.state, setup.frozen, jax.random.key(0, impl=args.prng)
-    # what the trainer logs MFU with (the lowered program's cost analysis), beside the compiled program's count
-    out = {"trainer_flops_per_step": step_flops(step, (state, frozen, batch, key))}
+    # what the trainer logs MFU with (the task's analytic count), beside XLA's counts of the lowered and the
+    # compiled program (on a GPU both miss the cuBLAS GEMMs)
+    out = {"trainer_flops_per_step": task.step_flops({k: tuple(v.shape) for k, v in batch.items()}),
+           "xla_lowered_flops": step_flops(step, (state, frozen, batch, key))}
     t0 = time.perf_counter()
     compiled = step.lower(state, frozen, batch, key).compile()
     out.update(jax_compile_s=round(time.perf_counter() - t0, 2), xla_compiled_flops=C.compiled_flops(compiled))
@@ -133,8 +136,7 @@ def encoder_throughput(args) -> dict:
     for _ in range(args.warmup + 1):
         fwd_t()
     torch_ms = per_call_ms(fwd_t, lambda _: C.torch_sync(dev), args.steps)
-    flops = C.bert_forward_flops(args.model["num_hidden_layers"], args.model["hidden_size"],
-                                 args.model["intermediate_size"], rows, length)
+    flops = C.bert_forward_flops(args.model, rows, length)
     return {"encode_rows": rows, "encode_length": length, "jax_encode_ms": round(jax_ms, 2),
             "torch_encode_ms": round(torch_ms, 2), "jax_passages_per_s": round(rows / jax_ms * 1000),
             "torch_passages_per_s": round(rows / torch_ms * 1000),
@@ -168,7 +170,8 @@ def run(args) -> dict:
            "flax": __import__("flax").__version__, "peak_flops": args.peak, "model": args.model,
            "batch_questions": args.batch, "lq": args.lq, "lp": args.lp, "steps_timed": args.steps,
            "prng": args.prng, "attention": os.environ.get(ATTENTION_ENV, "xla"), "remat": args.remat,
-           "analytic_flops_per_step": C.dpr_step_flops(args.model, args.batch, args.lq, args.lp)}
+           "analytic_flops_per_step": C.dpr_step_flops(args.model, args.batch, args.lq, args.lp,
+                                                      remat=args.remat)}
     work = Path(tempfile.mkdtemp())
     parts = {"train": lambda: jax_train(args, work / "train"), "torch_train": lambda: torch_train(args),
              "encode": lambda: encoder_throughput(args), "beam": lambda: beam_search(args, work / "beam")}

@@ -109,21 +109,24 @@ def compiled_flops(compiled) -> float | None:
     return float(cost["flops"])
 
 
-def bert_forward_flops(layers: int, hidden: int, intermediate: int, batch: int, length: int) -> float:
-    """Analytic matmul FLOPs of a BERT forward pass (2 per multiply-add): QKV + output projections,
-    the FFN, and the two attention products (scores, weighted sum)."""
-    tokens = batch * length
-    per_layer = 2 * tokens * (4 * hidden * hidden + 2 * hidden * intermediate) + 2 * 2 * batch * length * length * hidden
-    return float(layers * per_layer)
+def bert_forward_flops(config: dict, batch: int, length: int) -> float:
+    """Analytic FLOPs of a BERT forward (every position of every layer, no pooler): the trainer's count
+    (``rdr_jax.training.model_flops.bert_encoder``) of a config dict."""
+    from rdr_jax.models.bert import BertConfig
+    from rdr_jax.training.model_flops import bert_encoder
+
+    return bert_encoder(BertConfig.from_dict(dict(config)), batch, length).total
 
 
-def dpr_step_flops(config: dict, num_q: int, lq: int, lp: int) -> float:
-    """Analytic matmul FLOPs of one DPR training step (two BERT towers, each passage batch twice the questions):
-    3 x the forwards (the backward ~ 2 x the forward)."""
-    def forward(rows, length):
-        return bert_forward_flops(config["num_hidden_layers"], config["hidden_size"], config["intermediate_size"],
-                                  rows, length)
-    return 3 * (forward(num_q, lq) + forward(2 * num_q, lp))
+def dpr_step_flops(config: dict, num_q: int, lq: int, lp: int, remat: bool = False) -> float:
+    """Analytic FLOPs of one DPR training step (both towers trained, two passages per question): the count the
+    trainer logs MFU with (``rdr_jax.tasks.dpr.dpr_step_flops``: [CLS] only in the last layer, 3 x forward,
+    the in-batch scores)."""
+    from rdr_jax.models.dpr import DPRConfig
+    from rdr_jax.tasks.dpr import dpr_step_flops as count
+
+    cfg = DPRConfig.from_dict(dict(config))
+    return count(cfg, cfg, num_q, lq, 2 * num_q, lp, remat=remat)
 
 
 def mfu(flops: float | None, seconds: float | None, peak_tflops: float | None) -> float | None:

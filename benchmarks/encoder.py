@@ -35,8 +35,7 @@ def compare(name: str, jax_model, torch_fn, batch: dict[str, np.ndarray], jax_ou
         times = C.interleaved({"jax": fwd, "torch": lambda: torch_fn(tb)}, opts.repeats, opts.warmup, desc=name)
     jax_ms, torch_ms = C.median_ms(times["jax"]), C.median_ms(times["torch"])
     b, length = batch["input_ids"].shape
-    analytic = C.bert_forward_flops(config["num_hidden_layers"], config["hidden_size"],
-                                    config["intermediate_size"], b, length)
+    analytic = C.bert_forward_flops(config, b, length)
     real_tokens = int(batch["attention_mask"].sum())
     extra = {"batch": b, "length": length, "compile_s": fwd.compile_s, "max_abs_diff": diff, "packed": packed,
              "cls_only": cls_only,

@@ -106,7 +106,8 @@ def test_table_and_ratio_helpers():
     assert "| x " in text and "2.50" in text and "note" in text
     assert C.mfu(1e12, 1.0, 2.0) == pytest.approx(0.5) and C.mfu(1e12, 1.0, None) is None
     # 12-layer bert-base, 1 x 128 tokens: about 2 * 85M params * 128 tokens + attention
-    flops = C.bert_forward_flops(12, 768, 3072, 1, 128)
+    flops = C.bert_forward_flops(dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                                      intermediate_size=3072), 1, 128)
     assert 2 * 85e6 * 128 * 0.95 < flops < 2 * 85e6 * 128 * 1.1
 
 
@@ -132,11 +133,11 @@ def test_accelerator_benchmark_runs_its_code_path_on_cpu(tmp_path):
     r = json.loads(out.read_text())
     assert not [k for k in r if k.endswith("_error")], r
     for key in ("jax_train_step_ms", "torch_train_step_ms", "jax_encode_ms", "torch_encode_ms",
-                "trainer_flops_per_step", "analytic_flops_per_step"):
+                "trainer_flops_per_step", "analytic_flops_per_step", "xla_lowered_flops"):
         assert _positive(r[key]), key
     assert r["model"]["num_hidden_layers"] == 1 and r["model"]["attention_probs_dropout_prob"] == 0
     assert r["prng"] == "rbg" and math.isfinite(r["jax_first_loss"]) and math.isfinite(r["jax_last_loss"])
-    expected = 3 * (C.bert_forward_flops(1, 64, 128, 4, 8) + C.bert_forward_flops(1, 64, 128, 8, 16))
-    assert r["analytic_flops_per_step"] == expected
+    expected = C.dpr_step_flops(r["model"], 4, 8, 16)   # the trainer's count of the engine's step
+    assert r["analytic_flops_per_step"] == expected == r["trainer_flops_per_step"]
     assert r["jax_train_mfu"] == round(expected / (r["jax_train_step_ms"] / 1000) / 1e12, 4)
     assert r["train_ratio_torch_over_jax"] == round(r["torch_train_step_ms"] / r["jax_train_step_ms"], 3)

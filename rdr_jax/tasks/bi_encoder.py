@@ -79,6 +79,13 @@ def batch_packing(batch, prefix: str) -> TokenPacking | None:
                         b, length)
 
 
+def packed_tokens(batch_shapes: dict, prefix: str) -> int | None:
+    """Packed rows of the ``{prefix}`` encoder input in a batch's shapes (``add_packing``'s ``token_position``
+    map, under ``model.unpad``), or None: what the position-wise layers run on, for ``step_flops``."""
+    shape = batch_shapes.get(f"{prefix}token_position")
+    return None if shape is None else int(shape[0])
+
+
 def encode(encoder, ids, mask, *, rngs, deterministic, packing: TokenPacking | None = None):
     # the embedding is the [CLS] state: the last layer computes that row alone
     return encoder(ids, mask, rngs=rngs, deterministic=deterministic, cls_only=True,

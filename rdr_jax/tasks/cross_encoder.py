@@ -61,6 +61,7 @@ from rdr_jax.retrieval.rerank import CrossEncoderScorer
 from rdr_jax.tasks.cross_encoder_models import (CLASSIFIERS, classifier_dir, label_index,
                                                 load_classifier, random_classifier_dir)
 from rdr_jax.tasks.model_setup import ModelSpec, resolve_path
+from rdr_jax.training import model_flops as F
 from rdr_jax.training.config import ConfigError, TaskSection, option
 from rdr_jax.training.task import FileDataTask, ModelBundle, TrainFiles, register_task
 
@@ -240,12 +241,25 @@ class CrossEncoderTask(FileDataTask):
         if self.teacher_dir is not None:
             models["teacher"] = load_classifier(self.teacher_dir, self.config.model)
             label_index(models["teacher"], t.teacher_label_index, "task.teacher_label_index")
-        return ModelBundle(**models)
+        return self.bundle(**models)
 
     def trainable_submodules(self):
         return ("cross_encoder",)
 
     # ---- objective ----
+    def step_flops(self, batch_shapes):
+        """The classifier (trained) and, when the objective reads it, the in-step teacher (1 x forward, on its
+        own inputs when it has its own tokenizer)."""
+        config, compute = self.model_specs["cross_encoder"]
+        impl = compute.relative_attention_impl
+        flops = F.train_flops(F.classifier(config, *batch_shapes["input_ids"], impl=impl), trained=True,
+                              remat=compute.remat)
+        if "teacher" in self.model_specs and self.needs_teacher:
+            teacher, teacher_compute = self.model_specs["teacher"]
+            shape = batch_shapes.get("teacher_input_ids", batch_shapes["input_ids"])
+            flops += F.classifier(teacher, *shape, impl=teacher_compute.relative_attention_impl).total
+        return flops
+
     def teacher_scores(self, model, batch, num_lists: int) -> jax.Array:
         if "teacher" in model.names:
             prefix = "teacher_" if "teacher_input_ids" in batch else ""

@@ -115,6 +115,13 @@ class DGRTask(GenerativeTask):
                        stand_in_teacher=d.stand_in_teacher, gold_file=d.gold_file)
 
 
+    def step_flops(self, batch_shapes):
+        """Each question encoded once; its output repeated over its K candidates before the decoder, so the
+        cross keys/values are projected for every candidate row (``decoding.scoring.passage_scores``)."""
+        candidates = batch_shapes["target_ids"][0]
+        return self.retriever_step_flops(*batch_shapes["q_input_ids"], *batch_shapes["target_ids"],
+                                         cross_rows=candidates)
+
     def loss(self, model, batch, *, rngs, deterministic):
         t = self.config.task
         retriever = getattr(model, RETRIEVER)

@@ -21,10 +21,27 @@ import dataclasses
 from rdr_jax import losses
 from rdr_jax.data.dpr_data import DPRData
 from rdr_jax.models.dpr import DPRContextEncoder, DPRQuestionEncoder
-from rdr_jax.tasks.bi_encoder import BiEncoderData, BiEncoderTask, EncoderModel, batch_packing, encode
+from rdr_jax.tasks.bi_encoder import (BiEncoderData, BiEncoderTask, EncoderModel, batch_packing, encode,
+                                      packed_tokens)
 from rdr_jax.tasks.model_setup import model_runtime_kwargs
+from rdr_jax.training import model_flops as F
 from rdr_jax.training.config import ConfigError, TaskSection, option
 from rdr_jax.training.task import ModelBundle, register_task
+
+
+def dpr_step_flops(q_config, c_config, questions: int, q_len: int, passages: int, p_len: int, *,
+                   train_question: bool = True, train_context: bool = True, remat: bool = False,
+                   q_tokens: int | None = None, p_tokens: int | None = None, micro_batches: int = 1) -> float:
+    """FLOPs of one DPR step: both encoders ([CLS] only in their last layer), 3 x forward each when trained
+    (1 x when frozen), and the in-batch score matrix ``q @ p^T`` (per micro-batch: ``1 / micro_batches`` of
+    it), whose backward has one matmul per trained side. ``*_tokens``: packed rows under ``model.unpad``.
+    ``benchmarks.common.dpr_step_flops`` is this function."""
+    q = F.dpr_encoder(q_config, questions, q_len, tokens=q_tokens)
+    p = F.dpr_encoder(c_config, passages, p_len, tokens=p_tokens)
+    scores = F.matmul(questions, F.embedding_dim(q_config), passages) / micro_batches
+    return (F.train_flops(q, trained=train_question, remat=remat)
+            + F.train_flops(p, trained=train_context, remat=remat)
+            + scores * (1 + train_question + train_context))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,13 +72,22 @@ class DPRTask(BiEncoderTask):
     def build_model(self) -> ModelBundle:
         q_path, c_path, _ = self.paths()
         kw = model_runtime_kwargs(self.config.model)
-        return ModelBundle(question_encoder=DPRQuestionEncoder.from_pretrained(q_path, **kw),
+        return self.bundle(question_encoder=DPRQuestionEncoder.from_pretrained(q_path, **kw),
                            context_encoder=DPRContextEncoder.from_pretrained(c_path, **kw))
 
     def trainable_submodules(self):
         t = self.config.task
         return tuple(n for n, on in (("question_encoder", t.train_question_encoder),
                                      ("context_encoder", t.train_context_encoder)) if on)
+
+    def step_flops(self, batch_shapes):
+        (q_config, compute), (c_config, _) = self.model_specs["question_encoder"], self.model_specs["context_encoder"]
+        trained = self.trainable_submodules()
+        return dpr_step_flops(q_config, c_config, *batch_shapes["q_input_ids"], *batch_shapes["p_input_ids"],
+                              train_question="question_encoder" in trained, train_context="context_encoder" in trained,
+                              remat=compute.remat, q_tokens=packed_tokens(batch_shapes, "q_"),
+                              p_tokens=packed_tokens(batch_shapes, "p_"),
+                              micro_batches=self.config.train.grad_accum_steps)
 
     def loss(self, model, batch, *, rngs, deterministic):
         train_ctx = "context_encoder" in self.trainable_submodules()

@@ -19,6 +19,7 @@ from rdr_jax.decoding.identifiers import atomic_identifiers, read_identifier_tsv
 from rdr_jax.models import BartForConditionalGeneration, T5ForConditionalGeneration, from_pretrained
 from rdr_jax.models.seq2seq import Seq2SeqLM
 from rdr_jax.tasks.model_setup import ModelSpec, model_runtime_kwargs, random_model_dir, resolve_path
+from rdr_jax.training import model_flops as F
 from rdr_jax.training.config import ConfigError, Section, option
 from rdr_jax.training.task import FileDataTask, ModelBundle
 
@@ -157,10 +158,17 @@ class GenerativeTask(FileDataTask):
         if len(self.tokenizer) > model.config.vocab_size:
             raise ConfigError(f"{model_dir}: the tokenizer has {len(self.tokenizer)} tokens, more than the model's "
                               f"vocabulary of {model.config.vocab_size}")
-        return ModelBundle(**{RETRIEVER: model})
+        return self.bundle(**{RETRIEVER: model})
 
     def trainable_submodules(self):
         return (RETRIEVER,)
+
+    def retriever_step_flops(self, encoder_rows: int, source_length: int, decoder_rows: int, target_length: int,
+                             cross_rows: int | None = None) -> float:
+        """The trained retriever, teacher forced (see :func:`rdr_jax.training.model_flops.seq2seq`)."""
+        config, compute = self.model_specs[RETRIEVER]
+        return F.train_flops(F.seq2seq(config, encoder_rows, source_length, decoder_rows, target_length,
+                                       cross_rows=cross_rows), trained=True, remat=compute.remat)
 
     def identifiers_tsv(self) -> Path | None:
         """The identifiers the run trained on, as a TSV (written once into the workdir when built here)."""

@@ -46,8 +46,10 @@ from rdr_jax.data.rdr_data import RDRData
 from rdr_jax.models.dpr import DPRContextEncoder, DPRQuestionEncoder, DPRReader
 from rdr_jax.retrieval.dev_recall import DevRecall
 from rdr_jax.retrieval.passage_embeddings import PassageEmbeddings
-from rdr_jax.tasks.bi_encoder import BiEncoderData, BiEncoderTask, EncoderModel, batch_packing, encode
+from rdr_jax.tasks.bi_encoder import (BiEncoderData, BiEncoderTask, EncoderModel, batch_packing, encode,
+                                      packed_tokens)
 from rdr_jax.tasks.model_setup import model_runtime_kwargs, random_model_dir, resolve_path
+from rdr_jax.training import model_flops as F
 from rdr_jax.training.config import ConfigError, TaskSection, option
 from rdr_jax.training.task import ModelBundle, register_task
 
@@ -112,7 +114,7 @@ class RDRTask(BiEncoderTask):
                       context_encoder=DPRContextEncoder.from_pretrained(c_path, **kw))
         if self.teacher_path:
             models["teacher"] = DPRReader.from_pretrained(self.teacher_path, **kw)
-        return ModelBundle(**models)
+        return self.bundle(**models)
 
     def trainable_submodules(self):
         return ("question_encoder", "context_encoder") if self.config.task.train_context_encoder \
@@ -129,6 +131,28 @@ class RDRTask(BiEncoderTask):
         else:
             raise ValueError("the batch has no 'teacher_scores' and task.teacher_model is not set")
         return jax.lax.stop_gradient(scores.astype(jnp.float32))
+
+    def step_flops(self, batch_shapes):
+        """The question encoder (trained), the context encoder (trained, frozen: 1 x forward, or absent with
+        ``p_emb``), the in-step teacher reader (1 x forward), and the student's ``q . p`` scores (and the NLL's
+        in-batch scores per micro-batch), whose backward has one matmul per side that trains."""
+        t = self.config.task
+        (q_config, compute), (c_config, _) = self.model_specs["question_encoder"], self.model_specs["context_encoder"]
+        num_q, q_len = batch_shapes["q_input_ids"]
+        k = batch_shapes["passage_mask"][1]
+        flops = F.train_flops(F.dpr_encoder(q_config, num_q, q_len, tokens=packed_tokens(batch_shapes, "q_")),
+                              trained=True, remat=compute.remat)
+        if "p_input_ids" in batch_shapes:
+            passages = F.dpr_encoder(c_config, *batch_shapes["p_input_ids"], tokens=packed_tokens(batch_shapes, "p_"))
+            flops += F.train_flops(passages, trained=t.train_context_encoder, remat=compute.remat)
+        sides = 2 + t.train_context_encoder           # forward + one backward matmul per trained side
+        dim = F.embedding_dim(q_config)
+        flops += sides * F.matmul(num_q * k, dim, 1)
+        if t.nll_weight > 0:
+            flops += sides * F.matmul(num_q, dim, num_q * k) / self.config.train.grad_accum_steps
+        if "teacher" in self.model_specs:
+            flops += F.dpr_reader(self.model_specs["teacher"][0], *batch_shapes["r_input_ids"]).total
+        return flops
 
     def loss(self, model, batch, *, rngs, deterministic):
         t = self.config.task

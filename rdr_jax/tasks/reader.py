@@ -27,6 +27,7 @@ from rdr_jax.data.tokenization import load_tokenizer
 from rdr_jax.models.bert import BertModel
 from rdr_jax.models.dpr import DPRReader
 from rdr_jax.tasks.model_setup import ModelSpec, model_dir, model_runtime_kwargs, resolve_path
+from rdr_jax.training import model_flops as F
 from rdr_jax.training.config import ConfigError, TaskSection, option
 from rdr_jax.training.task import FileDataTask, ModelBundle, TrainFiles, register_task
 
@@ -82,11 +83,15 @@ class ReaderTask(FileDataTask):
         return self._tokenizer
 
     def build_model(self) -> ModelBundle:
-        return ModelBundle(reader=DPRReader.from_pretrained(self.reader_path,
+        return self.bundle(reader=DPRReader.from_pretrained(self.reader_path,
                                                             **model_runtime_kwargs(self.config.model)))
 
     def trainable_submodules(self):
         return ("reader",)
+
+    def step_flops(self, batch_shapes):
+        config, compute = self.model_specs["reader"]
+        return F.train_flops(F.dpr_reader(config, *batch_shapes["r_input_ids"]), trained=True, remat=compute.remat)
 
     def loss(self, model, batch, *, rngs, deterministic):
         t = self.config.task

@@ -101,6 +101,9 @@ class Seq2SeqIndexTask(GenerativeTask):
             return None
         return DevBatches(QueryDevSet(self._data(self.config.data.dev_file)), batch_size)
 
+    def step_flops(self, batch_shapes):
+        return self.retriever_step_flops(*batch_shapes["input_ids"], *batch_shapes["target_ids"])
+
     def loss(self, model, batch, *, rngs, deterministic):
         retriever = getattr(model, RETRIEVER)
         hidden = retriever.encode(batch["input_ids"], batch["attention_mask"], rngs=rngs, deterministic=deterministic)

@@ -1,8 +1,13 @@
-"""FLOPs per training step from XLA's cost analysis, and model FLOPs utilisation (MFU) against a peak.
+"""Model FLOPs utilisation (MFU) against a device's peak, and XLA's own count of a step's FLOPs.
 
-Counted once, before the first step runs, on ``jitted.lower(*args)``: jit caches the trace and the lowering,
-so the step that follows reuses them and nothing compiles twice. The lowered (pre-partitioning) module is
-used rather than the compiled one because:
+The trainer's MFU (``FlopsMeter``) divides the task's analytic count (``Task.step_flops``, :mod:`rdr_jax.training.model_flops`)
+by the step time: XLA's cost analysis misses the GEMMs a GPU hands to cuBLAS (an H200 reported 1.10 TFLOP for
+an 18.7 TFLOP bert-base DPR step). ``step_flops`` here, XLA's count, is kept as the cross-check of the
+analytic count on CPU (tests/test_model_flops.py) and for the accelerator benchmark's report.
+
+``step_flops`` counts ``jitted.lower(*args)``: jit caches the trace and the lowering, so a call that follows
+reuses them and nothing compiles twice. The lowered (pre-partitioning) module is used rather than the
+compiled one because:
 
 - the compiled module is the per-device SPMD program: its FLOPs shrink with the mesh size, and replicated
   work (a tensor-parallel layer norm) is counted once per device; the lowered module is the whole global
@@ -97,4 +102,37 @@ def mfu(flops_per_step: float | None, seconds_per_step: float, peak_per_device: 
     return flops_per_step / seconds_per_step / (peak_per_device * num_devices)
 
 
-__all__ = ["step_flops", "device_peak_flops", "mfu", "PEAK_BF16_FLOPS"]
+class FlopsMeter:
+    """The trainer's compute accounting over a logging window: ``add`` each step's global batch (the task's
+    analytic ``step_flops`` of its shapes: host arithmetic, no tracing), then ``values`` gives the record's
+    ``flops_per_step`` (the window's mean, with the first record only) and ``mfu``, and starts a new window.
+    A task without a count (``step_flops`` None) logs neither."""
+
+    def __init__(self, task, peak_per_device: float | None, num_devices: int):
+        self.task, self.peak, self.devices = task, peak_per_device, num_devices
+        self.counting, self.window = True, 0.0
+
+    def add(self, batch) -> None:
+        if not self.counting:
+            return
+        count = self.task.step_flops({k: tuple(v.shape) for k, v in batch.items()})
+        if count is None:
+            self.counting = False
+            log.info("no flops_per_step/mfu: task %r gives no analytic FLOP count (Task.step_flops)",
+                     getattr(self.task, "name", type(self.task).__name__))
+        self.window += count or 0.0
+
+    def values(self, steps: int, seconds: float, *, first: bool) -> dict[str, float]:
+        out = {}
+        if self.counting and steps:
+            per_step = self.window / steps
+            if first:
+                out["flops_per_step"] = per_step
+            utilisation = mfu(per_step, seconds / steps, self.peak, self.devices)
+            if utilisation is not None:
+                out["mfu"] = utilisation
+        self.window = 0.0
+        return out
+
+
+__all__ = ["step_flops", "device_peak_flops", "mfu", "FlopsMeter", "PEAK_BF16_FLOPS"]

@@ -8,10 +8,10 @@ task's retrieval metrics (``Task.retrieval_eval``: e.g. ``dev_top1``/``dev_top5`
 bi-encoder tasks with ``data.dev_qa``), which ``train.best_metric`` may name; and at the end writes the trained
 submodules as Hugging Face directories under ``WORKDIR/final/``.
 
-Compute accounting (``flops.py``): ``flops_per_step`` (XLA's cost analysis of the step, counted once before
-the first step) is logged with the first record; ``mfu`` (flops_per_step / step time / (peak x devices)) with
-every record when the device's bf16 peak is known (``flops.PEAK_BF16_FLOPS``, or ``train.peak_flops`` per
-device). A CPU has no known peak: no ``mfu`` there unless ``train.peak_flops`` is set. Step times exclude the
+Compute accounting (``flops.FlopsMeter``): each step's FLOPs are the task's analytic count of its global
+batch's shapes (``Task.step_flops``, not XLA's cost analysis, which misses a GPU's cuBLAS GEMMs);
+``flops_per_step`` is logged with the first record, ``mfu`` with every record when the device's bf16 peak is
+known (``flops.PEAK_BF16_FLOPS``, or ``train.peak_flops`` per device: a CPU has none). Step times exclude the
 time spent in evaluation; the first record's window includes compilation.
 
 Multi-process (after ``jax.distributed`` is up, see ``distributed.py``): every process runs this same loop;
@@ -271,9 +271,7 @@ def train(config: Config, *, iterator=None, progress: bool = True) -> dict[str, 
     retrieval_eval = RetrievalEval(task, setup, is_main) if task.has_retrieval_eval() and t.eval_every else None
     if task.has_retrieval_eval() and not t.eval_every:
         log.warning("the task's dev retrieval data is set but train.eval_every is 0: no dev recall is measured")
-    peak_flops = config.get("train.peak_flops") or flops.device_peak_flops()
-    flops_per_step = None
-    flops_counted = False
+    meter = flops.FlopsMeter(task, config.get("train.peak_flops") or flops.device_peak_flops(), jax.device_count())
     window_steps = 0
     eval_seconds = 0.0   # time spent evaluating in the current logging window (not step time)
     seed_key = jax.random.PRNGKey(t.seed)
@@ -324,10 +322,7 @@ def train(config: Config, *, iterator=None, progress: bool = True) -> dict[str, 
             if shard[1] > 1:
                 host_batch = distributed.globalize_index_fields(host_batch, task, shard[0])
             batch = shard_batch(host_batch, mesh)
-            if not flops_counted:  # before the call (the state is donated); jit reuses this lowering
-                flops_per_step = flops.step_flops(train_step, (setup.state, setup.frozen, batch, seed_key),
-                                                  t.grad_accum_steps)
-                flops_counted = True
+            meter.add(batch)
             setup.state, metrics = train_step(setup.state, setup.frozen, batch, seed_key)
             done = step + 1
             window_steps += 1
@@ -358,12 +353,7 @@ def train(config: Config, *, iterator=None, progress: bool = True) -> dict[str, 
                     skipped_seen = skipped
                 elapsed = max(time.perf_counter() - window_start - eval_seconds, 1e-9)
                 values.update(examples_per_sec=window_examples / elapsed, tokens_per_sec=window_tokens / elapsed)
-                if flops_per_step is not None:
-                    if not last:  # once, with the first record of this run
-                        values["flops_per_step"] = flops_per_step
-                    utilisation = flops.mfu(flops_per_step, elapsed / window_steps, peak_flops, jax.device_count())
-                    if utilisation is not None:
-                        values["mfu"] = utilisation
+                values.update(meter.values(window_steps, elapsed, first=not last))
                 values.update(dev)
                 writer.write(done, values)
                 last = values

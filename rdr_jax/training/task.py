@@ -7,7 +7,8 @@ The engine (``rdr_jax.training``) knows nothing of any model. A task:
   (``question_encoder``, ``context_encoder``, ``teacher``, ...), and says which of them train;
 - maps a batch dict of arrays to a scalar loss and a dict of scalar metrics;
 - gives iterators of numpy batch dicts (optionally with ``get_state()``/``set_state()`` for exact resume);
-- exports the trained submodules in Hugging Face format.
+- exports the trained submodules in Hugging Face format;
+- counts the FLOPs of one training step from its batch's shapes (``step_flops``), for the logged MFU.
 
 Batches are dicts of arrays whose leading axis is per-question, grouped: a field with ``G`` rows per
 question has ``B * G`` rows, question ``i`` owning rows ``i*G .. i*G+G-1``. Fields listed in
@@ -81,6 +82,20 @@ class Task:
 
     def trainable_submodules(self) -> tuple[str, ...]:
         raise NotImplementedError
+
+    def bundle(self, **models: nnx.Module) -> ModelBundle:
+        """``ModelBundle(**models)``, remembering each model's config and compute settings (``model_specs``:
+        ``{name: (config, ComputeSettings)}``) for :meth:`step_flops`; no reference to the modules is kept."""
+        self.model_specs = {name: (m.config, m.compute) for name, m in models.items()}
+        return ModelBundle(**models)
+
+    # ---- compute accounting ----------------------------------------------------------------------------------
+    def step_flops(self, batch_shapes: dict[str, tuple[int, ...]]) -> float | None:
+        """Analytic FLOPs of one training step on a global batch of these shapes (``{field: shape}``), from the
+        models' configs (``model_specs``, set by :meth:`bundle` in ``build_model``): see
+        :mod:`rdr_jax.training.model_flops` for what is counted. The loop logs ``flops_per_step`` and ``mfu``
+        from it; None (the default, e.g. a user's task that does not count) logs neither."""
+        return None
 
     def trainable_filter(self):
         """nnx filter selecting the trained parameters: everything else is frozen (no optimizer state)."""

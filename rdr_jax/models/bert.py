@@ -169,10 +169,13 @@ class BertEncoderStack(nnx.Module):
         def step(cls):
             return lambda layer, h, r: layer(h, mask, packing, cls_only=cls, rngs=r, deterministic=deterministic)
 
-        keys = layer_keys(rngs, self.config.num_hidden_layers, deterministic=deterministic)
-        x, states = run_layers(self.layers, step(False), x, rt=self.rt, keys=keys,
-                               last_step=step(True) if cls_only else None,
-                               collect=padded if output_hidden_states else None)
+        n = self.config.num_hidden_layers
+        keys = layer_keys(rngs, n, deterministic=deterministic)
+        collect = padded if output_hidden_states else None
+        x, states = run_layers(self.layers, step(False), x, rt=self.rt, keys=keys, stop=n - cls_only,
+                               collect=collect)
+        if cls_only:  # the last layer on its own: its output is [batch, 1, embed]
+            x, _ = run_layers(self.layers, step(True), x, rt=self.rt, keys=keys, start=n - 1)
         if output_hidden_states:
             hidden_states += states
         if cls_only:  # already [batch, 1, embed]

@@ -87,51 +87,55 @@ def layer_keys(rngs, n: int, *, deterministic: bool):
     return jax.random.split(key, n)
 
 
-def run_layers(layers, step: Step, x, *, rt: ComputeSettings, keys=None, last_step: Step | None = None,
+def layer_at(layers, i: int) -> nnx.Module:
+    """Layer ``i`` as a module of its own (a view of slice ``i`` when stacked: for code that visits layers one at
+    a time, such as a decoder step with its per-layer cache)."""
+    if not is_stacked(layers):
+        return layers[i]
+    graphdef, params = nnx.split(layers)
+    return nnx.merge(graphdef, jax.tree.map(lambda a: a[i], params))
+
+
+def run_layers(layers, step: Step, x, *, rt: ComputeSettings, keys=None, start: int = 0, stop: int | None = None,
                collect: Callable | None = None):
-    """``x`` through every layer of ``layers`` (from :func:`make_layers`), each as ``step(layer, x, rngs)``
-    with its own dropout key from ``keys`` (:func:`layer_keys`), rematerialised under ``rt.remat_policy``.
+    """``x`` through layers ``start .. stop - 1`` of ``layers`` (from :func:`make_layers`; default all), each as
+    ``step(layer, x, rngs)`` with its own dropout key ``keys[i]`` (:func:`layer_keys`), rematerialised under
+    ``rt.remat_policy``. A layer that computes differently (BERT's last layer with ``cls_only``, DeBERTa's
+    first before its conv) runs in a call of its own: a scan needs one body and one output shape.
+    ``collect``: keep ``collect(hidden)`` after each layer. Returns ``(x, [collected per layer] or None)``."""
+    stop = num_layers(layers) if stop is None else stop
+    stacked = is_stacked(layers)
 
-    ``last_step``: the last layer's forward when it differs (BERT's ``cls_only``: a scan needs one output shape,
-    so a scanned stack runs its last layer after the scan). ``collect``: keep ``collect(hidden)`` after each
-    layer. Returns ``(x, [collected per layer] or None)``."""
-    last_step = last_step or step
-    n = num_layers(layers)
-
-    def pure(fn, graphdef):
+    def pure(graphdef):
         def call(params, h, key):
             rngs = nnx.Rngs(dropout=key) if key is not None else None
-            return fn(nnx.merge(graphdef, params), h, rngs)
+            return step(nnx.merge(graphdef, params), h, rngs)
         # Inside a scan common subexpressions cannot be hoisted across iterations: no need to prevent CSE.
-        return jax.checkpoint(call, policy=checkpoint_policy(rt), prevent_cse=not is_stacked(layers)) \
-            if rt.remat else call
+        return jax.checkpoint(call, policy=checkpoint_policy(rt), prevent_cse=not stacked) if rt.remat else call
 
     key = (lambda i: None) if keys is None else (lambda i: keys[i])
     collected = [] if collect is not None else None
-    if not is_stacked(layers):
-        for i, layer in enumerate(layers):
-            graphdef, params = nnx.split(layer)
-            x = pure(step if i < n - 1 else last_step, graphdef)(params, x, key(i))
+    if not stacked or stop - start == 1:
+        for i in range(start, stop):
+            graphdef, params = nnx.split(layer_at(layers, i))
+            x = pure(graphdef)(params, x, key(i))
             if collect is not None:
                 collected.append(collect(x))
         return x, collected
+    if stop <= start:
+        return x, collected
 
     graphdef, params = nnx.split(layers)
-    n_scan = n if last_step is step else n - 1
-    body = pure(step, graphdef)
+    body = pure(graphdef)
 
     def scan_body(h, xs):
         p, k = xs
         h = body(p, h, k)
         return h, (collect(h) if collect is not None else None)
 
-    if n_scan:
-        head = params if n_scan == n else jax.tree.map(lambda a: a[:n_scan], params)
-        x, ys = jax.lax.scan(scan_body, x, (head, None if keys is None else keys[:n_scan]))
-        if collect is not None:
-            collected += [jax.tree.map(lambda a: a[i], ys) for i in range(n_scan)]
-    if n_scan < n:
-        x = pure(last_step, graphdef)(jax.tree.map(lambda a: a[n - 1], params), x, key(n - 1))
-        if collect is not None:
-            collected.append(collect(x))
+    if (start, stop) != (0, num_layers(layers)):
+        params = jax.tree.map(lambda a: a[start:stop], params)
+    x, ys = jax.lax.scan(scan_body, x, (params, None if keys is None else keys[start:stop]))
+    if collect is not None:
+        collected += [jax.tree.map(lambda a: a[i], ys) for i in range(stop - start)]
     return x, collected

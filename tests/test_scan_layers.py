@@ -14,6 +14,8 @@ from safetensors.numpy import load_file
 
 from rdr_jax.models import BertForSequenceClassification, BertModel, DPRContextEncoder, DPRReader
 from rdr_jax.models.base import flat_params
+from rdr_jax.models.deberta_v2 import DebertaV2ForSequenceClassification
+from rdr_jax.models.seq2seq import sequence_log_probs
 from rdr_jax.models.config import REMAT_POLICIES, ComputeSettings
 from rdr_jax.models.packing import TokenPacking
 from rdr_jax.models.stacking import layer_keys
@@ -225,3 +227,69 @@ def test_traced_program_does_not_grow_with_depth():
     # the scanned program holds one layer body (plus the separately run last layer) whatever the depth
     assert _traced_matmuls(2, True) == _traced_matmuls(8, True)
     assert _traced_matmuls(8, False) > 2 * _traced_matmuls(2, False)
+
+
+# ---- the other families: DeBERTa-v2 (with and without its conv), T5, BART --------------------------------------
+
+def _deberta_loss(m, r):
+    ids = np.random.RandomState(0).randint(3, 90, (3, 12))
+    mask = np.ones_like(ids)
+    mask[1, 7:] = 0
+    out = m(ids, mask, rngs=r, deterministic=r is None, output_hidden_states=True)
+    return (out.logits ** 2).sum() + sum((h ** 2).mean() for h in out.hidden_states)
+
+
+def _seq2seq_loss(m, r):
+    from test_seq2seq import batch
+    return -sequence_log_probs(m, *batch(), rngs=r, deterministic=r is None).sum()
+
+
+def _families():
+    from test_deberta_v2 import V2_XLARGE_TINY, V3_TINY
+    from test_seq2seq import FAMILIES
+
+    dropout = dict(num_hidden_layers=3, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+    depth = {"t5": dict(num_layers=3, num_decoder_layers=3), "bart": dict(encoder_layers=3, decoder_layers=3)}
+    families = {name: (cls, {**config, **depth[name]}, _seq2seq_loss) for name, (cls, config) in FAMILIES.items()}
+    families["deberta_v3"] = (DebertaV2ForSequenceClassification, {**V3_TINY, **dropout}, _deberta_loss)
+    families["deberta_v2_conv"] = (DebertaV2ForSequenceClassification, {**V2_XLARGE_TINY, **dropout}, _deberta_loss)
+    return families
+
+
+@pytest.mark.parametrize("family", ["t5", "bart", "deberta_v3", "deberta_v2_conv"])
+def test_other_families_scanned_equal_unrolled(tmp_path, family):
+    """Parameters, HF files both ways, loss and gradients with dropout (and for seq2seq a cached decoding step)
+    of the scanned layout against the unrolled one."""
+    cls, config, loss = _families()[family]
+    unrolled = cls.from_config(config, seed=0)
+    unrolled.save_pretrained(tmp_path / "hf")
+    scanned = cls.from_pretrained(tmp_path / "hf", scan_layers=True)
+    a, b = stacked_view(flat_params(unrolled)), plain(flat_params(scanned))
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    scanned.save_pretrained(tmp_path / "back")
+    assert (tmp_path / "back" / "model.safetensors").read_bytes() == (tmp_path / "hf" / "model.safetensors").read_bytes()
+
+    (value, grads), (scanned_value, scanned_grads) = (_loss_and_grads(m, loss, seed=7) for m in (unrolled, scanned))
+    no_dropout = _loss_and_grads(scanned, loss, seed=None)[0]
+    assert abs(value - no_dropout) > 1e-4 * abs(no_dropout)  # dropout really ran
+    assert scanned_value == pytest.approx(value, rel=1e-6)
+    expected, got = stacked_view(_flat_grads(grads)), plain(_flat_grads(scanned_grads))
+    assert got.keys() == expected.keys()
+    for k in expected:
+        assert_close(got[k], expected[k], atol=1e-5 * max(float(np.abs(expected[k]).max()), 1.0), rtol=1e-5, what=k)
+
+    if loss is _seq2seq_loss:  # decoding with a cache visits the stacked layers one slice at a time
+        from test_seq2seq import batch
+        input_ids, attention_mask = batch()[:2]
+
+        def greedy(m):
+            encoded = m.encode(input_ids, attention_mask)
+            cache, token, logits = m.init_cache(3, 4, encoded), jnp.zeros((3, 1), jnp.int32), []
+            for _ in range(3):
+                step, cache = m.decode(token, encoded, attention_mask, cache=cache)
+                logits.append(np.asarray(step))
+                token = jnp.argmax(step[:, -1:], -1).astype(jnp.int32)
+            return np.concatenate(logits, 1)
+
+        with jax.default_matmul_precision("highest"):
+            assert_close(greedy(scanned), greedy(unrolled), atol=1e-5, rtol=1e-5)

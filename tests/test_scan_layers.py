@@ -71,6 +71,16 @@ def test_compute_settings_remat_policy():
         ComputeSettings(remat=True, remat_policy="everything")
 
 
+def test_model_section_options_reach_from_pretrained():
+    from rdr_jax.tasks.model_setup import ModelSpec, model_runtime_kwargs
+
+    assert "scan_layers" not in model_runtime_kwargs(ModelSpec())  # the default: unrolled, no remat
+    kw = model_runtime_kwargs(ModelSpec(scan_layers=True, remat_policy="dots_saveable"))
+    assert kw["scan_layers"] is True and kw["remat_policy"] == "dots_saveable"
+    rt = BertModel.from_config(TINY, **kw).compute
+    assert rt.scan_layers and rt.remat and rt.remat_policy == "dots_saveable"
+
+
 def test_random_init_is_the_unrolled_init_stacked():
     unrolled = BertModel.from_config(TINY, seed=3)
     scanned = BertModel.from_config(TINY, seed=3, scan_layers=True)

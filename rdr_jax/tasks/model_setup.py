@@ -47,10 +47,12 @@ class ModelSpec(Section):
     remat_policy: str | None = option(None, choices=REMAT_POLICIES, doc=(
         "what a recomputed layer keeps (jax.checkpoint_policies): nothing_saveable = remat: true; dots_saveable "
         "and dots_with_no_batch_dims_saveable keep matmul outputs; everything = no remat"))
-    scan_layers: bool = option(False, doc=(
+    # None (= false) rather than false by default: a workdir whose config.yaml predates the option has no such
+    # key, and faults.check_same_run compares the keys as written.
+    scan_layers: bool | None = option(None, doc=(
         "store the identical layers stacked and run them with one scan: compile time no longer grows with depth "
-        "(BERT/DPR encoders, reader, BERT cross-encoder; same numbers, same HF files; the training checkpoint "
-        "holds the stacked layout, so a run resumes with the value it started with)"))
+        "(every family; same numbers, same HF files; the training checkpoint holds the stacked layout, so a run "
+        "resumes with the value it started with). null = false"))
 
 
 def model_runtime_kwargs(spec: ModelSpec) -> dict[str, Any]:

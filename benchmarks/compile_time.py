@@ -2,6 +2,7 @@
 
     python -m benchmarks.compile_time                     # layers 2 and 12, unrolled and scanned
     python -m benchmarks.compile_time --layers 2 6 12 --remat-policy nothing_saveable --json out.json
+    python -m benchmarks.compile_time --engine            # the training engine's whole step instead
 
 Each measurement runs in a fresh process with JAX's persistent compilation cache off, so every one compiles
 cold. The program: ``jax.jit(jax.value_and_grad(loss))`` over a question encoder and a context encoder
@@ -23,6 +24,34 @@ import time
 
 BERT_BASE = dict(vocab_size=30522, hidden_size=768, num_attention_heads=12, intermediate_size=3072,
                  max_position_embeddings=512, type_vocab_size=2)
+
+
+def measure_engine(layers: int, scan: bool, batch: int, lq: int, lp: int, remat_policy: str | None) -> dict:
+    """One cold compile of the training engine's DPR step (``benchmarks.accelerator --parts train``'s program:
+    bf16, AdamW, the task's own loss) in this process."""
+    import tempfile
+    from pathlib import Path
+
+    import jax
+    from benchmarks.accelerator import full_batch
+    from benchmarks.train_step import engine_step
+
+    model = {"init": {**BERT_BASE, "num_hidden_layers": layers}, "dtype": "bfloat16"}
+    if scan:
+        model["scan_layers"] = True
+    if remat_policy:
+        model["remat_policy"] = remat_policy
+    with tempfile.TemporaryDirectory() as workdir:
+        setup, step, sharding, task = engine_step(Path(workdir), **model)
+        data = jax.device_put(task.batch_maker(lambda idx, rng: full_batch(batch, lq, lp))(None, None), sharding)
+        t0 = time.perf_counter()
+        lowered = step.lower(setup.state, setup.frozen, data, jax.random.key(0))
+        t1 = time.perf_counter()
+        lowered.compile()
+        t2 = time.perf_counter()
+    return {"layers": layers, "scan_layers": scan, "remat_policy": remat_policy or "everything", "batch": batch,
+            "lq": lq, "lp": lp, "engine": True, "trace_s": round(t1 - t0, 2), "compile_s": round(t2 - t1, 2),
+            "total_s": round(t2 - t0, 2), "jax": jax.__version__, "backend": jax.default_backend()}
 
 
 def measure(layers: int, scan: bool, batch: int, lq: int, lp: int, remat_policy: str | None) -> dict:
@@ -72,6 +101,8 @@ def run_fresh(layers: int, scan: bool, args) -> dict:
         cmd.append("--scan")
     if args.remat_policy:
         cmd += ["--remat-policy", args.remat_policy]
+    if args.engine:
+        cmd.append("--engine")
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if out.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
@@ -88,11 +119,15 @@ def main(argv=None) -> int:
                    help="a ComputeSettings.remat_policy (default: none, i.e. 'everything')")
     p.add_argument("--scan", action="store_true", help="with --one: the scanned layout")
     p.add_argument("--only", choices=["unrolled", "scanned"], help="measure one layout only")
+    p.add_argument("--engine", action="store_true",
+                   help="the training engine's whole DPR step (bf16, AdamW: benchmarks.accelerator's train part) "
+                        "instead of the bare value_and_grad")
     p.add_argument("--one", action="store_true", help="measure once in this process (what each child runs)")
     p.add_argument("--json", help="write every row to this file")
     args = p.parse_args(argv)
     if args.one:
-        print(json.dumps(measure(args.layers[0], args.scan, args.batch, args.lq, args.lp, args.remat_policy)))
+        fn = measure_engine if args.engine else measure
+        print(json.dumps(fn(args.layers[0], args.scan, args.batch, args.lq, args.lp, args.remat_policy)))
         return 0
     layouts = [s for s in (False, True) if args.only is None or args.only == ("scanned" if s else "unrolled")]
     rows = []

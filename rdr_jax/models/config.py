@@ -46,8 +46,8 @@ class ComputeSettings:
     rematerialised layer keeps, one of :data:`REMAT_POLICIES` (None: ``"nothing_saveable"`` with ``remat``,
     ``"everything"`` without; a policy other than ``"everything"`` turns ``remat`` on); ``scan_layers``: the
     identical layers of a stack are stored stacked (a leading ``layers`` axis) and run by one ``scan`` over one
-    traced layer body, so compile time does not grow with depth (see :mod:`rdr_jax.models.stacking`; the
-    families without it refuse it); ``relative_attention_impl``: DeBERTa only (other families ignore it), one
+    traced layer body, so compile time does not grow with depth (every family; see
+    :mod:`rdr_jax.models.stacking`); ``relative_attention_impl``: DeBERTa only (other families ignore it), one
     of :data:`RELATIVE_ATTENTION_IMPLS`, same numbers each.
     """
     dtype: jnp.dtype = jnp.float32

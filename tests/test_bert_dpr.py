@@ -18,6 +18,8 @@ from parity import assert_close
 TINY = dict(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
             max_position_embeddings=64, type_vocab_size=2, attn_implementation="eager")
 TOL = 1e-5
+# The same checks with the layers stored stacked and scanned (rdr_jax.models.stacking).
+SCAN = pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
 
 
 def _hf(cls, config_cls, seed=0, **overrides):
@@ -43,12 +45,13 @@ def _assert_round_trip(jax_model, hf_dir, tmp_path, hf_cls):
 
 
 @pytest.mark.parametrize("width", ["tiny", "bert-base"])
-def test_bert_model_parity_and_round_trip(tmp_path, width):
+@SCAN
+def test_bert_model_parity_and_round_trip(scan, tmp_path, width):
     overrides = {} if width == "tiny" else dict(hidden_size=768, num_attention_heads=12, intermediate_size=3072,
                                                 num_hidden_layers=1)
     hf = _hf(transformers.BertModel, transformers.BertConfig, **overrides)
     hf.save_pretrained(tmp_path / "hf")
-    model = rdr_jax.from_pretrained(tmp_path / "hf")
+    model = rdr_jax.from_pretrained(tmp_path / "hf", scan_layers=scan)
     assert isinstance(model, BertModel)
     ids, mask, types = padded_batch(3, 17, TINY["vocab_size"], pad_rows=((1, 5), (2, 1)))
     with torch.no_grad():
@@ -63,10 +66,11 @@ def test_bert_model_parity_and_round_trip(tmp_path, width):
 
 
 @pytest.mark.parametrize("num_labels", [1, 3])
-def test_bert_sequence_classification_parity(tmp_path, num_labels):
+@SCAN
+def test_bert_sequence_classification_parity(scan, tmp_path, num_labels):
     hf = _hf(transformers.BertForSequenceClassification, transformers.BertConfig, num_labels=num_labels)
     hf.save_pretrained(tmp_path / "hf")
-    model = rdr_jax.from_pretrained(tmp_path / "hf")
+    model = rdr_jax.from_pretrained(tmp_path / "hf", scan_layers=scan)
     assert isinstance(model, BertForSequenceClassification)
     ids, mask, types = padded_batch(4, 12, TINY["vocab_size"], seed=1, pad_rows=((0, 4), (3, 7)))
     with torch.no_grad():
@@ -77,10 +81,11 @@ def test_bert_sequence_classification_parity(tmp_path, num_labels):
     _assert_round_trip(model, tmp_path / "hf", tmp_path, transformers.BertForSequenceClassification)
 
 
-def test_cross_encoder_starts_from_plain_bert(tmp_path):
+@SCAN
+def test_cross_encoder_starts_from_plain_bert(scan, tmp_path):
     hf = _hf(transformers.BertModel, transformers.BertConfig)
     hf.save_pretrained(tmp_path / "hf")
-    model = BertForSequenceClassification.from_pretrained(tmp_path / "hf")
+    model = BertForSequenceClassification.from_pretrained(tmp_path / "hf", scan_layers=scan)
     ids, mask, types = padded_batch(2, 9, TINY["vocab_size"])
     with torch.no_grad():
         ref_pooled = hf(**_torch_inputs(ids, mask, types)).pooler_output
@@ -91,11 +96,12 @@ def test_cross_encoder_starts_from_plain_bert(tmp_path):
 
 @pytest.mark.parametrize("cls_name,projection_dim", [("DPRContextEncoder", 0), ("DPRContextEncoder", 16),
                                                       ("DPRQuestionEncoder", 0), ("DPRQuestionEncoder", 8)])
-def test_dpr_encoder_parity_and_round_trip(tmp_path, cls_name, projection_dim):
+@SCAN
+def test_dpr_encoder_parity_and_round_trip(scan, tmp_path, cls_name, projection_dim):
     hf_cls = getattr(transformers, cls_name)
     hf = _hf(hf_cls, transformers.DPRConfig, projection_dim=projection_dim)
     hf.save_pretrained(tmp_path / "hf")
-    model = rdr_jax.from_pretrained(tmp_path / "hf")
+    model = rdr_jax.from_pretrained(tmp_path / "hf", scan_layers=scan)
     assert type(model).__name__ == cls_name
     ids, mask, types = padded_batch(3, 15, TINY["vocab_size"], seed=2, pad_rows=((2, 6),))
     with torch.no_grad():
@@ -106,10 +112,11 @@ def test_dpr_encoder_parity_and_round_trip(tmp_path, cls_name, projection_dim):
     _assert_round_trip(model, tmp_path / "hf", tmp_path, hf_cls)
 
 
-def test_dpr_reader_parity_and_round_trip(tmp_path):
+@SCAN
+def test_dpr_reader_parity_and_round_trip(scan, tmp_path):
     hf = _hf(transformers.DPRReader, transformers.DPRConfig)
     hf.save_pretrained(tmp_path / "hf")
-    model = rdr_jax.from_pretrained(tmp_path / "hf")
+    model = rdr_jax.from_pretrained(tmp_path / "hf", scan_layers=scan)
     assert isinstance(model, DPRReader)
     n_passages, length = 5, 14
     ids, mask, _ = padded_batch(n_passages, length, TINY["vocab_size"], seed=3, pad_rows=((1, 4), (4, 9)),
@@ -198,13 +205,14 @@ def test_pytorch_bin_and_sharded_checkpoints(tmp_path):
     assert not info["missing_keys"] and not info["unexpected_keys"]
 
 
-def test_orbax_format_round_trip(tmp_path):
+@SCAN
+def test_orbax_format_round_trip(scan, tmp_path):
     hf = _hf(transformers.DPRReader, transformers.DPRConfig)
     hf.save_pretrained(tmp_path / "hf")
-    model = rdr_jax.from_pretrained(tmp_path / "hf")
+    model = rdr_jax.from_pretrained(tmp_path / "hf", scan_layers=scan)
     model.save_pretrained(tmp_path / "native", format="orbax")
     assert (tmp_path / "native" / "orbax").is_dir() and not (tmp_path / "native" / "model.safetensors").exists()
-    restored = rdr_jax.from_pretrained(tmp_path / "native")
+    restored = rdr_jax.from_pretrained(tmp_path / "native", scan_layers=scan)
     assert isinstance(restored, DPRReader)
     restored.save_pretrained(tmp_path / "back")
     a, b = load_file(tmp_path / "hf" / "model.safetensors"), load_file(tmp_path / "back" / "model.safetensors")
@@ -239,15 +247,17 @@ def test_error_truncated_weights(tiny_bert_dir):
         rdr_jax.from_pretrained(tiny_bert_dir)
 
 
-def test_error_shape_mismatch_names_both_shapes(tiny_bert_dir):
+@SCAN
+def test_error_shape_mismatch_names_both_shapes(scan, tiny_bert_dir):
     config = json.loads((tiny_bert_dir / "config.json").read_text())
     config["intermediate_size"] = 40
     (tiny_bert_dir / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match=r"encoder.layer.0.intermediate.dense.weight.*\(48, 32\).*\(40, 32\)"):
-        rdr_jax.from_pretrained(tiny_bert_dir)
+        rdr_jax.from_pretrained(tiny_bert_dir, scan_layers=scan)
 
 
-def test_error_missing_and_unexpected_keys_are_listed(tiny_bert_dir):
+@SCAN
+def test_error_missing_and_unexpected_keys_are_listed(scan, tiny_bert_dir):
     from safetensors.numpy import save_file
 
     state = load_file(tiny_bert_dir / "model.safetensors")
@@ -255,7 +265,7 @@ def test_error_missing_and_unexpected_keys_are_listed(tiny_bert_dir):
     del state["encoder.layer.1.output.dense.bias"]
     save_file(state, str(tiny_bert_dir / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(CheckpointError) as err:
-        rdr_jax.from_pretrained(tiny_bert_dir)
+        rdr_jax.from_pretrained(tiny_bert_dir, scan_layers=scan)
     assert "missing keys: encoder.layer.1.output.dense.bias" in str(err.value)
     assert "unexpected keys: encoder.layer.0.attention.self.extra.weight" in str(err.value)
 

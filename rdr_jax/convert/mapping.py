@@ -3,6 +3,10 @@
 A family declares its map as a list of :class:`Rule` (one per tensor); the generic code here applies it
 both ways, checks coverage and shapes, and reports missing/unexpected keys by name. Transforms are only
 transposes and reshapes, so HF -> JAX -> HF is bit-exact.
+
+A family always names layer ``i``'s parameters ``<stack>.<i>.<name>``. When the model stores that stack's
+layers stacked (``<stack>.<name>`` with a leading layers axis, ``rdr_jax.models.stacking``), :func:`stack_rules`
+turns those rules into rules onto slice ``i`` of the stacked parameter: one generic rule for every family.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ class Rule:
     kind: str = "copy"  # "copy" | "linear" (transpose [out,in] -> [in,out], reshaped) | "reshape"
     n_in: int = 1      # for "linear": how many leading kernel axes are inputs (2 for [heads, kv, embed])
     hf_shape: tuple[int, ...] | None = None  # for "reshape"/"linear" back to HF when it is not recoverable
+    layer: int | None = None  # set by stack_rules: the HF tensor is slice ``layer`` of the stacked ``jax``
 
 
 def linear(hf_prefix: str, jax_prefix: str, *, n_in: int = 1, bias: bool = True) -> list[Rule]:
@@ -42,6 +47,24 @@ def layer_norm(hf_prefix: str, jax_prefix: str, bias: bool = True) -> list[Rule]
 
 def embedding(hf_name: str, jax_prefix: str) -> list[Rule]:
     return [Rule(hf_name, f"{jax_prefix}.embedding")]
+
+
+def stack_rules(rules: list[Rule], model_paths: Iterable[str]) -> list[Rule]:
+    """``rules`` for a model whose parameter paths are ``model_paths``: a rule onto ``<stack>.<i>.<name>`` that
+    the model lacks, where it has ``<stack>.<name>`` (its layers stored stacked), becomes the rule onto slice
+    ``i`` of that parameter (``Rule.layer``). Other rules are returned as they are."""
+    paths = set(model_paths)
+    out = []
+    for r in rules:
+        if r.jax not in paths:
+            parts = r.jax.split(".")
+            for k, part in enumerate(parts):
+                stacked = ".".join(parts[:k] + parts[k + 1:])
+                if part.isdigit() and stacked in paths:
+                    r = dataclasses.replace(r, jax=stacked, layer=int(part))
+                    break
+        out.append(r)
+    return out
 
 
 def hf_to_jax(rule: Rule, array: np.ndarray, target_shape: tuple[int, ...]) -> np.ndarray:
@@ -115,11 +138,33 @@ def apply_rules_to_jax(rules: list[Rule], state: dict[str, np.ndarray], target_s
     """Check the checkpoint (see :func:`check_rules_against_checkpoint`), then yield (jax path, array) for each
     tensor it has, removing it from ``state`` as it goes so the caller can free each one once placed."""
     check_rules_against_checkpoint(rules, state, target_shapes, **check_options)
+    stacks: dict[str, list[Rule]] = {}
+    for r in rules:
+        if r.layer is not None:
+            stacks.setdefault(r.jax, []).append(r)
 
     def convert():
+        done = set()
         for r in rules:
-            if r.hf in state:
-                yield r.jax, hf_to_jax(r, state.pop(r.hf), tuple(target_shapes[r.jax]))
+            if r.layer is None:
+                if r.hf in state:
+                    yield r.jax, hf_to_jax(r, state.pop(r.hf), tuple(target_shapes[r.jax]))
+            elif r.jax not in done:  # a stacked parameter: all its layers' tensors at once
+                done.add(r.jax)
+                present = [s for s in stacks[r.jax] if s.hf in state]
+                if not present:
+                    continue
+                shape = tuple(target_shapes[r.jax])
+                if sorted(s.layer for s in present) != list(range(shape[0])):
+                    raise CheckpointError(f"{r.jax}: the checkpoint has layers {sorted(s.layer for s in present)} "
+                                          f"of {shape[0]} ({', '.join(s.hf for s in present[:2])}, ...)")
+                stacked = None
+                for s in present:
+                    array = hf_to_jax(s, state.pop(s.hf), shape[1:])
+                    if stacked is None:
+                        stacked = np.empty(shape, array.dtype)
+                    stacked[s.layer] = array
+                yield r.jax, stacked
 
     return convert()
 
@@ -128,4 +173,5 @@ def apply_rules_to_hf(rules: list[Rule], params: Mapping[str, np.ndarray]) -> di
     missing = [r.jax for r in rules if r.jax not in params]
     if missing:
         raise AssertionError(f"model has no parameters {_short_list(missing)}")
-    return {r.hf: jax_to_hf(r, np.asarray(params[r.jax])) for r in rules}
+    return {r.hf: jax_to_hf(r, np.asarray(params[r.jax]) if r.layer is None else np.asarray(params[r.jax])[r.layer])
+            for r in rules}

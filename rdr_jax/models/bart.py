@@ -23,6 +23,7 @@ from rdr_jax.models import layers as L
 from rdr_jax.models.base import PretrainedModel, register
 from rdr_jax.models.config import ModelConfig, ComputeSettings
 from rdr_jax.models.seq2seq import DecoderCache, Seq2SeqBlock, Seq2SeqLM, Seq2SeqStack
+from rdr_jax.models.stacking import make_layers
 
 log = logging.getLogger(__name__)
 
@@ -152,8 +153,8 @@ class BartStack(Seq2SeqStack):
                                        init_std=config.init_std, rngs=rngs)
         self.layernorm_embedding = L.LayerNorm(config.d_model, LAYER_NORM_EPS, dtype=rt.dtype,
                                                param_dtype=rt.param_dtype)
-        self.layers = nnx.List([BartLayer(config, rt, is_decoder=is_decoder, rngs=rngs)
-                                for _ in range(num_layers)])
+        self.layers = make_layers(lambda r: BartLayer(config, rt, is_decoder=is_decoder, rngs=r), num_layers, rt,
+                                  rngs)
         self.dropout = nnx.Dropout(config.dropout)
 
     def embed(self, token_embeddings, offset, *, rngs=None, deterministic=True):
@@ -191,10 +192,12 @@ class BartForConditionalGeneration(Seq2SeqLM, PretrainedModel):
     hf_ignore_unexpected = ("model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight",
                             "lm_head.weight", "*.version", "*position_ids")
 
-    def __init__(self, config: BartConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, remat: bool = False,
-                 rngs: nnx.Rngs):
+    def __init__(self, config: BartConfig, *, rngs: nnx.Rngs, **compute):
+        """``compute``: the :class:`ComputeSettings` fields (dtype, param_dtype, remat, remat_policy,
+        scan_layers)."""
         self.config = config
-        self.compute = rt = ComputeSettings(dtype, param_dtype, remat)
+        self.compute = rt = ComputeSettings(**compute)
+        dtype, param_dtype = rt.dtype, rt.param_dtype
         self.shared = L.Embed(config.vocab_size, config.d_model, (L.VOCAB, L.EMBED), dtype=dtype,
                               param_dtype=param_dtype, init_std=config.init_std, rngs=rngs)
         self.encoder = BartStack(config, rt, is_decoder=False, rngs=rngs)

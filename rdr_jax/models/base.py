@@ -125,7 +125,7 @@ class PretrainedModel(nnx.Module):
         loaded = set()
         # One tensor at a time: each numpy array is released once its parameter holds it.
         for k, array in mapping.apply_rules_to_jax(
-                cls.hf_rules(config), state, target_shapes, source=str(model_dir),
+                mapping.stack_rules(cls.hf_rules(config), flat), state, target_shapes, source=str(model_dir),
                 ignore_unexpected=cls.hf_ignore_unexpected, allow_missing=cls.initializable_heads):
             flat[k].set_value(jnp.asarray(array, dtype=param_dtype))
             loaded.add(k)
@@ -167,7 +167,7 @@ class PretrainedModel(nnx.Module):
                   for k, v in flat_params(self).items()}
         if dtype is not None:
             params = {k: v.astype(dtype) for k, v in params.items()}
-        return mapping.apply_rules_to_hf(self.hf_rules(self.config), params)
+        return mapping.apply_rules_to_hf(mapping.stack_rules(self.hf_rules(self.config), params), params)
 
     def save_pretrained(self, out_dir: str | os.PathLike, *, format: str = "hf", dtype=None,
                         max_shard_bytes: int | None = None, tokenizer=None) -> Path:

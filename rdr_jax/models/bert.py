@@ -14,6 +14,7 @@ from rdr_jax.models.base import PretrainedModel, register
 from rdr_jax.models.config import ModelConfig, ComputeSettings
 from rdr_jax.models.outputs import BaseModelOutputWithPooling, SequenceClassifierOutput
 from rdr_jax.models.packing import TokenPacking
+from rdr_jax.models.stacking import layer_keys, make_layers, run_layers
 
 
 @dataclasses.dataclass
@@ -131,7 +132,7 @@ class BertEncoderStack(nnx.Module):
     def __init__(self, config: BertConfig, rt: ComputeSettings, *, add_pooling_layer: bool, rngs: nnx.Rngs):
         self.config, self.rt = config, rt
         self.embeddings = BertEmbeddings(config, rt, rngs=rngs)
-        self.layers = nnx.List([BertLayer(config, rt, rngs=rngs) for _ in range(config.num_hidden_layers)])
+        self.layers = make_layers(lambda r: BertLayer(config, rt, rngs=r), config.num_hidden_layers, rt, rngs)
         self.pooler = (L.Dense(config.hidden_size, config.hidden_size, (L.EMBED,), (L.MLP,), dtype=rt.dtype,
                                param_dtype=rt.param_dtype, init_std=config.initializer_range, rngs=rngs)
                        if add_pooling_layer else None)
@@ -165,16 +166,18 @@ class BertEncoderStack(nnx.Module):
         x = self.embeddings(input_ids, token_type_ids, position_ids, rngs=rngs, deterministic=deterministic)
         padded = (lambda h: packing.check(packing.unpack(h))) if packing is not None else (lambda h: h)
         hidden_states = [padded(x)] if output_hidden_states else None
-        def runner(cls):
-            # rngs goes in as an argument: a remat'd function must not capture NNX state from outside.
-            fn = lambda lyr, h, m, p, r: lyr(h, m, p, cls_only=cls, rngs=r, deterministic=deterministic)
-            return nnx.remat(fn) if self.rt.remat else fn
+        def step(cls):
+            return lambda layer, h, r: layer(h, mask, packing, cls_only=cls, rngs=r, deterministic=deterministic)
 
-        run, run_last = runner(False), runner(cls_only)
-        for i, layer in enumerate(self.layers):
-            x = (run_last if i == len(self.layers) - 1 else run)(layer, x, mask, packing, rngs)
-            if output_hidden_states:
-                hidden_states.append(padded(x))
+        n = self.config.num_hidden_layers
+        keys = layer_keys(rngs, n, deterministic=deterministic)
+        collect = padded if output_hidden_states else None
+        x, states = run_layers(self.layers, step(False), x, rt=self.rt, keys=keys, stop=n - cls_only,
+                               collect=collect)
+        if cls_only:  # the last layer on its own: its output is [batch, 1, embed]
+            x, _ = run_layers(self.layers, step(True), x, rt=self.rt, keys=keys, start=n - 1)
+        if output_hidden_states:
+            hidden_states += states
         if cls_only:  # already [batch, 1, embed]
             x = packing.check(x) if packing is not None else x
         else:
@@ -208,10 +211,11 @@ class _BertBase(PretrainedModel):
     config_class = BertConfig
     supports_packing = True
 
-    def __init__(self, config: BertConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, remat: bool = False,
-                 rngs: nnx.Rngs):
+    def __init__(self, config: BertConfig, *, rngs: nnx.Rngs, **compute):
+        """``compute``: the :class:`ComputeSettings` fields (dtype, param_dtype, remat, remat_policy,
+        scan_layers)."""
         self.config = config
-        self.compute = ComputeSettings(dtype, param_dtype, remat)
+        self.compute = ComputeSettings(**compute)
 
 
 @register(default_for_model_type=True)

@@ -1,5 +1,5 @@
 """Model configs: the fields a family reads from Hugging Face's config.json, with the rest kept verbatim; and
-:class:`ComputeSettings`, how a model computes (dtypes, remat), which is not part of the config.
+:class:`ComputeSettings`, how a model computes (dtypes, remat, scanned layers), which is not part of the config.
 
 Unknown keys are preserved so that ``save_pretrained`` writes back a config.json that transformers reads
 as it read the original.
@@ -30,24 +30,44 @@ def dtype_from_name(name: str, what: str):
 # DeBERTa's ways of computing its relative-position terms (see rdr_jax.models.deberta_relative).
 RELATIVE_ATTENTION_IMPLS = ("skew", "gather", "onehot")
 
+# What a rematerialised layer keeps for the backward pass, by the names of ``jax.checkpoint_policies``:
+# "everything" is no remat (every activation kept), "nothing_saveable" full remat (only the layer's input kept),
+# "dots_saveable" keeps every matmul output, "dots_with_no_batch_dims_saveable" those without batch dimensions
+# (the projections, not attention's score/context matmuls).
+REMAT_POLICIES = ("everything", "nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable")
+
 
 @dataclasses.dataclass(frozen=True)
 class ComputeSettings:
     """How a model computes, as opposed to what it is (the config); one for every family.
 
     ``dtype``: the compute dtype; ``param_dtype``: the storage dtype of the parameters; ``remat``: recompute
-    each layer's activations in the backward pass instead of keeping them; ``relative_attention_impl``:
-    DeBERTa only (other families ignore it), one of :data:`RELATIVE_ATTENTION_IMPLS`, same numbers each.
+    each layer's activations in the backward pass instead of keeping them; ``remat_policy``: what a
+    rematerialised layer keeps, one of :data:`REMAT_POLICIES` (None: ``"nothing_saveable"`` with ``remat``,
+    ``"everything"`` without; a policy other than ``"everything"`` turns ``remat`` on); ``scan_layers``: the
+    identical layers of a stack are stored stacked (a leading ``layers`` axis) and run by one ``scan`` over one
+    traced layer body, so compile time does not grow with depth (every family; see
+    :mod:`rdr_jax.models.stacking`); ``relative_attention_impl``: DeBERTa only (other families ignore it), one
+    of :data:`RELATIVE_ATTENTION_IMPLS`, same numbers each.
     """
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     remat: bool = False
     relative_attention_impl: str = "skew"
+    remat_policy: str | None = None
+    scan_layers: bool = False
 
     def __post_init__(self):
         if self.relative_attention_impl not in RELATIVE_ATTENTION_IMPLS:
             raise ValueError(f"relative_attention_impl must be one of {RELATIVE_ATTENTION_IMPLS}, "
                              f"got {self.relative_attention_impl!r}")
+        if self.remat_policy is None:
+            object.__setattr__(self, "remat_policy", "nothing_saveable" if self.remat else "everything")
+        elif self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"remat_policy must be one of {REMAT_POLICIES}, got {self.remat_policy!r}")
+        elif self.remat and self.remat_policy == "everything":
+            raise ValueError("remat=True with remat_policy='everything' (which is no remat): choose one")
+        object.__setattr__(self, "remat", self.remat_policy != "everything")
 
 
 @dataclasses.dataclass

@@ -24,6 +24,7 @@ from rdr_jax.models.base import PretrainedModel, register
 from rdr_jax.models.config import ModelConfig, ComputeSettings
 from rdr_jax.models.deberta_relative import relative_score_indices, relative_term
 from rdr_jax.models.outputs import BaseModelOutputWithPooling, SequenceClassifierOutput
+from rdr_jax.models.stacking import layer_keys, make_layers, run_layers
 
 log = logging.getLogger(__name__)
 
@@ -278,7 +279,7 @@ class DebertaV2Body(nnx.Module):
     def __init__(self, config: DebertaV2Config, rt: ComputeSettings, *, rngs: nnx.Rngs):
         self.config, self.rt = config, rt
         self.embeddings = DebertaV2Embeddings(config, rt, rngs=rngs)
-        self.layers = nnx.List([DebertaV2Layer(config, rt, rngs=rngs) for _ in range(config.num_hidden_layers)])
+        self.layers = make_layers(lambda r: DebertaV2Layer(config, rt, rngs=r), config.num_hidden_layers, rt, rngs)
         self.rel_embeddings = (L.Embed(2 * config.attention_span, config.hidden_size, (L.POSITIONS, L.EMBED),
                                        dtype=rt.dtype, param_dtype=rt.param_dtype,
                                        init_std=config.initializer_range, rngs=rngs)
@@ -315,17 +316,20 @@ class DebertaV2Body(nnx.Module):
                                    deterministic=deterministic)
         x = embedded
         hidden_states = [x] if output_hidden_states else None
-        def run_layer(layer, h, m, rel, rngs):
-            return layer(h, m, rel, c2p_index, p2c_index, rngs=rngs, deterministic=deterministic)
+        def step(layer, h, r):
+            return layer(h, mask, rel_embeddings, c2p_index, p2c_index, rngs=r, deterministic=deterministic)
 
-        # rngs goes in as an argument, not a closure: the remat trace has to own the dropout stream it advances.
-        run = nnx.remat(run_layer) if self.rt.remat else run_layer
-        for i, layer in enumerate(self.layers):
-            x = run(layer, x, mask, rel_embeddings, rngs)
-            if i == 0 and self.conv is not None:
-                x = self.conv(embedded, x, attention_mask, rngs=rngs, deterministic=deterministic)
-            if output_hidden_states:
-                hidden_states.append(x)
+        keys = layer_keys(rngs, self.config.num_hidden_layers, deterministic=deterministic)
+        first = 0
+        if self.conv is not None:  # the conv joins layer 0's output: layer 0 runs on its own
+            x, _ = run_layers(self.layers, step, x, rt=self.rt, keys=keys, stop=1)
+            x = self.conv(embedded, x, attention_mask, rngs=rngs, deterministic=deterministic)
+            hidden_states = hidden_states + [x] if output_hidden_states else None
+            first = 1
+        x, states = run_layers(self.layers, step, x, rt=self.rt, keys=keys, start=first,
+                               collect=(lambda h: h) if output_hidden_states else None)
+        if output_hidden_states:
+            hidden_states += states
         return BaseModelOutputWithPooling(last_hidden_state=x,
                                           hidden_states=tuple(hidden_states) if hidden_states else None)
 
@@ -388,10 +392,11 @@ class _DebertaV2Base(PretrainedModel):
     # transformers ignores stray absolute position tables (v3 checkpoints have position_biased_input false).
     hf_ignore_unexpected = ("*position_ids", "*embeddings.position_embeddings.weight") + _PRETRAINING_HEADS
 
-    def __init__(self, config: DebertaV2Config, *, dtype=jnp.float32, param_dtype=jnp.float32, remat: bool = False,
-                 relative_attention_impl: str = "skew", rngs: nnx.Rngs):
+    def __init__(self, config: DebertaV2Config, *, rngs: nnx.Rngs, **compute):
+        """``compute``: the :class:`ComputeSettings` fields (dtype, param_dtype, remat, remat_policy,
+        scan_layers, relative_attention_impl)."""
         self.config = config
-        self.compute = ComputeSettings(dtype, param_dtype, remat, relative_attention_impl)
+        self.compute = ComputeSettings(**compute)
 
 
 @register(default_for_model_type=True)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax.numpy as jnp
 from flax import nnx
 
 from rdr_jax.convert.mapping import linear
@@ -54,10 +53,11 @@ class _DPRBase(PretrainedModel):
     # transformers' DPR body has no pooler; checkpoints converted from BertModel may still carry one.
     hf_ignore_unexpected = ("*position_ids", "*bert_model.pooler.*")
 
-    def __init__(self, config: DPRConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, remat=False,
-                 rngs: nnx.Rngs):
+    def __init__(self, config: DPRConfig, *, rngs: nnx.Rngs, **compute):
+        """``compute``: the :class:`ComputeSettings` fields (dtype, param_dtype, remat, remat_policy,
+        scan_layers)."""
         self.config = config
-        self.compute = ComputeSettings(dtype, param_dtype, remat)
+        self.compute = ComputeSettings(**compute)
 
     @classmethod
     def config_dict_for(cls, raw_config):

@@ -25,6 +25,9 @@ Axes = tuple[str | None, ...]
 BATCH, LENGTH, KV_LENGTH = "batch", "length", "kv_length"
 EMBED, HEADS, KV, MLP, VOCAB = "embed", "heads", "kv", "mlp", "vocab"
 NORM, CLASSES, POSITIONS = "norm", "classes", "positions"
+# The leading axis of a scanned stack's parameters (rdr_jax.models.stacking); no sharding rule maps it to a
+# mesh axis, so every device holds all layers of its shard of the other axes.
+LAYERS = "layers"
 
 
 def param(rngs: nnx.Rngs | None, init: Callable, shape: Sequence[int], axes: Axes, param_dtype) -> nnx.Param:

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from rdr_jax.models.layers import heads_first, padding_mask
+from rdr_jax.models.stacking import layer_at, layer_keys, num_layers, run_layers
 from rdr_jax.models.outputs import Seq2SeqLMOutput
 
 
@@ -154,10 +155,11 @@ class Seq2SeqBlock(nnx.Module):
 class Seq2SeqStack(nnx.Module):
     """Encoder or decoder stack: :meth:`embed` -> the blocks -> :meth:`finish`.
 
-    A family sets ``layers`` (an ``nnx.List`` of :class:`Seq2SeqBlock`), ``rt`` (its
+    A family sets ``layers`` (:class:`Seq2SeqBlock` s from :func:`rdr_jax.models.stacking.make_layers`), ``rt`` (its
     :class:`~rdr_jax.models.config.ComputeSettings`), ``num_heads`` and ``head_dim`` (the decoder cache's shape), and
-    overrides the hooks it needs. Without a cache the positions start at 0 and each block is rematerialised
-    when ``rt.remat``; with one, the tokens sit at ``cache.index`` and the cache comes back advanced.
+    overrides the hooks it needs. Without a cache the positions start at 0 and the blocks run through
+    :func:`~rdr_jax.models.stacking.run_layers` (scanned with ``rt.scan_layers``, rematerialised under
+    ``rt.remat_policy``); with one, the tokens sit at ``cache.index`` and the cache comes back advanced.
     """
 
     def embed(self, token_embeddings: jax.Array, offset, *, rngs=None, deterministic=True) -> jax.Array:
@@ -177,9 +179,10 @@ class Seq2SeqStack(nnx.Module):
         """An empty cache for these layers; with ``encoder_hidden``, its cross keys/values projected once."""
         cross = None
         if encoder_hidden is not None:
-            projected = [layer.cross_kv(encoder_hidden) for layer in self.layers]
+            projected = [layer_at(self.layers, i).cross_kv(encoder_hidden)
+                         for i in range(num_layers(self.layers))]
             cross = ([k for k, _ in projected], [v for _, v in projected])
-        return empty_cache(len(self.layers), batch_size, max_length, self.num_heads, self.head_dim,
+        return empty_cache(num_layers(self.layers), batch_size, max_length, self.num_heads, self.head_dim,
                            dtype or self.rt.dtype, cross)
 
     def __call__(self, token_embeddings, mask, *, encoder_hidden=None, cross_mask=None,
@@ -190,16 +193,15 @@ class Seq2SeqStack(nnx.Module):
         bias = self.attention_bias(length, key_length, offset)
         x = self.embed(token_embeddings, offset, rngs=rngs, deterministic=deterministic)
         if cache is None:
-            # rngs goes in as an argument: a remat'd function must not capture NNX state from outside.
-            def run(layer, h, m, b, e, cm, r):
-                return layer(h, m, b, e, cm, rngs=r, deterministic=deterministic)[0]
+            def step(layer, h, r):
+                return layer(h, mask, bias, encoder_hidden, cross_mask, rngs=r, deterministic=deterministic)[0]
 
-            run = nnx.remat(run) if self.rt.remat else run
-            for layer in self.layers:
-                x = run(layer, x, mask, bias, encoder_hidden, cross_mask, rngs)
-        else:
+            keys = layer_keys(rngs, num_layers(self.layers), deterministic=deterministic)
+            x, _ = run_layers(self.layers, step, x, rt=self.rt, keys=keys)
+        else:  # a decoding step: layer by layer, each with its slice of the cache
             new_keys, new_values = [], []
-            for i, layer in enumerate(self.layers):
+            for i in range(num_layers(self.layers)):
+                layer = layer_at(self.layers, i)
                 cross = (cache.cross_keys[i], cache.cross_values[i]) if cache.cross_keys is not None else None
                 x, (k, v) = layer(x, mask, bias, encoder_hidden, cross_mask,
                                   (cache.self_keys[i], cache.self_values[i], cache.index), cross,

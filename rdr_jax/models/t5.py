@@ -30,6 +30,7 @@ from rdr_jax.models import layers as L
 from rdr_jax.models.base import ORBAX_SUBDIR, PretrainedModel, register
 from rdr_jax.models.config import ModelConfig, ComputeSettings
 from rdr_jax.models.seq2seq import Seq2SeqBlock, Seq2SeqLM, Seq2SeqStack
+from rdr_jax.models.stacking import make_layers
 
 
 @dataclasses.dataclass
@@ -225,7 +226,7 @@ class T5Stack(Seq2SeqStack):
         self.relative_attention_bias = L.param(
             rngs, L.normal_init(config.initializer_factor * config.d_model ** -0.5),
             (config.relative_attention_num_buckets, config.num_heads), (None, L.HEADS), rt.param_dtype)
-        self.layers = nnx.List([T5Block(config, rt, is_decoder=is_decoder, rngs=rngs) for _ in range(num_layers)])
+        self.layers = make_layers(lambda r: T5Block(config, rt, is_decoder=is_decoder, rngs=r), num_layers, rt, rngs)
         self.final_layer_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon, dtype=rt.dtype,
                                             param_dtype=rt.param_dtype)
         self.dropout = nnx.Dropout(config.dropout_rate)
@@ -303,10 +304,12 @@ class T5ForConditionalGeneration(Seq2SeqLM, PretrainedModel):
     hf_ignore_unexpected = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight", "lm_head.weight",
                             "decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight")
 
-    def __init__(self, config: T5Config, *, dtype=jnp.float32, param_dtype=jnp.float32, remat: bool = False,
-                 rngs: nnx.Rngs):
+    def __init__(self, config: T5Config, *, rngs: nnx.Rngs, **compute):
+        """``compute``: the :class:`ComputeSettings` fields (dtype, param_dtype, remat, remat_policy,
+        scan_layers)."""
         self.config = config
-        self.compute = rt = ComputeSettings(dtype, param_dtype, remat)
+        self.compute = rt = ComputeSettings(**compute)
+        dtype, param_dtype = rt.dtype, rt.param_dtype
         self.shared = L.Embed(config.vocab_size, config.d_model, (L.VOCAB, L.EMBED), dtype=dtype,
                               param_dtype=param_dtype, init_std=config.initializer_factor, rngs=rngs)
         self.encoder = T5Stack(config, rt, is_decoder=False, rngs=rngs)

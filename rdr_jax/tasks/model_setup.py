@@ -13,7 +13,7 @@ from flax import nnx
 
 from rdr_jax.errors import ConfigError
 from rdr_jax.models.bert import BertModel
-from rdr_jax.models.config import DTYPES
+from rdr_jax.models.config import DTYPES, REMAT_POLICIES
 from rdr_jax.training.config import Section, option
 
 log = logging.getLogger(__name__)
@@ -44,11 +44,26 @@ class ModelSpec(Section):
                         doc="compute dtype (bfloat16: mixed precision, float32 master weights)")
     param_dtype: str = option("float32", choices=tuple(DTYPES))
     remat: bool = option(False, doc="recompute each layer in the backward pass (saves activation memory)")
+    remat_policy: str | None = option(None, choices=REMAT_POLICIES, doc=(
+        "what a recomputed layer keeps (jax.checkpoint_policies): nothing_saveable = remat: true; dots_saveable "
+        "and dots_with_no_batch_dims_saveable keep matmul outputs; everything = no remat"))
+    # None (= false) rather than false by default: a workdir whose config.yaml predates the option has no such
+    # key, and faults.check_same_run compares the keys as written.
+    scan_layers: bool | None = option(None, doc=(
+        "store the identical layers stacked and run them with one scan: compile time no longer grows with depth "
+        "(every family; same numbers, same HF files; the training checkpoint holds the stacked layout, so a run "
+        "resumes with the value it started with). null = false"))
 
 
 def model_runtime_kwargs(spec: ModelSpec) -> dict[str, Any]:
-    """``from_pretrained`` keyword arguments from the ``model`` section: compute/parameter dtypes and remat."""
-    return dict(dtype=DTYPES[spec.dtype], param_dtype=DTYPES[spec.param_dtype], remat=bool(spec.remat))
+    """``from_pretrained`` keyword arguments from the ``model`` section: compute/parameter dtypes, remat (and its
+    policy) and scanned layers."""
+    kw = dict(dtype=DTYPES[spec.dtype], param_dtype=DTYPES[spec.param_dtype], remat=bool(spec.remat))
+    if spec.remat_policy is not None:
+        kw["remat_policy"] = spec.remat_policy
+    if spec.scan_layers:
+        kw["scan_layers"] = True
+    return kw
 
 
 def save_random_model(cls, init: dict, out_dir: Path, seed: int) -> Path:

@@ -253,7 +253,7 @@ class CrossEncoderTask(FileDataTask):
         config, compute = self.model_specs["cross_encoder"]
         impl = compute.relative_attention_impl
         flops = F.train_flops(F.classifier(config, *batch_shapes["input_ids"], impl=impl), trained=True,
-                              remat=compute.remat)
+                              remat=F.recomputes_layers(compute))
         if "teacher" in self.model_specs and self.needs_teacher:
             teacher, teacher_compute = self.model_specs["teacher"]
             shape = batch_shapes.get("teacher_input_ids", batch_shapes["input_ids"])

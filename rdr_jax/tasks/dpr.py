@@ -85,7 +85,7 @@ class DPRTask(BiEncoderTask):
         trained = self.trainable_submodules()
         return dpr_step_flops(q_config, c_config, *batch_shapes["q_input_ids"], *batch_shapes["p_input_ids"],
                               train_question="question_encoder" in trained, train_context="context_encoder" in trained,
-                              remat=compute.remat, q_tokens=packed_tokens(batch_shapes, "q_"),
+                              remat=F.recomputes_layers(compute), q_tokens=packed_tokens(batch_shapes, "q_"),
                               p_tokens=packed_tokens(batch_shapes, "p_"),
                               micro_batches=self.config.train.grad_accum_steps)
 

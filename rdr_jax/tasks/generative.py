@@ -168,7 +168,7 @@ class GenerativeTask(FileDataTask):
         """The trained retriever, teacher forced (see :func:`rdr_jax.training.model_flops.seq2seq`)."""
         config, compute = self.model_specs[RETRIEVER]
         return F.train_flops(F.seq2seq(config, encoder_rows, source_length, decoder_rows, target_length,
-                                       cross_rows=cross_rows), trained=True, remat=compute.remat)
+                                       cross_rows=cross_rows), trained=True, remat=F.recomputes_layers(compute))
 
     def identifiers_tsv(self) -> Path | None:
         """The identifiers the run trained on, as a TSV (written once into the workdir when built here)."""

@@ -141,10 +141,10 @@ class RDRTask(BiEncoderTask):
         num_q, q_len = batch_shapes["q_input_ids"]
         k = batch_shapes["passage_mask"][1]
         flops = F.train_flops(F.dpr_encoder(q_config, num_q, q_len, tokens=packed_tokens(batch_shapes, "q_")),
-                              trained=True, remat=compute.remat)
+                              trained=True, remat=F.recomputes_layers(compute))
         if "p_input_ids" in batch_shapes:
             passages = F.dpr_encoder(c_config, *batch_shapes["p_input_ids"], tokens=packed_tokens(batch_shapes, "p_"))
-            flops += F.train_flops(passages, trained=t.train_context_encoder, remat=compute.remat)
+            flops += F.train_flops(passages, trained=t.train_context_encoder, remat=F.recomputes_layers(compute))
         sides = 2 + t.train_context_encoder           # forward + one backward matmul per trained side
         dim = F.embedding_dim(q_config)
         flops += sides * F.matmul(num_q * k, dim, 1)

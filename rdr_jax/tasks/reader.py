@@ -91,7 +91,7 @@ class ReaderTask(FileDataTask):
 
     def step_flops(self, batch_shapes):
         config, compute = self.model_specs["reader"]
-        return F.train_flops(F.dpr_reader(config, *batch_shapes["r_input_ids"]), trained=True, remat=compute.remat)
+        return F.train_flops(F.dpr_reader(config, *batch_shapes["r_input_ids"]), trained=True, remat=F.recomputes_layers(compute))
 
     def loss(self, model, batch, *, rngs, deterministic):
         t = self.config.task

@@ -79,7 +79,7 @@ def check_workdir(workdir: str | os.PathLike, min_free_gb: float) -> Path:
 
 # Model settings that change how the parameters are computed with, not which parameters there are: a resumed
 # run may change them (e.g. turn on remat to fit memory).
-RUNTIME_MODEL_KEYS = frozenset({"dtype", "remat", "unpad", "relative_attention_impl"})
+RUNTIME_MODEL_KEYS = frozenset({"dtype", "remat", "remat_policy", "unpad", "relative_attention_impl"})
 
 
 def check_same_run(workdir: str | os.PathLike, config: dict) -> None:

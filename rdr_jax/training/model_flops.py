@@ -26,7 +26,7 @@ BERT layer under ``cls_only`` (DPR embeddings, the BERT cross-encoder) computes 
 and values, and ``model.unpad`` runs position-wise layers on the packed rows (``tokens``).
 
 Training: a trained module costs 3 x its forward (the backward's two matmuls per forward matmul: input and
-weight gradients), plus one more forward of its layers under ``model.remat`` (recomputed in the backward); a
+weight gradients), plus one more forward of its layers under full remat (recomputed in the backward: ``recomputes_layers``); a
 frozen module run inside the step (an in-step teacher, RDR's frozen context encoder) costs 1 x its forward.
 """
 
@@ -63,6 +63,14 @@ def matmul(rows: float, inner: float, cols: float) -> float:
 def attention(batch: int, heads: int, q_len: int, kv_len: int, head_dim: int) -> float:
     """``QK^T`` and ``AV`` of one layer."""
     return 2 * matmul(batch * heads * q_len, head_dim, kv_len)
+
+
+def recomputes_layers(compute) -> bool:
+    """Whether a model's remat recomputes its layers' matmuls in the backward: the full-remat policy
+    (``nothing_saveable``). The ``dots_*`` policies keep matmul results, so what they recompute (elementwise work,
+    and for ``dots_with_no_batch_dims_saveable`` the attention products) is not counted: MFU then errs low."""
+    return getattr(compute, "remat_policy", None) == "nothing_saveable" or (
+        getattr(compute, "remat_policy", None) is None and bool(compute.remat))
 
 
 def train_flops(forward: Forward, *, trained: bool, remat: bool = False) -> float:

@@ -97,9 +97,12 @@ def test_two_processes_log_the_losses_of_one(runs):
     # metrics.jsonl is written once (process 0), one record per step
     assert [m["step"] for m in single] == [m["step"] for m in multi] == list(range(1, STEPS + 1))
     assert single[0]["loss"] != single[-1]["loss"]   # it trained
+    # grad_norm is a float32 sum of squares over every gradient entry, reduced across devices in another order
+    # (8 local devices vs 2 x 4 through gloo): its rounding grows with sqrt(entries) (1.1e-5 relative seen in CI)
+    tolerance = {"loss": 1e-5, "kl": 1e-5, "nll": 1e-5, "grad_norm": 5e-5}
     for a, b in zip(multi, single):
-        for key in ("loss", "kl", "nll", "grad_norm"):
-            assert abs(a[key] - b[key]) <= 1e-5 * max(abs(b[key]), 1e-6), (a["step"], key, a[key], b[key])
+        for key, rtol in tolerance.items():
+            assert abs(a[key] - b[key]) <= rtol * max(abs(b[key]), 1e-6), (a["step"], key, a[key], b[key])
     # throughput counts the global batch, not one process's block
     assert "data shard 1 of 2" in runs["logs"][2] and "data shard 0 of 1" in runs["logs"][0]
 

@@ -300,3 +300,22 @@ print("ok")
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+
+
+def test_a_swallowed_second_ctrl_c_still_stops_the_run():
+    """The second Ctrl-C's KeyboardInterrupt can land in a callback that swallows it (XLA's GC hook while a step
+    compiles, seen in CI): the loop's next check raises it again, before metrics or a checkpoint are written."""
+    watcher = faults.PreemptionWatcher()
+    try:
+        watcher._on_signal(signal.SIGINT, None)            # the first: checkpoint after the step
+        assert watcher.requested(1) and not watcher.aborted
+        try:
+            watcher._on_signal(signal.SIGINT, None)        # the second, raised where something swallows it
+        except KeyboardInterrupt:
+            pass
+        with pytest.raises(KeyboardInterrupt):
+            watcher.raise_if_aborted()
+        with pytest.raises(KeyboardInterrupt):
+            watcher.requested(1)
+    finally:
+        watcher.close()

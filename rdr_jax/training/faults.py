@@ -126,6 +126,7 @@ class PreemptionWatcher:
 
     def __init__(self):
         self._flag = threading.Event()
+        self.aborted = False      # a second Ctrl-C: stop without a checkpoint
         self.reason = "SIGTERM"   # what asked to stop: SIGTERM or SIGINT (Ctrl-C)
         self.handled = ""         # for the log: which signals checkpoint ("" when none does)
         self._previous: dict[int, Any] = {}
@@ -147,14 +148,24 @@ class PreemptionWatcher:
 
     def _on_signal(self, signum, frame):
         if signum == signal.SIGINT and self._flag.is_set():
-            raise KeyboardInterrupt   # the second Ctrl-C (or a Ctrl-C after SIGTERM): stop now, no checkpoint
+            # The second Ctrl-C (or a Ctrl-C after SIGTERM): stop now, no checkpoint. The exception lands wherever
+            # the main thread is; in a callback that swallows it (XLA's GC hook, while a step compiles) the
+            # loop's next raise_if_aborted() raises it again, before anything is written.
+            self.aborted = True
+            raise KeyboardInterrupt
         if not self._flag.is_set():
             self.reason = "SIGINT (Ctrl-C)" if signum == signal.SIGINT else "SIGTERM"
             log.warning("%s received: finishing the current step, then checkpointing and exiting (Ctrl-C again "
                         "stops at once, without a checkpoint)", self.reason)
         self._flag.set()
 
+    def raise_if_aborted(self) -> None:
+        """KeyboardInterrupt when a second Ctrl-C came, even if its first KeyboardInterrupt was swallowed."""
+        if self.aborted:
+            raise KeyboardInterrupt
+
     def requested(self, step: int) -> bool:
+        self.raise_if_aborted()
         if self._sync:
             from jax.experimental import multihost_utils
             return bool(multihost_utils.reached_preemption_sync_point(step))

@@ -324,6 +324,7 @@ def train(config: Config, *, iterator=None, progress: bool = True) -> dict[str, 
             batch = shard_batch(host_batch, mesh)
             meter.add(batch)
             setup.state, metrics = train_step(setup.state, setup.frozen, batch, seed_key)
+            watcher.raise_if_aborted()
             done = step + 1
             window_steps += 1
             dev = {}
@@ -355,6 +356,7 @@ def train(config: Config, *, iterator=None, progress: bool = True) -> dict[str, 
                 values.update(examples_per_sec=window_examples / elapsed, tokens_per_sec=window_tokens / elapsed)
                 values.update(meter.values(window_steps, elapsed, first=not last))
                 values.update(dev)
+                watcher.raise_if_aborted()
                 writer.write(done, values)
                 last = values
                 loss = values["loss"]

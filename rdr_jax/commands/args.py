@@ -137,3 +137,22 @@ def check_room_for_text(value: int, tokenizer, *, pair: bool, flag: str = "--max
     if value <= special + int(pair):
         raise ValueError(f"{flag} {value}: leaves no room for text after {special} special tokens "
                          f"(use at least {special + int(pair) + 1})")
+
+
+def add_distributed_arguments(parser, what: str = "training") -> None:
+    """The multi-process flags every command that runs a model takes (``rdr-jax train`` and the inference
+    commands alike): an explicit coordinator, or ``--distributed auto`` from the cluster's environment."""
+    parser.add_argument("--coordinator", metavar="HOST:PORT",
+                        help=f"multi-process {what}: address of process 0 (jax.distributed)")
+    parser.add_argument("--num-processes", type=positive_int, help=f"multi-process {what}: number of processes")
+    parser.add_argument("--process-id", type=nonnegative_int, help=f"multi-process {what}: this process's index")
+    parser.add_argument("--distributed", choices=("auto", "off"), default="off",
+                        help="auto: start jax.distributed from the environment (TPU pod slice, SLURM srun, "
+                             "Open MPI mpirun); off (default): one process unless --coordinator is given")
+
+
+def start_distributed(args) -> bool:
+    """Starts ``jax.distributed`` as :func:`add_distributed_arguments`' flags ask; True with several processes."""
+    from rdr_jax.training import distributed
+
+    return distributed.initialize(args.distributed, args.coordinator, args.num_processes, args.process_id)

@@ -6,7 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from rdr_jax.commands.args import nonnegative_int, positive_int
+from rdr_jax.commands.args import add_distributed_arguments, start_distributed
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]   # rdr_jax/
 
@@ -45,13 +45,7 @@ def add_arguments(parser):
     parser.add_argument("--set", dest="overrides", action=SetOverrides, nargs="+", default=[], metavar="KEY=VALUE",
                         help="override config values by dotted key, e.g. --set train.steps=10 mesh.data=4 "
                              "(several pairs, and repeatable)")
-    parser.add_argument("--coordinator", metavar="HOST:PORT",
-                        help="multi-process training: address of process 0 (jax.distributed)")
-    parser.add_argument("--num-processes", type=positive_int, help="multi-process training: number of processes")
-    parser.add_argument("--process-id", type=nonnegative_int, help="multi-process training: this process's index")
-    parser.add_argument("--distributed", choices=("auto", "off"), default="off",
-                        help="auto: start jax.distributed from the environment (TPU pod slice, SLURM srun, "
-                             "Open MPI mpirun); off (default): one process unless --coordinator is given")
+    add_distributed_arguments(parser, "training")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -74,9 +68,9 @@ def run(args) -> int:
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every metadata write at INFO
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # logs each CPU-specific build it tries
     config = load_config(resolve_config_path(args.config), args.overrides, workdir=args.workdir)
-    from rdr_jax.training import distributed, faults
+    from rdr_jax.training import faults
 
-    distributed.initialize(args.distributed, args.coordinator, args.num_processes, args.process_id)
+    start_distributed(args)
     from rdr_jax.training.loop import train
 
     result = train(config, progress=not args.no_progress)

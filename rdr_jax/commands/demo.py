@@ -160,10 +160,10 @@ class Demo:
         teacher_dir = work / "teacher" / "rdr_teacher"
         if self.step("teacher scores (reader over the top-k)", teacher_dir.is_dir()):
             runner = ReaderRunner(DPRReader.from_pretrained(reader_dir), load_tokenizer(reader_dir),
-                                  passages_per_question=self.args.top_k, max_length=96)
+                                  passages_per_question=self.args.top_k, max_length=96, questions_per_step=8)
             self.timed("teacher scores", lambda: write_dataset(
                 work / "teacher", "rdr_teacher", teacher_scores_features(),
-                {"train": teacher_score_rows(runner, train_results, total=len(train_results))}))
+                {"train": teacher_score_rows(runner, train_results)}))
 
         rdr_dir = work / "rdr" / "final" / "question_encoder"
         if self.step("RDR distillation into the question encoder", (rdr_dir / "config.json").is_file()):

@@ -6,17 +6,24 @@ import json
 import os
 from pathlib import Path
 
-from rdr_jax.commands.args import (check_architecture, check_max_length, check_room_for_text, input_file,
-                                   model_config, output_dir, output_file, positive_int)
+from rdr_jax.commands.args import (add_distributed_arguments, check_architecture, check_max_length,
+                                   check_room_for_text, input_file, model_config, output_dir, output_file,
+                                   positive_int, start_distributed)
 
 READ_HELP = """Run a DPR reader over retriever results: the best span of the most relevant passages per question
 (DPR's span selection), written as JSONL, with reader EM printed.
+
+Questions are split over this process's devices (and over processes when started on every host with
+--coordinator/--num-processes/--process-id or --distributed auto); process 0 writes the one output.
 
 examples:
   rdr-jax read --model dpr-reader-single-nq-base/ --results nq-test.results.json --out answers.jsonl"""
 
 TEACHER_HELP = """Score each question's retrieved passages with a DPR reader (relevance logit and best span score):
-the teacher of RDR distillation. Writes a TFDS dataset (array_record) the training engine reads.
+the teacher of RDR distillation. Writes a TFDS dataset (array_record) the training engine reads. Several questions
+per step (--questions-per-step), tokenised in threads ahead of the device, best spans computed on the device;
+started on every host (--coordinator ... or --distributed auto) the processes split the questions and process 0
+writes the dataset.
 
 examples:
   rdr-jax teacher-scores --model reader/ --results nq-train.results.json --out data/ --name rdr_teacher_nq \\
@@ -28,6 +35,12 @@ def _add_reader_arguments(p):
     p.add_argument("--results", required=True, help="retriever-results JSON (DPR layout)")
     p.add_argument("--max-length", type=positive_int, default=256, help="reader input length (default 256)")
     p.add_argument("--limit", type=positive_int, default=None, help="only the first N questions")
+    p.add_argument("--questions-per-step", type=positive_int, default=8,
+                   help="questions per forward pass (rows = this x passages per question; default 8)")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                   help="compute dtype; auto (default): bfloat16 on GPU/TPU, float32 on CPU")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_distributed_arguments(p, "inference")
 
 
 def add_read_arguments(p):
@@ -47,6 +60,17 @@ def add_teacher_arguments(p):
     p.add_argument("--top-k", type=positive_int, default=100, help="passages scored per question (default 100)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing dataset OUT/NAME (all its splits); without it that is an error")
+
+
+def compute_dtype(name: str):
+    """``--dtype``: ``auto`` is bfloat16 on accelerators (the forward's matmuls; logits come back float32)."""
+    import jax
+
+    from rdr_jax.models.config import dtype_from_name
+
+    if name == "auto":
+        name = "bfloat16" if jax.default_backend() in ("gpu", "tpu") else "float32"
+    return dtype_from_name(name, "--dtype")
 
 
 def _load(args, passages: int):
@@ -70,10 +94,17 @@ def _load(args, passages: int):
                          "retrieved passages")
     tokenizer = load_tokenizer(model_dir)
     check_room_for_text(args.max_length, tokenizer, pair=True)
-    model = DPRReader.from_pretrained(model_dir, allow_fresh_heads=False)
+    model = DPRReader.from_pretrained(model_dir, dtype=compute_dtype(args.dtype), allow_fresh_heads=False)
     runner = ReaderRunner(model, tokenizer, passages_per_question=passages, max_length=args.max_length,
-                          max_answer_length=getattr(args, "max_answer_length", 10))
+                          max_answer_length=getattr(args, "max_answer_length", 10),
+                          questions_per_step=args.questions_per_step)
     return runner, results
+
+
+def is_main_process() -> bool:
+    import jax
+
+    return jax.process_index() == 0
 
 
 def run_read(args) -> int:
@@ -81,8 +112,11 @@ def run_read(args) -> int:
     from rdr_jax.retrieval.reader import read_answers
 
     out = output_file("--out", args.out)
+    start_distributed(args)
     runner, results = _load(args, args.passages_per_question)
-    rows = list(read_answers(runner, results, total=len(results)))
+    rows = list(read_answers(runner, results, progress=not args.no_progress))
+    if not is_main_process():
+        return 0
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
@@ -106,9 +140,13 @@ def run_teacher_scores(args) -> int:
     if dataset.exists() and not args.overwrite:
         raise ValueError(f"--out {out}: dataset {dataset} already exists; pass --overwrite to replace it "
                          "(or another --out / --name)")
+    start_distributed(args)
     runner, results = _load(args, args.top_k)
-    path = write_dataset(out, args.name, teacher_scores_features(),
-                         {args.split: teacher_score_rows(runner, results, total=len(results))},
-                         overwrite=args.overwrite)
+    rows = teacher_score_rows(runner, results, progress=not args.no_progress)
+    if not is_main_process():
+        for _ in rows:   # joins every step's gather; yields nothing here
+            pass
+        return 0
+    path = write_dataset(out, args.name, teacher_scores_features(), {args.split: rows}, overwrite=args.overwrite)
     print(f"wrote teacher scores for {len(results)} questions to {path}")
     return 0

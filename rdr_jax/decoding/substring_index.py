@@ -29,8 +29,11 @@ after ``max_ngram``. Passages are scored from the generated n-grams as SEAL does
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
 import time
+from pathlib import Path
 from typing import Iterable, Sequence
 
 import jax
@@ -181,6 +184,40 @@ class SubstringIndex:
         view = np.searchsorted(self.view_starts, positions, "right") - 1
         return self.view_passage[view]
 
+    # ---- on disk: built once (21M passages), memory-mapped when loaded -----------------------------------
+    ARRAYS = ("tokens", "suffixes", "view_starts", "view_passage")
+
+    def save(self, out_dir) -> Path:
+        """``out_dir/{tokens,suffixes,view_starts,view_passage}.npy`` + ``meta.json``, written to temporary names
+        and renamed, meta last (a directory with ``meta.json`` is complete)."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        for name in self.ARRAYS:
+            tmp = out / f".{name}.tmp.npy"
+            np.save(tmp, getattr(self, name))
+            os.replace(tmp, out / f"{name}.npy")
+        meta = {"kind": "substring_index", "vocab_size": self.vocab_size, "eos_token_id": self.eos_token_id,
+                "max_ngram": self.max_ngram, "min_ngram": self.min_ngram, "num_tokens": int(len(self.tokens)),
+                "num_suffixes": int(len(self.suffixes)), "num_views": int(len(self.view_passage)),
+                "num_passages": int(self.view_passage.max(initial=-1)) + 1, "build_seconds": self.build_seconds}
+        tmp = out / ".meta.json.tmp"
+        tmp.write_text(json.dumps(meta, indent=1))
+        os.replace(tmp, out / "meta.json")
+        return out
+
+    @classmethod
+    def load(cls, index_dir) -> "SubstringIndex":
+        index_dir = Path(index_dir)
+        meta_path = index_dir / "meta.json"
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"{index_dir}: no meta.json (not an n-gram index, or its build did not finish)")
+        meta = json.loads(meta_path.read_text())
+        if meta.get("kind") != "substring_index":
+            raise ValueError(f"{meta_path}: not an n-gram index (kind {meta.get('kind')!r})")
+        arrays = {name: np.load(index_dir / f"{name}.npy", mmap_mode="r") for name in cls.ARRAYS}
+        return cls(**arrays, vocab_size=meta["vocab_size"], eos_token_id=meta["eos_token_id"],
+                   max_ngram=meta["max_ngram"], min_ngram=meta["min_ngram"], build_seconds=meta["build_seconds"])
+
     @property
     def nbytes(self) -> int:
         return int(self.tokens.nbytes + self.suffixes.nbytes + self.view_starts.nbytes + self.view_passage.nbytes)
@@ -280,8 +317,9 @@ def score_passages(index: SubstringIndex, ngrams: Sequence[Sequence[int]], log_p
     total = len(index.suffixes)
     weighted = []
     for ngram, lp in zip(ngrams, log_probs):
-        ngram = [t for t in ngram if t != index.eos_token_id]
-        if not ngram or not np.isfinite(lp):
+        ngram = list(ngram)
+        ngram = ngram[:ngram.index(index.eos_token_id)] if index.eos_token_id in ngram else ngram
+        if not ngram or not np.isfinite(lp) or len(ngram) > index.max_ngram:
             continue
         lo, hi = index.range_of(ngram)
         if lo < hi <= lo + max_occurrences:
@@ -305,3 +343,56 @@ def score_passages(index: SubstringIndex, ngrams: Sequence[Sequence[int]], log_p
                 scores[int(row)] = scores.get(int(row), 0.0) + weight
     ranked = sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))
     return ranked[:top_k] if top_k else ranked
+
+
+class CorpusNgrams:
+    """The passage identifiers of MINDER-style retrieval: every n-gram of every view, named by ``passage_ids``
+    (row -> id), ranked per question by :func:`score_passages`. Plays the part of
+    :class:`~rdr_jax.decoding.identifiers.PassageIdentifiers` for :class:`rdr_jax.retrieval.generative.
+    GenerativeRetriever`."""
+
+    PASSAGE_IDS = "passage_ids.json"
+
+    def __init__(self, index: SubstringIndex, passage_ids: Sequence[str], *, top_k: int = 100,
+                 max_occurrences: int = 10_000):
+        self.index, self.passage_ids = index, list(passage_ids)
+        self.top_k, self.max_occurrences = top_k, max_occurrences
+        rows = int(index.view_passage.max(initial=-1)) + 1
+        if rows > len(self.passage_ids):
+            raise ValueError(f"the n-gram index names {rows} passages but {len(self.passage_ids)} ids were given")
+
+    @property
+    def max_length(self) -> int:
+        return self.index.max_ngram + 1
+
+    def constraint(self, vocab_size: int) -> DeviceSubstringIndex:
+        return self.index.to_device(vocab_size)
+
+    def check_vocabulary(self, vocab_size: int) -> None:
+        if self.index.vocab_size > vocab_size:
+            raise ValueError(f"the n-gram index was built for {self.index.vocab_size} tokens, more than the model's "
+                             f"{vocab_size}: another tokenizer")
+
+    def rank_passages(self, sequences, scores) -> list[list[tuple[str, float]]]:
+        """Ranked ``(passage_id, SEAL score)`` lists, one per row of beam-search output."""
+        ranked = []
+        for row_sequences, row_scores in zip(np.asarray(sequences), np.asarray(scores)):
+            rows = score_passages(self.index, row_sequences.tolist(), row_scores.tolist(), self.top_k,
+                                  self.max_occurrences)
+            ranked.append([(self.passage_ids[r], s) for r, s in rows])
+        return ranked
+
+    def save(self, out_dir) -> Path:
+        out = self.index.save(out_dir)
+        tmp = out / f".{self.PASSAGE_IDS}.tmp"
+        tmp.write_text(json.dumps(self.passage_ids))
+        os.replace(tmp, out / self.PASSAGE_IDS)
+        return out
+
+    @classmethod
+    def load(cls, index_dir, **kwargs) -> "CorpusNgrams":
+        index = SubstringIndex.load(index_dir)
+        ids_path = Path(index_dir) / cls.PASSAGE_IDS
+        if not ids_path.is_file():
+            raise FileNotFoundError(f"{index_dir}: no {cls.PASSAGE_IDS} (the passage ids of the index rows)")
+        return cls(index, json.loads(ids_path.read_text()), **kwargs)

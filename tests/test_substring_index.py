@@ -129,3 +129,18 @@ def test_passage_scoring_is_seal_intersective():
     assert ranked[2] == pytest.approx(w[(9,)])                   # distinct n-grams, not occurrences
     assert set(ranked) == {0, 1, 2}
     assert ngram_weight(-0.01, total, total) == 0.0              # an n-gram everywhere names nothing
+
+
+def test_both_candidate_paths_give_the_same_beams(family):
+    """Short ranges are read directly, long ones searched per vocabulary token: forcing either path (short_range
+    1: always the vocabulary search; larger than the corpus: always the direct read) gives the same beams."""
+    name, hf, model, eos, pad = family
+    rng = np.random.default_rng(7)
+    views, rows = random_corpus(rng, 6)
+    index = SubstringIndex.build(views, rows, vocab_size=VOCAB, eos_token_id=eos, max_ngram=MAX_NGRAM)
+    ids, mask = inputs(7)
+    outputs = [constrained_beam_search(model, ids, mask, index.to_device(VOCAB, short_range=r), NUM_BEAMS)
+               for r in (1, len(index.suffixes))]
+    (a, a_scores), (b, b_scores) = [(np.asarray(s), np.asarray(c)) for s, c in outputs]
+    np.testing.assert_array_equal(a, b)
+    assert_close(a_scores, b_scores)

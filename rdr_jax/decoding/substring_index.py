@@ -44,6 +44,8 @@ from flax import struct
 from rdr_jax.decoding.trie import top_k_padded
 
 SEPARATOR = -1
+# Ranges of at most this many suffixes are read directly instead of searched per vocabulary token.
+DEFAULT_SHORT_RANGE = 256
 
 
 def _sort_keys(tokens: np.ndarray, starts: np.ndarray, depth: int, vocab_size: int) -> list[np.ndarray]:
@@ -222,8 +224,10 @@ class SubstringIndex:
     def nbytes(self) -> int:
         return int(self.tokens.nbytes + self.suffixes.nbytes + self.view_starts.nbytes + self.view_passage.nbytes)
 
-    def to_device(self, vocab_size: int | None = None) -> "DeviceSubstringIndex":
-        """The device arrays; ``vocab_size``: the model's (its logits' width), at least the index's."""
+    def to_device(self, vocab_size: int | None = None, short_range: int = DEFAULT_SHORT_RANGE
+                  ) -> "DeviceSubstringIndex":
+        """The device arrays; ``vocab_size``: the model's (its logits' width), at least the index's;
+        ``short_range``: see :meth:`DeviceSubstringIndex.next_candidates`."""
         vocab_size = self.vocab_size if vocab_size is None else vocab_size
         if vocab_size < self.vocab_size:
             raise ValueError(f"vocab_size {vocab_size} is smaller than the index's {self.vocab_size}")
@@ -233,7 +237,7 @@ class SubstringIndex:
         return DeviceSubstringIndex(
             tokens=jnp.asarray(padded), suffixes=jnp.asarray(self.suffixes), root_bounds=jnp.asarray(root),
             eos_token_id=int(self.eos_token_id), vocab_size=int(vocab_size), max_ngram=int(self.max_ngram),
-            min_ngram=int(self.min_ngram),
+            min_ngram=int(self.min_ngram), short_range=int(short_range),
             search_iterations=max(1, math.ceil(math.log2(len(self.suffixes) + 1))))
 
 
@@ -247,6 +251,7 @@ class DeviceSubstringIndex:
     vocab_size: int = struct.field(pytree_node=False)
     max_ngram: int = struct.field(pytree_node=False)
     min_ngram: int = struct.field(pytree_node=False)
+    short_range: int = struct.field(pytree_node=False)
     search_iterations: int = struct.field(pytree_node=False)
 
     @property
@@ -293,9 +298,50 @@ class DeviceSubstringIndex:
         return self._candidates(scores, bounds, jnp.ones(scores.shape[:2], bool), count, 0)
 
     def next_candidates(self, log_probs, alive_scores, state, count: int, step):
+        """Later steps. Beams whose ranges are all short (``<= short_range`` occurrences, most beams after two or
+        three tokens) read their ranges directly: the sorted column's runs are the allowed tokens, ``K x
+        short_range`` candidates. Otherwise every vocabulary token's bounds are searched (``K x vocab``). Both
+        are exact; ``lax.cond`` runs one of them per step."""
         lo, hi = state
-        bounds = self._bounds(lo, hi, step)
-        return self._candidates(log_probs(None) + alive_scores[..., None], bounds, hi > lo, count, step)
+        short = jnp.all((hi - lo <= self.short_range) | ~jnp.isfinite(alive_scores))
+
+        def by_vocabulary(_):
+            bounds = self._bounds(lo, hi, step)
+            return self._candidates(log_probs(None) + alive_scores[..., None], bounds, hi > lo, count, step)
+
+        return jax.lax.cond(short, lambda _: self._run_candidates(log_probs, alive_scores, lo, hi, count, step),
+                            by_vocabulary, None)
+
+    def _run_candidates(self, log_probs, alive_scores, lo, hi, count: int, depth):
+        """Candidates of ranges of at most ``short_range`` suffixes: each run of equal tokens in the range's
+        (sorted) column is one allowed token, its child range the run; plus EOS."""
+        B, K = lo.shape
+        j = jnp.arange(self.short_range)
+        index = lo[..., None] + j                                        # [B, K, R]
+        valid = index < hi[..., None]
+        last = self.suffixes.shape[0] - 1
+        column = jnp.where(valid, self.tokens[self.suffixes[jnp.clip(index, 0, last)] + depth], SEPARATOR)
+        previous = jnp.concatenate([jnp.full((B, K, 1), -2, column.dtype), column[..., :-1]], axis=-1)
+        following = jnp.concatenate([column[..., 1:], jnp.full((B, K, 1), -2, column.dtype)], axis=-1)
+        following = jnp.where(jnp.concatenate([valid[..., 1:], jnp.zeros((B, K, 1), bool)], axis=-1), following, -2)
+        starts = valid & (column != previous)
+        ends = valid & (column != following)
+        # the end of the run starting at j: the first run end at or after j
+        end_at = jax.lax.cummin(jnp.where(ends, j, self.short_range), axis=2, reverse=True)
+        allowed = starts & (column >= 0) & (depth < self.max_ngram)
+        scores = jnp.where(allowed, log_probs(jnp.maximum(column, 0)) + alive_scores[..., None], -jnp.inf)
+        eos = jnp.full((B, K, 1), self.eos_token_id, jnp.int32)
+        eos_ok = (hi > lo)[..., None] & (depth >= self.min_ngram)
+        eos_scores = jnp.where(eos_ok, log_probs(eos) + alive_scores[..., None], -jnp.inf)
+        scores = jnp.concatenate([scores, eos_scores], axis=-1)           # [B, K, R + 1]
+        tokens = jnp.concatenate([jnp.maximum(column, 0), eos], axis=-1)
+        child_lo = jnp.concatenate([index, lo[..., None]], axis=-1)
+        child_hi = jnp.concatenate([lo[..., None] + end_at + 1, hi[..., None]], axis=-1)
+        width = self.short_range + 1
+        top_scores, flat = top_k_padded(scores.reshape(B, K * width), count)
+        flat = jnp.minimum(flat, K * width - 1)
+        pick = lambda a: jnp.take_along_axis(a.reshape(B, K * width), flat, axis=1)
+        return top_scores, flat // width, pick(tokens), (pick(child_lo), pick(child_hi))
 
 
 def ngram_weight(log_prob: float, count: int, total: int) -> float:

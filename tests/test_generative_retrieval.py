@@ -159,3 +159,35 @@ def generate_tokenizer(model_dir: Path):
     from rdr_jax.data.tokenization import load_tokenizer
 
     return load_tokenizer(model_dir)
+
+
+def test_generate_over_corpus_ngrams(trained, tmp_path, capsys):
+    """MINDER-style retrieval through `rdr-jax generate --ngram-index`: the index is built from the passages on
+    first use and loaded after; every beam is a corpus n-gram and passages are ranked by SEAL's score."""
+    from rdr_jax.decoding.substring_index import CorpusNgrams
+
+    model = trained[0] / "final" / "retriever"
+    lines = (EMBEDDED / "passages.tsv").read_text().splitlines(keepends=True)
+    corpus = tmp_path / "passages.tsv"
+    corpus.write_text("".join(lines[:301]))                            # header + 300 passages
+    qa = tmp_path / "dev.qa.csv"
+    qa.write_text("".join((EMBEDDED / "dev.qa.csv").read_text().splitlines(keepends=True)[:6]))
+    index_dir, out = tmp_path / "ngrams", tmp_path / "results.json"
+    argv = ("--model", model, "--qa", qa, "--passages", corpus, "--out", out, "--ngram-index", index_dir,
+            "--max-ngram", 6, "--num-beams", 5, "--batch-size", 8, "--k", 1, 5, 20)
+    assert run_generate(*argv) == 0
+    ngrams = CorpusNgrams.load(index_dir)
+    assert len(ngrams.passage_ids) == 300 and ngrams.index.max_ngram == 6
+    passages = {p["id"]: p for p in read_dpr_passages(corpus)}
+    results = json.loads(out.read_text())
+    assert len(results) == 6
+    for r in results:
+        scores = [c["score"] for c in r["ctxs"]]
+        assert scores == sorted(scores, reverse=True) and all(s > 0 for s in scores)   # SEAL weights
+        assert all(c["id"] in passages for c in r["ctxs"]) and len({c["id"] for c in r["ctxs"]}) == len(scores)
+    built = (index_dir / "suffixes.npy").stat().st_mtime_ns
+    assert run_generate(*argv) == 0                                     # loads, does not rebuild
+    assert (index_dir / "suffixes.npy").stat().st_mtime_ns == built
+    assert json.loads(out.read_text()) == results
+    with pytest.raises(ValueError, match="not both"):
+        run_generate(*argv, "--identifiers", model / "identifiers.tsv")

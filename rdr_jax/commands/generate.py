@@ -18,7 +18,13 @@ examples:
   rdr-jax generate --model runs/s2s/final/retriever --qa nq-test.qa.csv --passages psgs_w100.tsv \\
       --out nq-test.generated.json --num-beams 10 --run-out nq-test.generated.trec
   rdr-jax generate --model runs/s2s/final/retriever --identifiers ids.tsv --gold nq-train.json \\
-      --passages psgs_w100.tsv --out nq-train.candidates.json --num-beams 20"""
+      --passages psgs_w100.tsv --out nq-train.candidates.json --num-beams 20
+  rdr-jax generate --model runs/minder/final/retriever --ngram-index ngrams/ --passages psgs_w100.tsv \\
+      --qa nq-test.qa.csv --out nq-test.generated.json --num-beams 15
+
+With --ngram-index every n-gram (up to --max-ngram tokens) of every passage's title and text (and of its
+--pseudo-queries) is an identifier (MINDER): the beams are corpus n-grams and passages are ranked by SEAL's
+intersective score of the n-grams they contain. The index is built into that directory on first use."""
 
 
 def add_arguments(p):
@@ -40,6 +46,12 @@ def add_arguments(p):
     p.add_argument("--k", type=positive_int, nargs="+", default=[1, 5, 10, 20, 100], help="k values of the printed recall")
     p.add_argument("--match", choices=("string", "regex"), default="string",
                    help="has_answer rule: string (NQ, TriviaQA) or regex (CuratedTREC)")
+    p.add_argument("--ngram-index", default=None, metavar="DIR",
+                   help="corpus n-gram identifiers (MINDER): the index in DIR, built there from --passages if absent")
+    p.add_argument("--max-ngram", type=positive_int, default=10,
+                   help="longest n-gram in tokens when building --ngram-index (default 10)")
+    p.add_argument("--pseudo-queries", default=None,
+                   help="JSONL {id, queries: [...]}: extra identifier views when building --ngram-index")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="compute dtype (bfloat16 on accelerators)")
 
@@ -65,10 +77,17 @@ def run(args) -> int:
     questions = list(read_dpr_training(args.gold)) if args.gold else list(read_qa(args.qa))
     if not questions:
         raise ValueError(f"{'--gold' if args.gold else '--qa'} {args.gold or args.qa}: no questions")
-    retriever = load_generative_retriever(args.model, args.identifiers, dtype=args.dtype, num_beams=args.num_beams,
-                                          max_length=args.max_length, batch_size=args.batch_size,
-                                          max_question_length=args.max_question_length)
-    corpus = read_dpr_passages(args.passages)
+    if args.ngram_index and args.identifiers:
+        raise ValueError("give --identifiers (whole identifiers) or --ngram-index (corpus n-grams), not both")
+    if args.pseudo_queries and not args.ngram_index:
+        raise ValueError("--pseudo-queries adds views to an n-gram index: give --ngram-index too")
+    corpus = {p["id"]: p for p in read_dpr_passages(args.passages)} if args.ngram_index else None
+    retriever = load_generative_retriever(
+        args.model, args.identifiers, dtype=args.dtype, num_beams=args.num_beams, max_length=args.max_length,
+        batch_size=args.batch_size, max_question_length=args.max_question_length, ngram_index=args.ngram_index,
+        passages=corpus, max_ngram=args.max_ngram, pseudo_queries=_pseudo_queries(args.pseudo_queries),
+        ngram_top_k=max(args.k))
+    corpus = corpus if corpus is not None else read_dpr_passages(args.passages)
     if args.gold:
         results = candidates_for_distillation(retriever, questions, corpus, match_type=args.match)
     else:
@@ -76,9 +95,24 @@ def run(args) -> int:
     write_results(args.out, results)
     if args.run_out:
         write_trec_run(args.run_out, results_to_run(results), tag="rdr_jax_generate")
-    ks = [k for k in args.k if k <= args.num_beams] or [args.num_beams]
+    depth = max(args.k) if args.ngram_index else args.num_beams   # n-grams name many passages each
+    ks = [k for k in args.k if k <= depth] or [depth]
     recall = recall_of_results(results, ks)
     print(format_results_table({"generative": recall}))
     what = "distillation candidates" if args.gold else "results"
     print(f"wrote {what} for {len(results)} questions to {args.out}")
     return 0
+
+
+def _pseudo_queries(path) -> dict[str, list[str]] | None:
+    """``{passage id: [queries]}`` from a JSONL of ``{id, queries}`` rows."""
+    if not path:
+        return None
+    from rdr_jax.data.files import iter_json_records
+
+    out: dict[str, list[str]] = {}
+    for line, row in iter_json_records(input_file("--pseudo-queries", path)):
+        if "id" not in row or not isinstance(row.get("queries"), list):
+            raise ValueError(f"{path}:{line}: not {{id, queries: [...]}}")
+        out.setdefault(str(row["id"]), []).extend(map(str, row["queries"]))
+    return out

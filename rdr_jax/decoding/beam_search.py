@@ -27,11 +27,13 @@ from __future__ import annotations
 
 import weakref
 from functools import partial
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from rdr_jax.decoding.substring_index import DeviceSubstringIndex, SubstringIndex
 from rdr_jax.decoding.trie import DeviceTrie, PrefixTrie
 from rdr_jax.models.seq2seq import DecoderCache, reorder_cache
 
@@ -42,7 +44,7 @@ class _SearchState:
     cache: DecoderCache        # batch * beams rows (batch before the first token), cross K/V one row per question
     alive_tokens: jax.Array    # [B, K, T] generated tokens (padding after the current step)
     alive_scores: jax.Array    # [B, K] summed log-probs; -inf for dead beams
-    alive_nodes: jax.Array     # [B, K] trie node each alive beam is at
+    alive_nodes: Any           # [B, K] where each alive beam is in the constraint (a trie node, a suffix range)
     finished_tokens: jax.Array  # [B, K, T]
     finished_scores: jax.Array  # [B, K], best first; -inf for empty slots
     done: jax.Array            # [B] row has its K identifiers or nothing alive
@@ -52,13 +54,6 @@ def _take(values: jax.Array, indices: jax.Array) -> jax.Array:
     """``values [B, N, ...]`` gathered along axis 1 by ``indices [B, M]``."""
     indices = indices.reshape(indices.shape + (1,) * (values.ndim - 2))
     return jnp.take_along_axis(values, indices, axis=1)
-
-
-def _top(scores: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
-    """``lax.top_k`` over the last axis, -inf padded to at least ``k`` columns."""
-    if scores.shape[-1] < k:
-        scores = jnp.pad(scores, ((0, 0), (0, k - scores.shape[-1])), constant_values=-jnp.inf)
-    return jax.lax.top_k(scores, k)
 
 
 def _log_probs(logits: jax.Array):
@@ -78,28 +73,6 @@ def _decode(model, tokens, encoder_hidden, encoder_mask, cache, vocab_size: int)
     """One token per cache row -> float32 logits ``[rows, vocab_size]`` and the advanced cache."""
     logits, cache = model.decode(tokens[:, None], encoder_hidden, encoder_mask, cache)
     return logits[:, 0, :vocab_size].astype(jnp.float32), cache
-
-
-def _root_candidates(trie: DeviceTrie, log_probs, count: int, vocab_size: int):
-    """First step, one row per question at the root, whose allowed tokens are a dense mask: the best ``count``
-    continuations as ``(scores, parent, token, child)``, each ``[B, count]``."""
-    scores = jnp.where(trie.root_allowed(vocab_size), log_probs(None), -jnp.inf)
-    top_scores, token = _top(scores, count)
-    token = jnp.minimum(token, vocab_size - 1)
-    return top_scores, jnp.zeros_like(token), token, trie.child(jnp.zeros_like(token), token)
-
-
-def _edge_candidates(trie: DeviceTrie, log_probs, alive_scores, nodes, count: int):
-    """Later steps: each beam's candidates are its node's edges (``trie.max_degree`` wide, not the vocabulary),
-    so the top-k reads ``K * max_degree`` scores. Same order as over ``K * V``: edges are sorted by token."""
-    B, K = alive_scores.shape
-    tokens, children = trie.edges(nodes)  # [B, K, D]
-    D = tokens.shape[-1]
-    scores = jnp.where(tokens >= 0, log_probs(jnp.maximum(tokens, 0)) + alive_scores[..., None], -jnp.inf)
-    top_scores, index = _top(scores.reshape(B, K * D), count)
-    index = jnp.minimum(index, K * D - 1)  # padding columns (-inf) read any real slot
-    pick = lambda a: jnp.take_along_axis(a.reshape(B, K * D), index, axis=1)
-    return top_scores, index // D, pick(tokens), pick(children)
 
 
 def _advance(state: _SearchState, candidates, cache: DecoderCache, *, num_beams: int, eos_token_id: int,
@@ -123,7 +96,7 @@ def _advance(state: _SearchState, candidates, cache: DecoderCache, *, num_beams:
     # Alive: the best K candidates that did not end.
     alive_scores, keep = jax.lax.top_k(jnp.where(is_eos, -jnp.inf, top_scores), K)
     alive_parent = _take(parent, keep)
-    alive_nodes = jnp.where(jnp.isfinite(alive_scores), _take(child, keep), -1)
+    alive_nodes = jax.tree.map(lambda c: jnp.where(jnp.isfinite(alive_scores), _take(c, keep), -1), child)
     rows = (jnp.arange(B)[:, None] * rows_per_question + alive_parent).reshape(-1)
 
     done = (state.done | (jnp.sum(jnp.isfinite(finished_scores), axis=1) >= K)
@@ -142,7 +115,7 @@ def _first_step(model, trie: DeviceTrie, encoder_hidden, encoder_mask, state: _S
     B = state.alive_scores.shape[0]
     start = jnp.full((B,), model.decoder_start_token_id, jnp.int32)
     logits, cache = _decode(model, start, encoder_hidden, encoder_mask, state.cache, vocab_size)
-    candidates = _root_candidates(trie, _log_probs(logits), 2 * num_beams, vocab_size)
+    candidates = trie.first_candidates(_log_probs(logits), 2 * num_beams, vocab_size)
     return _advance(state, candidates, cache, num_beams=num_beams, eos_token_id=trie.eos_token_id,
                     rows_per_question=1)
 
@@ -154,7 +127,7 @@ def _search_step(model, trie: DeviceTrie, encoder_hidden, encoder_mask, state: _
     previous = jnp.take(state.alive_tokens, state.step - 1, axis=2).reshape(B * K)
     logits, cache = _decode(model, previous, encoder_hidden, encoder_mask, state.cache, vocab_size)
     log_probs = _log_probs(logits.reshape(B, K, vocab_size))
-    candidates = _edge_candidates(trie, log_probs, state.alive_scores, state.alive_nodes, 2 * K)
+    candidates = trie.next_candidates(log_probs, state.alive_scores, state.alive_nodes, 2 * K, state.step)
     return _advance(state, candidates, cache, num_beams=K, eos_token_id=trie.eos_token_id, rows_per_question=K)
 
 
@@ -171,7 +144,7 @@ def _search(graphdef, params, trie: DeviceTrie, input_ids, attention_mask, *, nu
         cache=model.init_cache(B, max_length, encoder_hidden),  # one row per question until the first token
         alive_tokens=empty,
         alive_scores=jnp.zeros((B, K), jnp.float32),
-        alive_nodes=jnp.zeros((B, K), jnp.int32),
+        alive_nodes=trie.initial_state((B, K)),
         finished_tokens=empty,
         finished_scores=jnp.full((B, K), -jnp.inf, jnp.float32),
         done=jnp.zeros((B,), bool))
@@ -196,17 +169,21 @@ def _compiled_search(model, graphdef):
     return entry[1]
 
 
-def constrained_beam_search(model, input_ids, attention_mask, trie: PrefixTrie | DeviceTrie, num_beams: int,
+def constrained_beam_search(model, input_ids, attention_mask,
+                            trie: PrefixTrie | DeviceTrie | SubstringIndex | DeviceSubstringIndex, num_beams: int,
                             max_length: int | None = None) -> tuple[jax.Array, jax.Array]:
     """The ``num_beams`` best identifiers of ``trie`` for each input row, by beam search.
 
     Args:
       model: a seq2seq model with the ``encode`` / ``init_cache`` / ``decode`` interface (T5, BART).
       input_ids, attention_mask: ``[batch, source_length]``.
-      trie: the identifiers (a :class:`PrefixTrie`, or its :meth:`~PrefixTrie.to_device` arrays).
+      trie: the identifiers: a :class:`PrefixTrie` of whole identifiers, or a
+        :class:`~rdr_jax.decoding.substring_index.SubstringIndex` whose every corpus n-gram is one (MINDER), or
+        either's ``to_device()`` arrays.
       num_beams: beams kept per row, and identifiers returned per row.
-      max_length: most tokens generated, EOS included (default: the trie's longest identifier). transformers'
-        ``generate`` counts the decoder start token too: its ``max_length`` is this plus one.
+      max_length: most tokens generated, EOS included (default: the trie's longest identifier, or the index's
+        longest n-gram plus EOS). transformers' ``generate`` counts the decoder start token too: its
+        ``max_length`` is this plus one.
 
     Returns:
       ``(sequences [batch, num_beams, max_length], scores [batch, num_beams])``: the generated tokens (no
@@ -221,6 +198,16 @@ def constrained_beam_search(model, input_ids, attention_mask, trie: PrefixTrie |
                              f"of {vocab_size}")
         max_length = max_length or trie.max_length
         trie = trie.to_device()
+    elif isinstance(trie, SubstringIndex):
+        if trie.vocab_size > vocab_size:
+            raise ValueError(f"the n-gram index was built for a vocabulary of {trie.vocab_size} tokens, more than "
+                             f"the model's {vocab_size}")
+        trie = trie.to_device(vocab_size)
+    if isinstance(trie, DeviceSubstringIndex):
+        max_length = max_length or trie.max_length
+        if trie.vocab_size != vocab_size:  # the candidates span the index's vocabulary: pad it to the model's
+            raise ValueError(f"the n-gram index's vocabulary ({trie.vocab_size}) must be the model's ({vocab_size}): "
+                             "pass it as SubstringIndex, or to_device(model.config.vocab_size)")
     elif max_length is None:
         raise ValueError("max_length is required when the trie is given as device arrays")
     if num_beams < 1 or max_length < 1:

@@ -211,6 +211,18 @@ class PassageIdentifiers:
         """passage id -> index of its identifier (training targets are ``token_ids[index]``)."""
         return {pid: i for i, pids in enumerate(self.passages) for pid in pids}
 
+    @property
+    def max_length(self) -> int:
+        return self.trie.max_length
+
+    def constraint(self, vocab_size: int):
+        return self.trie.to_device()
+
+    def check_vocabulary(self, vocab_size: int) -> None:
+        if self.trie.max_token >= vocab_size:
+            raise ValueError(f"identifier token id {self.trie.max_token} is outside the model's vocabulary of "
+                             f"{vocab_size}: the identifiers were tokenised with another tokenizer")
+
     def rank_passages(self, sequences, scores) -> list[list[tuple[str, float]]]:
         """Ranked ``(passage_id, score)`` lists, one per row of beam-search output ``sequences [B, K, L]`` /
         ``scores [B, K]`` (best first): each beam's identifier contributes its passages with the beam's score;

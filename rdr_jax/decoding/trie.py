@@ -118,6 +118,38 @@ class DeviceTrie:
     def is_end(self, nodes: jax.Array) -> jax.Array:
         return (nodes > 0) & (self.tokens[jnp.maximum(nodes - 1, 0)] == self.eos_token_id)
 
+    # ---- the constraint interface of constrained beam search (rdr_jax.decoding.beam_search) ----------------
+    def initial_state(self, shape: tuple[int, ...]) -> jax.Array:
+        """Every beam at the root."""
+        return jnp.zeros(shape, jnp.int32)
+
+    def first_candidates(self, log_probs, count: int, vocab_size: int):
+        """First step, one row per question at the root, whose allowed tokens are a dense mask: the best
+        ``count`` continuations as ``(scores, parent, token, child)``, each ``[B, count]``."""
+        scores = jnp.where(self.root_allowed(vocab_size), log_probs(None), -jnp.inf)
+        top_scores, token = top_k_padded(scores, count)
+        token = jnp.minimum(token, vocab_size - 1)
+        return top_scores, jnp.zeros_like(token), token, self.child(jnp.zeros_like(token), token)
+
+    def next_candidates(self, log_probs, alive_scores, nodes, count: int, step=None):
+        """Later steps: each beam's candidates are its node's edges (``max_degree`` wide, not the vocabulary),
+        so the top-k reads ``K * max_degree`` scores. Same order as over ``K * V``: edges are sorted by token."""
+        B, K = alive_scores.shape
+        tokens, children = self.edges(nodes)  # [B, K, D]
+        D = tokens.shape[-1]
+        scores = jnp.where(tokens >= 0, log_probs(jnp.maximum(tokens, 0)) + alive_scores[..., None], -jnp.inf)
+        top_scores, index = top_k_padded(scores.reshape(B, K * D), count)
+        index = jnp.minimum(index, K * D - 1)  # padding columns (-inf) read any real slot
+        pick = lambda a: jnp.take_along_axis(a.reshape(B, K * D), index, axis=1)
+        return top_scores, index // D, pick(tokens), pick(children)
+
+
+def top_k_padded(scores: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """``lax.top_k`` over the last axis, -inf padded to at least ``k`` columns."""
+    if scores.shape[-1] < k:
+        scores = jnp.pad(scores, ((0, 0), (0, k - scores.shape[-1])), constant_values=-jnp.inf)
+    return jax.lax.top_k(scores, k)
+
 
 def _padded(sequences) -> tuple[np.ndarray, np.ndarray]:
     """``(matrix [N, max_len] padded with PAD, lengths [N])`` from a list of sequences or a 2-D array."""

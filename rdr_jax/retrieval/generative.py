@@ -31,26 +31,26 @@ import numpy as np
 from tqdm import tqdm
 
 from rdr_jax.decoding.identifiers import PassageIdentifiers, read_identifier_tsv
+from rdr_jax.decoding.substring_index import CorpusNgrams, SubstringIndex
 
 IDENTIFIERS_TSV = "identifiers.tsv"
 
 
 class GenerativeRetriever:
-    """A seq2seq model, its tokenizer and the passage identifiers, searched in fixed-shape batches (the last
+    """A seq2seq model, its tokenizer and the passage identifiers (whole identifiers in a trie, or every corpus
+    n-gram: :class:`~rdr_jax.decoding.substring_index.CorpusNgrams`), searched in fixed-shape batches (the last
     batch is padded, so one compiled search serves every batch)."""
 
-    def __init__(self, model, tokenizer, identifiers: PassageIdentifiers, *, num_beams: int = 10,
+    def __init__(self, model, tokenizer, identifiers: PassageIdentifiers | CorpusNgrams, *, num_beams: int = 10,
                  max_length: int | None = None, batch_size: int = 16, max_question_length: int = 64):
         if num_beams < 1 or batch_size < 1 or max_question_length < 2:
             raise ValueError(f"num_beams ({num_beams}), batch_size ({batch_size}) must be >= 1 and "
                              f"max_question_length ({max_question_length}) >= 2")
         self.model, self.tokenizer, self.identifiers = model, tokenizer, identifiers
         self.num_beams, self.batch_size, self.max_question_length = num_beams, batch_size, max_question_length
-        self.max_length = max_length or identifiers.trie.max_length
-        self.device_trie = identifiers.trie.to_device()
-        if identifiers.trie.max_token >= model.config.vocab_size:
-            raise ValueError(f"identifier token id {identifiers.trie.max_token} is outside the model's vocabulary "
-                             f"of {model.config.vocab_size}: the identifiers were tokenised with another tokenizer")
+        identifiers.check_vocabulary(model.config.vocab_size)
+        self.max_length = max_length or identifiers.max_length
+        self.device_trie = identifiers.constraint(model.config.vocab_size)
 
     def search(self, questions: Sequence[str], *, progress: bool = True) -> list[list[tuple[str, float]]]:
         """Ranked ``(passage_id, beam log-probability)`` lists, one per question."""
@@ -72,9 +72,13 @@ class GenerativeRetriever:
 
 def load_generative_retriever(model_dir: str | os.PathLike, identifiers: str | os.PathLike | None = None, *,
                               dtype: str = "float32", tokenizer_dir: str | os.PathLike | None = None,
+                              ngram_index: str | os.PathLike | None = None, passages=None, ngram_top_k: int = 100,
+                              max_ngram: int = 10, pseudo_queries: dict | None = None,
                               **kwargs) -> GenerativeRetriever:
     """A trained retriever directory (model + tokenizer, as the generative tasks export it); identifiers from
-    the TSV given, else ``MODEL_DIR/identifiers.tsv``."""
+    the TSV given, else ``MODEL_DIR/identifiers.tsv``. With ``ngram_index`` (a directory) every corpus n-gram is
+    an identifier: the index there is loaded, or built from ``passages`` (title and body views, plus
+    ``pseudo_queries``: passage id -> queries) and saved there first."""
 
     from rdr_jax.convert.hf_io import resolve_model_dir
     from rdr_jax.data.tokenization import load_tokenizer
@@ -88,6 +92,10 @@ def load_generative_retriever(model_dir: str | os.PathLike, identifiers: str | o
                             allow_fresh_heads=False)
     if not isinstance(model, Seq2SeqLM):
         raise ValueError(f"--model {model_dir}: is a {type(model).__name__}, not a T5/BART generation model")
+    if ngram_index is not None:
+        ngrams = load_or_build_ngrams(ngram_index, tokenizer, passages, max_ngram=max_ngram,
+                                      pseudo_queries=pseudo_queries, top_k=ngram_top_k)
+        return GenerativeRetriever(model, tokenizer, ngrams, **kwargs)
     if identifiers is None:
         identifiers = Path(model_dir) / IDENTIFIERS_TSV
         if not identifiers.is_file():
@@ -97,6 +105,29 @@ def load_generative_retriever(model_dir: str | os.PathLike, identifiers: str | o
         raise FileNotFoundError(f"--identifiers {identifiers}: no such file")
     built = PassageIdentifiers.build(read_identifier_tsv(identifiers), tokenizer, progress=True)
     return GenerativeRetriever(model, tokenizer, built, **kwargs)
+
+
+def load_or_build_ngrams(index_dir: str | os.PathLike, tokenizer, passages=None, *, max_ngram: int = 10,
+                         pseudo_queries: dict | None = None, top_k: int = 100) -> CorpusNgrams:
+    """The corpus n-gram index in ``index_dir``, built there from ``passages`` (``{id, title, text}``) when the
+    directory holds none yet (logged: at 21M passages this is the long step, done once)."""
+    import logging
+
+    index_dir = Path(index_dir)
+    if (index_dir / "meta.json").is_file():
+        ngrams = CorpusNgrams.load(index_dir, top_k=top_k)
+        if ngrams.index.vocab_size != len(tokenizer):
+            raise ValueError(f"--ngram-index {index_dir}: built for a vocabulary of {ngrams.index.vocab_size} "
+                             f"tokens, the model's tokenizer has {len(tokenizer)}")
+        return ngrams
+    if passages is None:
+        raise ValueError(f"--ngram-index {index_dir}: no index there yet, and no passages to build it from")
+    passages = list(passages.values()) if isinstance(passages, Mapping) else list(passages)
+    logging.getLogger(__name__).info("building the n-gram index of %d passages into %s", len(passages), index_dir)
+    index = SubstringIndex.from_passages(passages, tokenizer, pseudo_queries=pseudo_queries, max_ngram=max_ngram)
+    ngrams = CorpusNgrams(index, [p["id"] for p in passages], top_k=top_k)
+    ngrams.save(index_dir)
+    return ngrams
 
 
 def _passages_of(ranked: Sequence[Sequence[tuple[str, float]]], passages: Iterable[dict] | Mapping[str, dict],
@@ -165,6 +196,11 @@ def candidates_for_distillation(retriever: GenerativeRetriever, examples: Sequen
         rows_scores.append(scores)
     found = _passages_of([[(p, 0.0) for p in ids] for ids in rows_ids], passages)
     results = retrieval_results(questions, rows_scores, rows_ids, found, match_type)
+    if not isinstance(retriever.identifiers, PassageIdentifiers):   # n-grams name no single identifier
+        for r, gold in zip(results, golds):
+            for c in r["ctxs"]:
+                c["is_positive"] = c["id"] in gold
+        return results
     identifier_of = retriever.identifiers.identifier_of()
     for r, gold in zip(results, golds):
         for c in r["ctxs"]:

@@ -2,7 +2,7 @@
 
 The passage embeddings stay in their storage dtype (float16/bfloat16/float32 as written) and are split in
 contiguous row blocks: first over processes (process ``p`` of ``P`` holds rows ``[p*N/P, (p+1)*N/P)``), then
-over the process's local devices. Each process reads only its rows, memory-mapped, in fixed blocks of
+over the process's local devices. Each process reads only its rows (plain reads, no memory map) in fixed blocks of
 ``chunk_rows`` that go to the device one at a time and are written into a preallocated, donated buffer: the
 host never holds more than one block, and the devices hold the vectors once.
 
@@ -39,16 +39,23 @@ AXIS = "rows"
 QUERY_DTYPES = ("float32", "storage")
 
 
-def _shard_files(encoding_dir: Path, num_shards: int) -> list[tuple[Path, int, int]]:
-    """(embeddings file, first global row, rows) of every shard, from the .npy headers only."""
+def _shard_files(encoding_dir: Path, num_shards: int) -> list[tuple[Path, int, int, int, np.dtype]]:
+    """(embeddings file, first global row, rows, byte offset of the data (None: Fortran order), dtype) of every
+    shard, from the .npy headers only."""
     out, start = [], 0
     for i in range(num_shards):
         path = encoding_dir / f"embeddings-{i:05d}.npy"
         if not path.is_file():
             raise FileNotFoundError(f"{encoding_dir}: missing {path.name}; rerun `rdr-jax encode` to finish it")
-        rows = np.load(path, mmap_mode="r").shape[0]
-        out.append((path, start, rows))
-        start += rows
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read_header(f)
+            if len(shape) != 2:
+                raise ValueError(f"{path}: expected a [rows, dim] array, got shape {shape}")
+            out.append((path, start, shape[0], None if fortran else f.tell(), np.dtype(dtype)))
+        start += shape[0]
     return out
 
 
@@ -82,10 +89,12 @@ class DeviceSearch:
         meta = complete_encoding_meta(self.encoding_dir)
         self.num_rows, self.dim = int(meta["num_passages"]), int(meta["dim"])
         files = _shard_files(self.encoding_dir, int(meta["num_shards"]))
-        if sum(r for _, _, r in files) != self.num_rows:
-            raise ValueError(f"{self.encoding_dir}: the shards hold {sum(r for _, _, r in files)} rows but "
+        if sum(f[2] for f in files) != self.num_rows:
+            raise ValueError(f"{self.encoding_dir}: the shards hold {sum(f[2] for f in files)} rows but "
                              f"meta.json says {self.num_rows}; the encoding is damaged, encode it again")
-        self.storage_dtype = np.load(files[0][0], mmap_mode="r").dtype
+        self.storage_dtype = files[0][4]
+        if any(f[4] != self.storage_dtype for f in files):
+            raise ValueError(f"{self.encoding_dir}: shards of several dtypes; the encoding is damaged, encode it again")
         self.devices = list(devices or jax.local_devices())
         self.process_index = jax.process_index() if process_index is None else process_index
         self.process_count = jax.process_count() if process_count is None else process_count
@@ -107,7 +116,7 @@ class DeviceSearch:
         return len(self.devices) * self.device_rows * self.dim * self.storage_dtype.itemsize
 
     def _load(self, files, progress: bool) -> jax.Array:
-        """Each device's rows, streamed block by block from the memory-mapped shards into a donated buffer."""
+        """Each device's rows, read block by block from the shard files into a donated device buffer."""
         c, dtype = self.chunk_rows, self.storage_dtype
 
         @partial(jax.jit, donate_argnums=0)
@@ -118,14 +127,18 @@ class DeviceSearch:
         bar = tqdm(total=total, desc="loading vectors onto the devices", unit="row", disable=not progress,
                    unit_scale=True, mininterval=2.0)
         buffers = []
+        block = np.empty((c, self.dim), dtype)  # the one host staging block, reused
         for device, first, valid in zip(self.devices, self.device_starts, self.device_valid):
             buffer = jax.jit(lambda: jnp.zeros((self.device_rows, self.dim), dtype),
                              out_shardings=jax.sharding.SingleDeviceSharding(device))()
             for offset in range(0, int(valid), c):
-                block = np.zeros((c, self.dim), dtype)
-                _read_rows(files, int(first) + offset, block[:min(c, int(valid) - offset)])
+                n = min(c, int(valid) - offset)
+                block[n:] = 0
+                _read_rows(files, int(first) + offset, block[:n])
                 buffer = put(buffer, jax.device_put(block, device), np.int32(offset))
-                bar.update(min(c, int(valid) - offset))
+                # wait before the staging block is refilled (and so that no copies pile up in flight)
+                buffer.block_until_ready()
+                bar.update(n)
             buffers.append(buffer)
         bar.close()
         sharding = NamedSharding(self.mesh, P(AXIS))
@@ -208,20 +221,26 @@ class DeviceSearch:
 
 
 def _read_rows(files, first: int, out: np.ndarray) -> None:
-    """Copy global rows ``[first, first + len(out))`` from the memory-mapped shard files into ``out``."""
-    filled = 0
-    for path, start, rows in files:
+    """Read global rows ``[first, first + len(out))`` of the shard files into ``out`` (C-contiguous) with plain
+    reads: no memory map, so the file's pages never count in this process's resident memory."""
+    filled, row_bytes = 0, out.strides[0]
+    for path, start, rows, data_offset, _ in files:
         if filled == len(out):
             return
         lo = first + filled
         if not start <= lo < start + rows:
             continue
         take = min(len(out) - filled, start + rows - lo)
-        mapped = np.load(path, mmap_mode="r")
-        out[filled:filled + take] = mapped[lo - start:lo - start + take]
-        del mapped  # unmapped: the file's pages leave this process's resident set
+        if data_offset is None:  # a Fortran-ordered file (not written by `rdr-jax encode`): rows are strided
+            out[filled:filled + take] = np.load(path, mmap_mode="r")[lo - start:lo - start + take]
+            filled += take
+            continue
+        with open(path, "rb") as f:
+            f.seek(data_offset + (lo - start) * row_bytes)
+            view = memoryview(out[filled:filled + take]).cast("B")
+            if f.readinto(view) != len(view):
+                raise ValueError(f"{path}: shorter than its header says; the encoding is damaged, encode it again")
         filled += take
-
 
 
 def is_encoding_dir(path: str | os.PathLike) -> bool:

@@ -14,6 +14,11 @@ Measured on the 2-core benchmark machine (``benchmarks/README.md`` has the numbe
 
 Skipped when ``RDR_JAX_HOST_TUNING=0``; tunables the user set already win.
 
+Not for FAISS: building an index grows one large vector by ``realloc``; without ``mmap`` for large blocks the
+copy cannot be remapped and the old block stays in the heap, so the build peaked at 2.0x the vector bytes with
+these settings against 1.0x without (issue 16). ``rdr-jax index`` (:data:`UNTUNED_COMMANDS`) therefore runs
+with the malloc the user had, and drops the settings when it inherited them from an ``rdr-jax`` parent.
+
 Not set, though faster: ``XLA_FLAGS=--xla_cpu_use_onednn=true --xla_cpu_experimental_onednn_fusion_type=dot``
 (matmuls through oneDNN, a few percent faster: benchmarks/README.md) kills the process with
 SIGILL in PyTorch's own oneDNN kernels once both ran in one process (transformers' DeBERTa LayerNorm after a
@@ -30,6 +35,8 @@ OPT_OUT = "RDR_JAX_HOST_TUNING"
 MALLOC_TUNABLES = ("glibc.malloc.arena_max=1", "glibc.malloc.mmap_max=0",
                    "glibc.malloc.trim_threshold=68719476736")
 _REEXEC_MARK = "RDR_JAX_REEXECUTED"
+_USER_TUNABLES = "RDR_JAX_USER_GLIBC_TUNABLES"  # what GLIBC_TUNABLES was before the restart added ours
+UNTUNED_COMMANDS = frozenset({"index"})  # FAISS index building: the settings double its peak memory
 
 
 def enabled() -> bool:
@@ -54,17 +61,46 @@ def reexec_with_malloc_tuning() -> None:
     if (not enabled() or os.environ.get(_REEXEC_MARK) or platform.system() != "Linux"
             or platform.libc_ver()[0] != "glibc" or malloc_tuned()):
         return
+    os.environ[_USER_TUNABLES] = os.environ.get("GLIBC_TUNABLES", "")
     os.environ["GLIBC_TUNABLES"] = merged_glibc_tunables(os.environ.get("GLIBC_TUNABLES", ""))
     os.environ[_REEXEC_MARK] = "1"  # never loop, whatever glibc made of the tunables
+    _restart()
+
+
+def _restart() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(sys.executable, [sys.executable] + sys.orig_argv[1:])
 
 
-def tune_host_process() -> None:
-    """Everything above (today: the malloc restart); an entry point calls this before importing JAX."""
+def reexec_without_malloc_tuning() -> None:
+    """Restart this command with the ``GLIBC_TUNABLES`` the user had when the current ones are ours, inherited
+    from an ``rdr-jax`` process that added them (a user's own setting is kept)."""
+    user = os.environ.get(_USER_TUNABLES)
+    if (user is None or os.environ.get(_REEXEC_MARK) != "1" or platform.system() != "Linux"
+            or os.environ.get("GLIBC_TUNABLES", "") == user):
+        return
+    if user:
+        os.environ["GLIBC_TUNABLES"] = user
+    else:
+        os.environ.pop("GLIBC_TUNABLES", None)
+    os.environ[_REEXEC_MARK] = "untuned"  # never loop
+    _restart()
+
+
+def subcommand(argv: list[str]) -> str | None:
+    """The ``rdr-jax`` subcommand in ``argv`` (arguments after the program): its first non-option word."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def tune_host_process(argv: list[str] | None = None) -> None:
+    """Everything above (today: the malloc restart), for every subcommand but :data:`UNTUNED_COMMANDS`; an
+    entry point calls this before importing JAX."""
+    if subcommand(sys.argv[1:] if argv is None else argv) in UNTUNED_COMMANDS:
+        reexec_without_malloc_tuning()
+        return
     reexec_with_malloc_tuning()
 
 
-__all__ = ["MALLOC_TUNABLES", "OPT_OUT", "merged_glibc_tunables", "reexec_with_malloc_tuning", "tune_host_process",
-           "enabled", "malloc_tuned"]
+__all__ = ["MALLOC_TUNABLES", "OPT_OUT", "UNTUNED_COMMANDS", "merged_glibc_tunables", "reexec_with_malloc_tuning",
+           "reexec_without_malloc_tuning", "subcommand", "tune_host_process", "enabled", "malloc_tuned"]

@@ -18,11 +18,12 @@ def test_glibc_tunables_merge_keeps_user_values():
     assert "glibc.malloc.mmap_max=0" in items and runtime.merged_glibc_tunables(merged) == merged
 
 
-def _run(code: str, **env_changes) -> str:
-    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "RDR_JAX_REEXECUTED")}
+def _run(code: str, *args, **env_changes) -> str:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("GLIBC_TUNABLES", "RDR_JAX_REEXECUTED", "RDR_JAX_USER_GLIBC_TUNABLES")}
     env.update(env_changes)
-    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
-                         timeout=300)
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args], env=env, capture_output=True,
+                         text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     return out.stdout.strip()
 
@@ -42,6 +43,32 @@ def test_restart_sets_the_tunables_once_and_keeps_the_command():
     assert lines[0] == "start -"  # the first process
     assert lines[1].startswith("start glibc.malloc.arena_max=1")  # the restarted one, same code
     assert lines[2].startswith("after glibc.malloc.arena_max=1") and len(lines) == 3
+
+
+ENTRY = """
+    import os, sys
+    print("start", os.environ.get("GLIBC_TUNABLES", "-"), flush=True)
+    from rdr_jax import runtime
+    runtime.tune_host_process()
+    print("after", os.environ.get("GLIBC_TUNABLES", "-"))
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc only")
+def test_index_building_runs_without_the_malloc_settings():
+    """FAISS index building peaks at twice the vector bytes under them (issue 16): `rdr-jax index` runs without."""
+    assert runtime.subcommand(["--quiet", "index", "--kind", "flat"]) == "index"
+    assert _run(ENTRY, "--debug", "index", "--out", "x").splitlines() == ["start -", "after -"]
+    retrieve = _run(ENTRY, "retrieve", "--k", "5").splitlines()
+    assert retrieve[1].startswith("start glibc.malloc.arena_max=1") and len(retrieve) == 3
+    # inherited from an rdr-jax parent (e.g. a script it runs): dropped, the user's own tunables restored
+    ours = runtime.merged_glibc_tunables("glibc.cpu.x86_shstk=off")
+    inherited = {"GLIBC_TUNABLES": ours, "RDR_JAX_REEXECUTED": "1",
+                 "RDR_JAX_USER_GLIBC_TUNABLES": "glibc.cpu.x86_shstk=off"}
+    assert _run(ENTRY, "index", **inherited).splitlines() == [
+        f"start {ours}", "start glibc.cpu.x86_shstk=off", "after glibc.cpu.x86_shstk=off"]
+    # set by the user (no rdr-jax restart behind them): kept
+    assert _run(ENTRY, "index", GLIBC_TUNABLES=ours).splitlines() == [f"start {ours}", f"after {ours}"]
 
 
 def test_restart_can_be_turned_off():

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
-from rdr_jax.commands.args import (check_architecture, check_max_length, check_room_for_text, input_file,
-                                   model_config, nonnegative_int, output_dir, output_file, positive_int)
+from rdr_jax.commands.args import (add_distributed_arguments, check_architecture, check_max_length,
+                                   check_room_for_text, input_file, model_config, nonnegative_int, output_dir,
+                                   output_file, positive_int, start_distributed)
 
 ENCODE_HELP = """Encode a passages TSV (DPR layout: id, text, title) with a DPR context encoder into embedding
 shards, data-parallel over all local devices. Resumable: rerunning the same command continues after the
@@ -17,21 +19,34 @@ examples:
   rdr-jax encode --model all-MiniLM-L6-v2/ --passages passages.tsv --out emb/   # a BERT dir works too
   rdr-jax encode --model ctx/ --passages psgs_w100.tsv --out emb/ --process-index 3 --process-count 8"""
 
-INDEX_HELP = """Build a FAISS index (flat = exact inner product, hnsw, ivfpq) from embedding shards.
+INDEX_HELP = """Build a FAISS index (flat = exact inner product, hnsw, ivfpq) from embedding shards, for CPU-only
+hosts and approximate search (`rdr-jax retrieve --index` also takes the encoding directory itself and searches
+it exactly on the devices, without this step). Runs without rdr-jax's malloc settings (rdr_jax/runtime.py),
+which would double the peak memory of the build.
 
 examples:
   rdr-jax index --embeddings emb/ --out index/ --kind flat --passages psgs_w100.tsv
-  rdr-jax index --embeddings emb/ --out index_hnsw/ --kind hnsw --hnsw-m 64"""
+  rdr-jax index --embeddings emb/ --out index_hnsw/ --kind hnsw --hnsw-m 64
+  rdr-jax index --embeddings emb/ --out index_ivf/ --kind ivfpq   # nlist ~4 sqrt(N), random training sample"""
 
-RETRIEVE_HELP = """Encode questions with a DPR question encoder, search the index, and write DPR's
-retriever-results JSON (question, answers, ctxs with id/title/text/score/has_answer); prints top-k recall.
+RETRIEVE_HELP = """Encode questions with a DPR question encoder, search the passages, and write the results
+streaming, one question at a time: JSONL (--out X.jsonl: qid, question, answers, passage_ids, scores,
+has_answer) or DPR's retriever-results JSON (--out X.json: question, answers, ctxs with
+id/title/text/score/has_answer), optionally a TREC run (--trec-out); prints top-k answer recall.
+
+--index takes an encoding directory (`rdr-jax encode`): exact inner-product search on the local devices
+(GPU/TPU/CPU), the vectors in their storage dtype split over devices and processes; or a FAISS index
+directory (`rdr-jax index`), searched on the CPU by process 0.
 
 examples:
+  rdr-jax retrieve --model q_encoder/ --index emb/ --passages psgs_w100.tsv --qa nq-test.qa.csv \\
+      --out nq-test.results.jsonl --trec-out nq-test.trec --k 100
   rdr-jax retrieve --model q_encoder/ --index index/ --passages psgs_w100.tsv --qa nq-test.qa.csv \\
-      --out nq-test.results.json --k 100"""
+      --out nq-test.results.json --k 100
+  rdr-jax retrieve ... --index emb/ --distributed auto       # every host of a TPU slice holds 1/N of emb/"""
 
-EVALUATE_HELP = """Evaluate retrieval: top-k answer recall from retriever-results JSON, or MRR@10 / nDCG@10 /
-Recall@k from a TREC run file and qrels. Prints a table; --out writes JSON.
+EVALUATE_HELP = """Evaluate retrieval: top-k answer recall from retriever results (JSONL or DPR JSON, both
+read streaming), or MRR@10 / nDCG@10 / Recall@k from a TREC run file and qrels. Prints a table; --out writes JSON.
 
 examples:
   rdr-jax evaluate --results nq-test.results.json --k 1 5 20 50 100
@@ -135,7 +150,11 @@ def add_index_arguments(p):
                    help="flat: exact inner product; hnsw: graph; ivfpq: compressed (default flat)")
     p.add_argument("--passages", default=None, help="passages TSV to check the id mapping against")
     p.add_argument("--hnsw-m", type=positive_int, default=32, help="HNSW neighbours per node (default 32)")
-    p.add_argument("--nlist", type=positive_int, default=1024, help="IVF lists (default 1024)")
+    p.add_argument("--nlist", type=positive_int, default=None,
+                   help="IVF lists (default ~4 sqrt(passages), a power of two, at most passages/39)")
+    p.add_argument("--train-size", type=positive_int, default=None,
+                   help="IVF-PQ training vectors, drawn at random from the whole encoding (default 64 per list, "
+                        "at least 65536)")
     p.add_argument("--pq-m", type=positive_int, default=16, help="PQ sub-quantizers (default 16)")
 
 
@@ -151,12 +170,13 @@ def run_index(args) -> int:
     meta = complete_encoding_meta(embeddings)
     if args.kind == "ivfpq" and meta["dim"] % args.pq_m:
         raise ValueError(f"--pq-m {args.pq_m}: must divide the embedding dim {meta['dim']}")
-    if args.kind == "ivfpq" and args.nlist > meta["num_passages"]:
+    if args.kind == "ivfpq" and args.nlist is not None and args.nlist > meta["num_passages"]:
         raise ValueError(f"--nlist {args.nlist}: more lists than the {meta['num_passages']} passages; lower --nlist")
     if args.passages:  # before building: an HNSW index of a large corpus takes hours
         check_ids_against_corpus(encoded_ids(embeddings), (p["id"] for p in read_dpr_passages(args.passages)),
                                  source=f"--passages {args.passages}", what="the encoding")
-    options = {"flat": {}, "hnsw": {"hnsw_m": args.hnsw_m}, "ivfpq": {"nlist": args.nlist, "pq_m": args.pq_m}}
+    options = {"flat": {}, "hnsw": {"hnsw_m": args.hnsw_m},
+               "ivfpq": {"nlist": args.nlist, "pq_m": args.pq_m, "train_size": args.train_size}}
     index = PassageIndex.build(embeddings, args.kind, **options[args.kind])
     index.save(out)
     print(f"indexed {len(index.passage_ids)} passages ({args.kind}) into {out}")
@@ -167,43 +187,95 @@ def run_index(args) -> int:
 
 def add_retrieve_arguments(p):
     p.add_argument("--model", required=True, help="DPR question encoder (or BERT) checkpoint directory")
-    p.add_argument("--index", required=True, help="directory written by `rdr-jax index`")
-    p.add_argument("--passages", required=True, help="the passages TSV the index was built from")
+    p.add_argument("--index", required=True,
+                   help="encoding directory (`rdr-jax encode`: exact search on the devices) or FAISS index "
+                        "directory (`rdr-jax index`)")
+    p.add_argument("--passages", required=True, help="the passages TSV the encoding/index was built from")
     p.add_argument("--qa", required=True, help="questions: DPR qa CSV/TSV (question<TAB>[answers]) or JSONL")
-    p.add_argument("--out", required=True, help="output retriever-results JSON")
+    p.add_argument("--out", required=True, help="results file: .jsonl -> JSONL, .json -> DPR retriever-results JSON")
+    p.add_argument("--format", choices=("jsonl", "dpr"), default=None,
+                   help="results layout (default: from --out's suffix, .json -> dpr, else jsonl)")
+    p.add_argument("--text", action=argparse.BooleanOptionalAction, default=None,
+                   help="write each passage's title and text (default: yes for dpr, no for jsonl; read by id "
+                        "from --passages)")
+    p.add_argument("--trec-out", default=None, help="also write a TREC run here (qid = question row, 0-based)")
     p.add_argument("--k", type=positive_int, default=100, help="passages per question (default 100)")
     p.add_argument("--match", choices=("string", "regex"), default="string",
                    help="has_answer rule: string (NQ, TriviaQA) or regex (CuratedTREC)")
+    p.add_argument("--workers", type=nonnegative_int, default=None,
+                   help="processes matching answers (default: the CPU count, at most 8; 0 or 1: in this process)")
+    p.add_argument("--query-batch", type=positive_int, default=256,
+                   help="questions per search step on the devices (default 256)")
+    p.add_argument("--chunk-rows", type=positive_int, default=16384,
+                   help="passages scored per matmul on a device (default 16384)")
+    p.add_argument("--query-dtype", choices=("float32", "storage"), default="float32",
+                   help="device search: float32 (exact, FAISS's numbers) or storage (questions cast to the "
+                        "vectors' dtype: tensor cores, float32 accumulation)")
     _add_model_runtime(p, max_length=64, batch_size=128)
+    add_distributed_arguments(p, "retrieval")
 
 
 def run_retrieve(args) -> int:
-    from rdr_jax.data.readers import read_dpr_passages, read_qa
-    from rdr_jax.retrieval.encode import Encoder, encode_texts
+    import os
+
+    start_distributed(args)  # before anything touches the devices
+    import jax
+
+    from rdr_jax.data.readers import read_qa
+    from rdr_jax.retrieval.device_search import DeviceSearch, is_encoding_dir, iter_encoded_ids
+    from rdr_jax.retrieval.encode import Encoder, complete_encoding_meta, encode_texts
     from rdr_jax.retrieval.index import PassageIndex
-    from rdr_jax.retrieval.metrics import format_results_table
-    from rdr_jax.retrieval.retrieve import recall_of_results, retrieve, write_results
+    from rdr_jax.retrieval.metrics import answer_recall_from_ranks, format_results_table
+    from rdr_jax.retrieval.results_io import PassageRows, write_results_stream
 
     out = output_file("--out", args.out)
+    trec_out = output_file("--trec-out", args.trec_out)
     qa, passages = input_file("--qa", args.qa), input_file("--passages", args.passages)
     questions = list(read_qa(qa))
     if not questions:
         raise ValueError(f"--qa {qa}: no questions")
-    index = PassageIndex.load(args.index)
-    index.check_against_corpus((p["id"] for p in read_dpr_passages(passages)), source=f"--passages {passages}")
+    index_dir = Path(args.index)
+    if not index_dir.is_dir():
+        raise FileNotFoundError(f"--index {index_dir}: no such directory")
+    primary = jax.process_index() == 0
+    source = f"--passages {passages}"
+    if is_encoding_dir(index_dir):
+        meta = complete_encoding_meta(index_dir)
+        dim, count, what = meta["dim"], meta["num_passages"], "the encoding"
+        expected, index = iter_encoded_ids(index_dir), None
+    else:
+        index = PassageIndex.load(index_dir)
+        dim, count, what, expected = index.index.d, len(index.passage_ids), "the index", index.passage_ids
     model, tokenizer = load_encoder(args.model, "question", args.dtype, args.max_length)
-    if embedding_dim(model) != index.index.d:
+    if embedding_dim(model) != dim:
         raise ValueError(f"--model {args.model}: embeddings of dim {embedding_dim(model)}, but --index "
-                         f"{args.index} holds vectors of dim {index.index.d}; use the question encoder paired "
+                         f"{args.index} holds vectors of dim {dim}; use the question encoder paired "
                          "with the context encoder of the index")
-    embeddings = encode_texts(Encoder(model, args.batch_size), tokenizer, [q["question"] for q in questions],
-                              max_length=args.max_length, as_questions=True, desc="encoding questions")
-    results = retrieve(embeddings, questions, index, read_dpr_passages(passages), args.k, args.match)
-    write_results(out, results)
-    depth = min(args.k, len(index.passage_ids))
+    # Process 0 writes the results: it alone reads the TSV (row offsets, checked against the index's ids).
+    rows = PassageRows.scan(passages, expected, count, source=source, what=what) if primary else None
+    embeddings = encode_texts(Encoder(model, args.batch_size, devices=jax.local_devices()), tokenizer,
+                              [q["question"] for q in questions], max_length=args.max_length, as_questions=True,
+                              desc="encoding questions", progress=primary)
+    if index is None:
+        searcher = DeviceSearch(index_dir, chunk_rows=args.chunk_rows, query_batch=args.query_batch,
+                                query_dtype=args.query_dtype, progress=primary)
+        batches = searcher.iter_search(embeddings, args.k, progress=primary)
+    elif primary:
+        batches = index.search_rows(embeddings, args.k, progress=True)
+    else:
+        print(f"process {jax.process_index()}: a FAISS index is searched by process 0 alone; nothing to do here")
+        return 0
+    if not primary:
+        for _ in batches:  # its share of every step's search; process 0 gathers and writes
+            pass
+        return 0
+    workers = min(os.cpu_count() or 1, 8) if args.workers is None else args.workers
+    first_hits = write_results_stream(batches, questions, rows, out, fmt=args.format, with_text=args.text,
+                                      match_type=args.match, trec_out=trec_out, workers=workers)
+    depth = min(args.k, count)
     ks = [k for k in (1, 5, 20, 50, 100) if k <= depth] or [depth]
-    print(format_results_table({Path(args.qa).name: recall_of_results(results, ks)}))
-    print(f"wrote {args.out}")
+    print(format_results_table({Path(args.qa).name: answer_recall_from_ranks(first_hits, ks)}))
+    print(f"wrote {args.out}" + (f" and {args.trec_out}" if args.trec_out else ""))
     return 0
 
 
@@ -213,7 +285,7 @@ DEFAULT_KS = (1, 5, 20, 50, 100)
 
 
 def add_evaluate_arguments(p):
-    p.add_argument("--results", help="retriever-results JSON (DPR layout) -> top-k answer recall")
+    p.add_argument("--results", help="retriever results (JSONL or DPR JSON, streamed) -> top-k answer recall")
     p.add_argument("--run", help="TREC run file (qid Q0 docid rank score tag)")
     p.add_argument("--qrels", help="TREC qrels (qid 0 docid rel) for --run")
     p.add_argument("--k", type=positive_int, nargs="+", default=None,
@@ -241,20 +313,19 @@ def usable_ks(requested, depth: int, *, explicit: bool) -> list[int]:
 
 
 def run_evaluate(args) -> int:
-    from rdr_jax.data.readers import read_retriever_results
-    from rdr_jax.retrieval.metrics import (evaluate_run, format_results_table, read_qrels, read_trec_run,
-                                           top_k_answer_recall, write_results_json)
+    from rdr_jax.retrieval.metrics import (answer_recall_from_ranks, evaluate_run, format_results_table,
+                                           read_qrels, read_trec_run, write_results_json)
+    from rdr_jax.retrieval.results_io import first_hit_ranks_of
 
     if bool(args.results) == bool(args.run):
         raise ValueError("give either --results (answer recall) or --run with --qrels (IR measures)")
     output_file("--out", args.out)
     if args.results:
-        hits = [[c["has_answer"] for c in r["ctxs"]] for r in read_retriever_results(input_file("--results", args.results))]
-        if not hits:
+        ranks, depth = first_hit_ranks_of(input_file("--results", args.results))
+        if not len(ranks):
             raise ValueError(f"--results {args.results}: no questions")
-        depth = max(len(h) for h in hits)
         ks = usable_ks(args.k or DEFAULT_KS, depth, explicit=args.k is not None)
-        table = {Path(args.results).name: top_k_answer_recall(hits, ks)}
+        table = {Path(args.results).name: answer_recall_from_ranks(ranks, ks)}
     else:
         if not args.qrels:
             raise ValueError("--run needs --qrels")

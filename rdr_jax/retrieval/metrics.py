@@ -61,13 +61,20 @@ def top_k_answer_recall(
     `hits[q]` lists `has_answer` for question q's passages, best first. A question with fewer than
     k passages counts what it has. Returns {"1": 45.87, "5": ...} (rounded to `decimals`).
     """
-    if len(hits) == 0:
+    return answer_recall_from_ranks(first_hit_ranks(hits), ks, decimals)
+
+
+def answer_recall_from_ranks(ranks: np.ndarray, ks: Iterable[int] = DEFAULT_TOP_K,
+                             decimals: int | None = 2) -> dict[str, float]:
+    """:func:`top_k_answer_recall` from each question's first answer rank (0-based, -1: none), the form a
+    streamed results file is reduced to."""
+    ranks = np.asarray(ranks)
+    if len(ranks) == 0:
         raise ValueError("top_k_answer_recall: no questions to evaluate")
     ks = list(ks)
     for k in ks:
         if int(k) != k or k < 1:
             raise ValueError(f"top_k_answer_recall: k must be a positive integer, got {k!r}")
-    ranks = first_hit_ranks(hits)
     found = ranks >= 0
     result = {}
     for k in ks:

@@ -1,4 +1,5 @@
-"""Dense retrieval for a set of questions, written in DPR's retriever-results JSON layout.
+"""Dense retrieval for a set of questions held in memory, in DPR's retriever-results JSON layout (the demo's
+and the library's small-scale path; ``rdr-jax retrieve`` streams through :mod:`rdr_jax.retrieval.results_io`).
 
 ``[{"question", "answers", "ctxs": [{"id", "title", "text", "score", "has_answer"}, ...]}, ...]``, the file
 DPR's reader and our teacher-score and evaluation steps read.
@@ -58,12 +59,18 @@ def recall_of_results(results: Sequence[dict], ks=(1, 5, 20, 50, 100)) -> dict[s
     return top_k_answer_recall([[c["has_answer"] for c in r["ctxs"]] for r in results], ks)
 
 
-def write_results(path: str | os.PathLike, results: list[dict]) -> Path:
+def write_results(path: str | os.PathLike, results: Iterable[dict]) -> Path:
+    """DPR's retriever-results JSON, written item by item (``results`` may be a generator) to ``PATH.tmp`` and
+    renamed when complete."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     try:
-        tmp.write_text(json.dumps(results, indent=1, ensure_ascii=False))
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write("[")
+            for i, item in enumerate(results):
+                f.write(("," if i else "") + "\n" + json.dumps(item, indent=1, ensure_ascii=False))
+            f.write("\n]\n")
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)  # no PATH.tmp left behind (e.g. PATH is a directory)

@@ -7,9 +7,6 @@ than it announces. The store must hold exactly the TSV's rows and the encoder's 
 from a store must equal `rdr-jax encode` from the TSV.
 """
 
-import csv
-import shutil
-from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
@@ -24,12 +21,7 @@ MAX_LENGTH = 64
 
 @pytest.fixture(scope="module")
 def tiny_encoder_dir(tmp_path_factory, minilm_dir):
-    """The tiny random BERT with the MiniLM tokenizer beside it (a model directory `rdr-jax encode` accepts)."""
-    out = harness.tiny_bert_dir(tmp_path_factory.mktemp("tiny") / "bert")
-    for f in Path(minilm_dir).iterdir():
-        if f.name.startswith(("tokenizer", "vocab", "special_tokens")):
-            shutil.copy(f, out / f.name)
-    return out
+    return harness.tiny_encoder_dir(tmp_path_factory.mktemp("tiny") / "bert", minilm_dir)
 
 
 @pytest.fixture(scope="module")
@@ -100,22 +92,13 @@ def test_runner_finishes_earlier_chunks_before_raising_a_reading_error(model_and
     assert got == [(0, (10, 32))]
 
 
-def _write_tsv(path: Path, passages: list[dict]) -> Path:
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f, delimiter="\t", lineterminator="\n")
-        writer.writerow(["id", "text", "title"])
-        for p in passages:
-            writer.writerow([p["id"], p["text"], p["title"]])
-    return path
-
-
 @pytest.fixture(scope="module")
 def corpus_tsv(tmp_path_factory):
     from rdr_jax.data.embedded_data import load_passages
 
     passages = load_passages()[:90]
     passages[3] = {**passages[3], "title": "Ünïcödé — title", "text": "ü " * 200}  # truncated, multi-byte
-    return _write_tsv(tmp_path_factory.mktemp("corpus") / "passages.tsv", passages), passages
+    return harness.write_passages_tsv(tmp_path_factory.mktemp("corpus") / "passages.tsv", passages), passages
 
 
 def test_corpus_store_holds_the_tsv_rows_and_the_encoder_tokens(tmp_path, corpus_tsv, model_and_tokenizer):

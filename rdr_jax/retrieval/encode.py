@@ -110,9 +110,12 @@ class Encoder:
 
 
 def encode_texts(encoder: Encoder, tokenizer, texts: Sequence[str], *, titles: Sequence[str] | None = None,
-                 max_length: int = 256, as_questions: bool = False, progress: bool = True,
-                 desc: str = "encoding") -> np.ndarray:
-    """Embeddings ``[len(texts), dim]`` float32 for questions or passages, in the order of ``texts``."""
+                 max_length: int = 256, as_questions: bool = False, buckets: Sequence[int] | None = None,
+                 progress: bool = True, desc: str = "encoding") -> np.ndarray:
+    """Embeddings ``[len(texts), dim]`` float32 for questions or passages, in the order of ``texts``.
+
+    ``buckets=()`` pads every batch to ``max_length`` (one compiled shape): the training loop's dev evaluation
+    and the exported encoder's check then run one program; otherwise batches pad to the runner's length step."""
     texts = list(texts)
     if titles is not None and len(titles) != len(texts):
         raise ValueError(f"encode_texts: {len(titles)} titles for {len(texts)} texts")
@@ -128,7 +131,8 @@ def encode_texts(encoder: Encoder, tokenizer, texts: Sequence[str], *, titles: S
     chunks = ((start, range(start, min(start + TEXT_CHUNK, len(texts)))) for start in range(0, len(texts), TEXT_CHUNK))
     out = []
     with tqdm(total=len(texts), desc=desc, unit="txt", disable=not progress) as bar:
-        for _, emb in encoder.runner.map(chunks, max_length=max_length, prepare=tokenize):
+        step = max_length if buckets is not None and not len(buckets) else None
+        for _, emb in encoder.runner.map(chunks, max_length=max_length, prepare=tokenize, length_step=step):
             out.append(emb)
             bar.update(len(emb))
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)

@@ -149,8 +149,9 @@ class InferenceRunner:
         size = getattr(self._apply, "_cache_size", None)
         return int(size()) if callable(size) else len(self.stats.shapes)
 
-    def padded_length(self, longest: int, max_length: int) -> int:
-        return min(max_length, max(self.length_step, -(-longest // self.length_step) * self.length_step))
+    def padded_length(self, longest: int, max_length: int, step: int | None = None) -> int:
+        step = step or self.length_step
+        return min(max_length, max(step, -(-longest // step) * step))
 
     # ---- running -----------------------------------------------------------------------------------------
 
@@ -159,11 +160,13 @@ class InferenceRunner:
         return next(iter(self.map([(None, rows)], max_length=max_length)))[1]
 
     def map(self, chunks: Iterable[tuple[Any, Any]], *, max_length: int,
-            prepare: Callable[[Any], TokenRows] | None = None) -> Iterator[tuple[Any, Any]]:
+            prepare: Callable[[Any], TokenRows] | None = None,
+            length_step: int | None = None) -> Iterator[tuple[Any, Any]]:
         """``(key, outputs)`` for each ``(key, payload)`` of ``chunks``, in order; ``prepare(payload)`` (default:
         the payload is a :class:`TokenRows`) runs on the producer thread, as does iterating ``chunks``, so
         reading a file and tokenising overlap the devices. Rows longer than ``max_length`` are cut to it. A
-        chunk of no rows yields ``None`` outputs."""
+        chunk of no rows yields ``None`` outputs. ``length_step`` overrides the runner's for this call
+        (``max_length``: one shape, every batch padded to it)."""
         work: queue.Queue = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
 
@@ -186,7 +189,7 @@ class InferenceRunner:
                         return
                     for start in range(0, len(rows), self.batch_size):
                         index = order[start:start + self.batch_size]
-                        length = self.padded_length(int(lengths[index].max()), max_length)
+                        length = self.padded_length(int(lengths[index].max()), max_length, length_step)
                         if not put(("batch", index, self._pad(rows, index, length), int(lengths[index].sum()))):
                             return
                     if not put(("end",)):

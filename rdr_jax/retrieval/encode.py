@@ -108,6 +108,18 @@ class Encoder:
     def batch_size(self) -> int:
         return self.runner.batch_size
 
+    @property
+    def mesh(self) -> Mesh:
+        return self.runner.mesh
+
+    @property
+    def params(self):
+        return self.runner.params
+
+    @params.setter
+    def params(self, value) -> None:  # the training loop swaps in new weights: same graph, no recompilation
+        self.runner.params = value
+
 
 def encode_texts(encoder: Encoder, tokenizer, texts: Sequence[str], *, titles: Sequence[str] | None = None,
                  max_length: int = 256, as_questions: bool = False, buckets: Sequence[int] | None = None,

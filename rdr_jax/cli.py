@@ -10,6 +10,9 @@ import logging
 import os
 import sys
 
+# The Rust tokenizer's own thread pool stays off: the inference runner (rdr_jax.retrieval.runner.TokenizePool)
+# and the corpus store build call it from a pool of threads of their own (it releases the GIL), which would
+# otherwise each start a pool per core; it also keeps forked workers free of the "fork after parallelism" warning.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from rdr_jax import __version__  # noqa: E402

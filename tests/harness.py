@@ -38,6 +38,29 @@ def tiny_bert_dir(out_dir: str | Path, seed: int = 0, dropout: float = 0.1) -> P
     return out_dir
 
 
+def tiny_encoder_dir(out_dir: str | Path, minilm_dir: str | Path) -> Path:
+    """:func:`tiny_bert_dir` with the MiniLM tokenizer beside it: a model directory `rdr-jax encode` accepts."""
+    import shutil
+
+    out_dir = tiny_bert_dir(out_dir)
+    for f in Path(minilm_dir).iterdir():
+        if f.name.startswith(("tokenizer", "vocab", "special_tokens")):
+            shutil.copy(f, out_dir / f.name)
+    return out_dir
+
+
+def write_passages_tsv(path: str | Path, passages: list[dict]) -> Path:
+    """A DPR passages TSV (id, text, title, with a header) of ``passages``."""
+    import csv
+
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f, delimiter="\t", lineterminator="\n")
+        writer.writerow(["id", "text", "title"])
+        for p in passages:
+            writer.writerow([p["id"], p["text"], p["title"]])
+    return Path(path)
+
+
 def with_dropout(src: str | Path, out_dir: str | Path, dropout: float) -> Path:
     """A copy of an HF model directory whose config sets every dropout rate to ``dropout``."""
     import shutil

@@ -203,12 +203,20 @@ def test_cli_rejects_partial_multiprocess_arguments(tmp_path, capsys):
 # ---- corpus encoding split over processes ---------------------------------------------------------------------
 
 class _FakeEncoder:
-    """Deterministic per-row 'embeddings' of the token ids (no model: this checks the file bookkeeping)."""
-    batch_size = 4
+    """Deterministic per-row 'embeddings' of the token ids through the real runner (no trained model: this
+    checks the file bookkeeping)."""
 
-    def __call__(self, batch):
-        ids, mask = batch["input_ids"], batch["attention_mask"]
-        return np.stack([(ids * mask).sum(-1), mask.sum(-1), ids[:, 1]], 1).astype(np.float32)
+    def __init__(self):
+        import jax.numpy as jnp
+        from flax import nnx
+
+        from rdr_jax.retrieval.runner import InferenceRunner, TokenizePool
+
+        class Features(nnx.Module):
+            def __call__(self, ids, mask, types):
+                return jnp.stack([(ids * mask).sum(-1), mask.sum(-1), ids[:, 1]], 1).astype(jnp.float32)
+
+        self.runner, self.pool = InferenceRunner(Features(), lambda out: out, 4), TokenizePool(1)
 
 
 def test_corpus_encoding_split_over_processes_reads_back_in_corpus_order(tmp_path, minilm_dir):

@@ -1,9 +1,10 @@
 """Subcommand registry: name -> (help, add_arguments(parser), run(args) -> exit code)."""
 
-from rdr_jax.commands import convert, demo, generate, pipeline, reader, rerank, train
+from rdr_jax.commands import convert, demo, generate, pipeline, reader, rerank, tokenize_corpus, train
 
 COMMANDS = {
     "convert": (convert.HELP, convert.add_arguments, convert.run),
+    "tokenize": (tokenize_corpus.HELP, tokenize_corpus.add_arguments, tokenize_corpus.run),
     "encode": (pipeline.ENCODE_HELP, pipeline.add_encode_arguments, pipeline.run_encode),
     "index": (pipeline.INDEX_HELP, pipeline.add_index_arguments, pipeline.run_index),
     "retrieve": (pipeline.RETRIEVE_HELP, pipeline.add_retrieve_arguments, pipeline.run_retrieve),

@@ -10,13 +10,19 @@ from rdr_jax.commands.args import (add_distributed_arguments, check_architecture
                                    check_room_for_text, input_file, model_config, nonnegative_int, output_dir,
                                    output_file, positive_int, start_distributed)
 
-ENCODE_HELP = """Encode a passages TSV (DPR layout: id, text, title) with a DPR context encoder into embedding
-shards, data-parallel over all local devices. Resumable: rerunning the same command continues after the
-last complete shard. Several jobs (hosts) can share a corpus with --process-index/--process-count.
+ENCODE_HELP = """Encode a passages TSV (DPR layout: id, text, title), or a corpus store made by `rdr-jax tokenize`,
+with a DPR context encoder into embedding shards, data-parallel over this process's devices (rows sorted by
+length and padded to multiples of 32 tokens; tokenisation on all cores ahead of the devices). Resumable:
+rerunning the same command continues after the last complete shard. On several hosts, start the same command
+on each with --coordinator/--num-processes/--process-id (or --distributed auto): each process encodes its
+own shards (reading only its rows of a store) and process 0 marks the encoding complete when all are done.
+Independent jobs can share a corpus with --process-index/--process-count instead.
 
 examples:
-  rdr-jax encode --model dpr-ctx_encoder-single-nq-base/ --passages psgs_w100.tsv --out emb/ --fp16
+  rdr-jax tokenize --passages psgs_w100.tsv --tokenizer ctx/ --out psgs_w100.store/   # once
+  rdr-jax encode --model ctx/ --passages psgs_w100.store/ --out emb/ --fp16
   rdr-jax encode --model all-MiniLM-L6-v2/ --passages passages.tsv --out emb/   # a BERT dir works too
+  rdr-jax encode --model ctx/ --passages psgs_w100.store/ --out emb/ --distributed auto   # every host of a slice
   rdr-jax encode --model ctx/ --passages psgs_w100.tsv --out emb/ --process-index 3 --process-count 8"""
 
 INDEX_HELP = """Build a FAISS index (flat = exact inner product, hnsw, ivfpq) from embedding shards, for CPU-only
@@ -57,13 +63,17 @@ def _add_model_runtime(p, *, max_length: int, batch_size: int) -> None:
     p.add_argument("--batch-size", type=positive_int, default=batch_size, help=f"rows per step (default {batch_size})")
     p.add_argument("--max-length", type=positive_int, default=max_length,
                    help=f"max tokens (default {max_length}; at most the model's max_position_embeddings)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                   help="compute dtype (bfloat16 on accelerators)")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                   help="compute dtype; auto (default): bfloat16 on GPU/TPU, float32 on CPU")
 
 
 def _dtype(name: str):
     from rdr_jax.models.config import dtype_from_name
 
+    if name == "auto":
+        import jax
+
+        name = "float32" if jax.default_backend() == "cpu" else "bfloat16"
     return dtype_from_name(name, "--dtype")
 
 
@@ -96,7 +106,8 @@ def embedding_dim(model) -> int:
 
 def add_encode_arguments(p):
     p.add_argument("--model", required=True, help="DPR context encoder (or BERT) checkpoint directory")
-    p.add_argument("--passages", required=True, help="passages TSV: id<TAB>text<TAB>title (header optional)")
+    p.add_argument("--passages", required=True,
+                   help="passages TSV (id<TAB>text<TAB>title, header optional) or a store dir from `rdr-jax tokenize`")
     p.add_argument("--out", required=True, help="output directory for embedding shards")
     p.add_argument("--shard-size", type=positive_int, default=50_000, help="passages per shard file (default 50000)")
     p.add_argument("--fp16", action="store_true", help="store embeddings as float16 (half the disk)")
@@ -105,34 +116,64 @@ def add_encode_arguments(p):
     p.add_argument("--process-count", type=positive_int, default=1,
                    help="number of jobs sharing the corpus; each encodes every N-th shard (default 1)")
     _add_model_runtime(p, max_length=256, batch_size=128)
+    add_distributed_arguments(p, "encoding")
+
+
+def _encode_source(option: str, path: str):
+    """(CorpusStore or TSV path, corpus fingerprint, row count or None) of ``--passages``."""
+    from rdr_jax.data.corpus_store import CorpusStore, corpus_fingerprint
+
+    source = Path(path)
+    if source.is_dir():
+        store = CorpusStore(source)
+        return store, store.source, len(store)
+    source = input_file(option, source)
+    return source, corpus_fingerprint(source), None
 
 
 def run_encode(args) -> int:
+    import math
+
     from tqdm import tqdm
 
     from rdr_jax.data.readers import read_dpr_passages
-    from rdr_jax.retrieval.encode import Encoder, check_encoding_dir, corpus_fingerprint, encode_corpus
+    from rdr_jax.retrieval.encode import Encoder, check_encoding_dir, encode_corpus, finish_encoding
+    from rdr_jax.training import distributed
 
-    passages = input_file("--passages", args.passages)
     if args.process_index >= args.process_count:
         raise ValueError(f"--process-index {args.process_index} must be below --process-count {args.process_count}")
+    source, corpus, total = _encode_source("--passages", args.passages)
     out = output_dir("--out", args.out, marker="meta.json", what="an encoding directory")
-    corpus = corpus_fingerprint(passages)
+    multi = start_distributed(args)
+    if multi and args.process_count > 1:
+        raise ValueError("--process-index/--process-count split independent jobs; under --coordinator or "
+                         "--distributed auto the processes split the corpus themselves: give one or the other")
+    import jax
+
+    index, count = (jax.process_index(), jax.process_count()) if multi else (args.process_index, args.process_count)
     check_encoding_dir(out, model_name=str(args.model), max_length=args.max_length, shard_size=args.shard_size,
-                       fp16=args.fp16, shard_count=args.process_count, corpus=corpus)
-    # One reading pass before any work: a malformed row, bad UTF-8 or a duplicate id at row 20M fails now,
-    # not hours into the encoding (and the count is the progress bar's total).
-    total = sum(1 for _ in tqdm(read_dpr_passages(passages), desc="checking passages", unit=" rows",
-                                mininterval=2.0, delay=2.0))
-    if total == 0:
-        raise ValueError(f"--passages {passages}: no passages (empty or header-only file)")
+                       fp16=args.fp16, shard_count=1 if multi else count, corpus=corpus)
+    if total is None:
+        # One reading pass before any work: a malformed row, bad UTF-8 or a duplicate id at row 20M fails now,
+        # not hours into the encoding (and the count is the progress bar's total).
+        total = sum(1 for _ in tqdm(read_dpr_passages(source), desc="checking passages", unit=" rows",
+                                    mininterval=2.0, delay=2.0))
+        if total == 0:
+            raise ValueError(f"--passages {source}: no passages (empty or header-only file)")
+        source = read_dpr_passages(source, check_duplicates=False)
     model, tokenizer = load_encoder(args.model, "ctx", args.dtype, args.max_length)
-    out = encode_corpus(Encoder(model, args.batch_size), tokenizer,
-                        read_dpr_passages(passages, check_duplicates=False), out,
-                        max_length=args.max_length, shard_size=args.shard_size, fp16=args.fp16,
-                        total=total, model_name=str(args.model),
-                        shard_index=args.process_index, shard_count=args.process_count,
-                        corpus=corpus)
+    encoder = Encoder(model, args.batch_size)
+    encode_corpus(encoder, tokenizer, source, out, max_length=args.max_length, shard_size=args.shard_size,
+                  fp16=args.fp16, total=total, model_name=str(args.model), shard_index=index, shard_count=count,
+                  corpus=corpus, finalize=not multi)
+    stats = encoder.runner.stats
+    print(f"[encode] process {index}/{count}: {stats.rows} passages in {stats.batches} batches, "
+          f"{stats.padding_share:.1%} padding, {encoder.runner.compilations} compiled shapes")
+    if multi:
+        distributed.barrier("rdr_jax:encode-done", timeout_s=24 * 3600)  # ranks may finish hours apart
+        if index == 0:
+            finish_encoding(out, math.ceil(total / args.shard_size))
+        distributed.barrier("rdr_jax:encode-complete")
     meta = json.loads((out / "meta.json").read_text())
     if not meta.get("complete"):
         print(f"encoded this job's shards into {out}; the encoding completes when every job has finished")

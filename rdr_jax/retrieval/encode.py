@@ -1,8 +1,12 @@
-"""Corpus and question encoding with a DPR encoder: jit-compiled, static shapes, sharded over all devices.
+"""Corpus and question encoding with a DPR encoder, through the inference runner (rdr_jax.retrieval.runner).
 
 The corpus is written in shards (``embeddings-00000.npy`` + ``ids-00000.json``) so an interrupted run
 resumes at the first missing shard; each shard is written to a temporary name and renamed. Several processes
-(hosts) can split the shards between them (``encode_corpus(..., shard_index=, shard_count=)``).
+split the shards between them (``encode_corpus(..., shard_index=, shard_count=)``): independent jobs mark their
+part done and the last one marks the encoding complete; processes of one ``jax.distributed`` run leave that to
+the caller, which calls :func:`finish_encoding` on process 0 after a barrier. The passages come from a TSV
+stream or a tokenised :class:`~rdr_jax.data.corpus_store.CorpusStore`, of which a process reads only its
+shards' rows.
 """
 
 from __future__ import annotations
@@ -21,11 +25,19 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
-from rdr_jax.data import tokenization as tk
+from rdr_jax.data.corpus_store import CorpusStore, corpus_fingerprint
+from rdr_jax.data.token_rows import passage_rows, question_rows
 from rdr_jax.data.tokenization import DEFAULT_BUCKETS
 from rdr_jax.models.packing import TokenPacking
+from rdr_jax.retrieval.runner import DEFAULT_LENGTH_STEP, InferenceRunner, TokenizePool
 
 META = "meta.json"
+__all__ = ["DEFAULT_BUCKETS", "ShardedRunner", "Encoder", "encode_texts", "encode_corpus", "finish_encoding",
+           "corpus_fingerprint", "check_encoding_dir", "complete_encoding_meta", "load_encoded", "encoded_ids",
+           "iter_shards", "completed_shards"]
+
+# Texts per chunk handed to the runner: rows are sorted by length within a chunk, so a large chunk pads little.
+TEXT_CHUNK = 8192
 
 
 class ShardedRunner:
@@ -44,7 +56,7 @@ class ShardedRunner:
 
     def __init__(self, model: nnx.Module, output_fn, batch_size: int, devices: Sequence | None = None,
                  model_kwargs: dict | None = None):
-        devices = list(devices or jax.devices())
+        devices = list(devices or jax.local_devices())  # this process's chips: a multi-host slice too
         model_kwargs = dict(model_kwargs or {})
         self.mesh = Mesh(np.array(devices), ("data",))
         n = len(devices)
@@ -76,33 +88,65 @@ class ShardedRunner:
         return jax.tree.map(lambda x: np.asarray(x)[:rows], self._apply(self.params, *arrays, packing))
 
 
-class Encoder(ShardedRunner):
-    """Embeds tokenised batches with a DPR encoder's ``pooler_output`` (float32 ``[rows, dim]``).
+class Encoder:
+    """Embeds rows with a DPR encoder's ``pooler_output`` (float32 ``[rows, dim]``) through an
+    :class:`~rdr_jax.retrieval.runner.InferenceRunner` over this process's devices.
 
-    The embedding is the [CLS] state, so a BERT-family encoder computes only that row in its last layer."""
+    The embedding is the [CLS] state, so a BERT-family encoder computes only that row in its last layer.
+    ``tokenize_workers`` threads tokenise ahead of the devices (default: one per core)."""
 
-    def __init__(self, model: nnx.Module, batch_size: int, devices: Sequence | None = None):
+    def __init__(self, model: nnx.Module, batch_size: int, devices: Sequence | None = None, *,
+                 length_step: int = DEFAULT_LENGTH_STEP, tokenize_workers: int | None = None,
+                 measure_busy: bool = False):
         kw = {"cls_only": True} if getattr(model, "supports_packing", False) else None
-        super().__init__(model, lambda out: out.pooler_output.astype(jnp.float32), batch_size, devices, kw)
+        self.runner = InferenceRunner(model, lambda out: out.pooler_output.astype(jnp.float32), batch_size,
+                                      devices=devices, model_kwargs=kw, length_step=length_step,
+                                      measure_busy=measure_busy)
+        self.pool = TokenizePool(tokenize_workers)
+
+    @property
+    def batch_size(self) -> int:
+        return self.runner.batch_size
+
+    @property
+    def mesh(self) -> Mesh:
+        return self.runner.mesh
+
+    @property
+    def params(self):
+        return self.runner.params
+
+    @params.setter
+    def params(self, value) -> None:  # the training loop swaps in new weights: same graph, no recompilation
+        self.runner.params = value
 
 
 def encode_texts(encoder: Encoder, tokenizer, texts: Sequence[str], *, titles: Sequence[str] | None = None,
-                 max_length: int = 256, as_questions: bool = False, buckets=DEFAULT_BUCKETS,
+                 max_length: int = 256, as_questions: bool = False, buckets: Sequence[int] | None = None,
                  progress: bool = True, desc: str = "encoding") -> np.ndarray:
-    """Embeddings ``[len(texts), dim]`` float32 for questions or passages."""
+    """Embeddings ``[len(texts), dim]`` float32 for questions or passages, in the order of ``texts``.
+
+    ``buckets=()`` pads every batch to ``max_length`` (one compiled shape): the training loop's dev evaluation
+    and the exported encoder's check then run one program; otherwise batches pad to the runner's length step."""
+    texts = list(texts)
+    if titles is not None and len(titles) != len(texts):
+        raise ValueError(f"encode_texts: {len(titles)} titles for {len(texts)} texts")
+
+    def tokenize(span: range):
+        def piece(rows: list[int]):
+            chunk = [texts[i] for i in rows]
+            if as_questions:
+                return question_rows(tokenizer, chunk, max_length)
+            return passage_rows(tokenizer, None if titles is None else [titles[i] for i in rows], chunk, max_length)
+        return encoder.pool.rows(piece, list(span))
+
+    chunks = ((start, range(start, min(start + TEXT_CHUNK, len(texts)))) for start in range(0, len(texts), TEXT_CHUNK))
     out = []
-    bar = tqdm(total=len(texts), desc=desc, unit="txt", disable=not progress)
-    for start in range(0, len(texts), encoder.batch_size):
-        chunk = list(texts[start:start + encoder.batch_size])
-        b = [x for x in buckets if x <= max_length] + [max_length]
-        if as_questions:
-            batch = tk.encode_questions(tokenizer, chunk, max_length, buckets=b)
-        else:
-            chunk_titles = None if titles is None else list(titles[start:start + encoder.batch_size])
-            batch = tk.encode_passages(tokenizer, chunk_titles, chunk, max_length, buckets=b)
-        out.append(encoder(batch))
-        bar.update(len(chunk))
-    bar.close()
+    with tqdm(total=len(texts), desc=desc, unit="txt", disable=not progress) as bar:
+        step = max_length if buckets is not None and not len(buckets) else None
+        for _, emb in encoder.runner.map(chunks, max_length=max_length, prepare=tokenize, length_step=step):
+            out.append(emb)
+            bar.update(len(emb))
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
@@ -119,22 +163,6 @@ def completed_shards(out_dir: Path) -> int:
 
 def _done_path(out_dir: Path, index: int, count: int) -> Path:
     return out_dir / f"done-{index:05d}-of-{count:05d}.json"
-
-
-def corpus_fingerprint(path: str | os.PathLike, sample_bytes: int = 1 << 20) -> dict:
-    """What an encoding records of its corpus file: path, size and a SHA-256 of its first and last MiB (cheap
-    on a 13 GB TSV, and any other corpus differs in size or in those bytes)."""
-    import hashlib
-
-    path = Path(path)
-    size = path.stat().st_size
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        digest.update(f.read(sample_bytes))
-        if size > sample_bytes:
-            f.seek(max(sample_bytes, size - sample_bytes))
-            digest.update(f.read(sample_bytes))
-    return {"path": str(path.resolve()), "size": size, "sha256_head_tail": digest.hexdigest()}
 
 
 def _same_corpus(recorded: dict, corpus: dict) -> bool:
@@ -164,34 +192,41 @@ def check_encoding_dir(out_dir: Path, *, model_name: str, max_length: int, shard
     return settings
 
 
-def encode_corpus(encoder: Encoder, tokenizer, passages: Iterable[dict], out_dir: str | os.PathLike, *,
+def encode_corpus(encoder: Encoder, tokenizer, passages: Iterable[dict] | CorpusStore, out_dir: str | os.PathLike, *,
                   max_length: int = 256, shard_size: int = 50_000, fp16: bool = False, total: int | None = None,
-                  model_name: str = "", buckets=DEFAULT_BUCKETS, progress: bool = True, shard_index: int = 0,
-                  shard_count: int = 1, corpus: dict | None = None) -> Path:
-    """Encode ``passages`` (dicts with id, title, text) into shards under ``out_dir``; resumable.
+                  model_name: str = "", progress: bool = True, shard_index: int = 0, shard_count: int = 1,
+                  corpus: dict | None = None, finalize: bool = True) -> Path:
+    """Encode ``passages`` (dicts with id, title, text, or a :class:`CorpusStore`) into shards under
+    ``out_dir``; resumable.
 
-    A rerun skips the shards already on disk; the input must be the same stream: ``corpus`` (a
-    :func:`corpus_fingerprint` of the passages file) is recorded in meta.json and a different corpus is
-    refused before anything is written, and every shard on disk is checked against the passage ids streamed
-    for it. Split over processes (``shard_index`` of ``shard_count``, e.g.
-    ``jax.process_index()``/``jax.process_count()``), every process reads the same stream and encodes the
-    shard files ``g`` with ``g % shard_count == shard_index`` (file names are the global shard numbers: no
-    collisions); each marks its part done, and the last to finish marks the encoding complete, so
-    ``load_encoded``/``iter_shards`` read all processes' shards in corpus order, unmerged.
+    A rerun skips the shards already on disk; the input must be the same corpus: ``corpus`` (a
+    :func:`corpus_fingerprint` of the passages file; a store's own ``source`` by default) is recorded in
+    meta.json and a different corpus is refused before anything is written, and every shard on disk is checked
+    against the passage ids of its rows. Split over processes (``shard_index`` of ``shard_count``), each
+    process encodes the shard files ``g`` with ``g % shard_count == shard_index`` (file names are the global
+    shard numbers: no collisions), reading only those rows from a store. With ``finalize`` (independent jobs)
+    each marks its part done and the last to finish marks the encoding complete; without it (the processes of
+    one ``jax.distributed`` run) the caller calls :func:`finish_encoding` once every process has returned.
     """
     if not 0 <= shard_index < shard_count:
         raise ValueError(f"shard_index {shard_index} is not in [0, shard_count={shard_count})")
     if shard_size < 1 or max_length < 1:
         raise ValueError(f"shard_size ({shard_size}) and max_length ({max_length}) must be >= 1")
     out_dir = Path(out_dir)
+    store = passages if isinstance(passages, CorpusStore) else None
+    if store is not None:
+        store.check_tokenizer(tokenizer, max_length)
+        corpus = corpus or store.source
+        total = len(store)
     settings = check_encoding_dir(out_dir, model_name=model_name, max_length=max_length, shard_size=shard_size,
-                                  fp16=fp16, shard_count=shard_count, corpus=corpus)
+                                  fp16=fp16, shard_count=shard_count if finalize else 1, corpus=corpus)
     meta_path = out_dir / META
-    passages = iter(passages)
-    first = next(passages, None)
-    if first is None:
-        raise ValueError("no passages to encode (the corpus is empty)")
-    passages = itertools.chain([first], passages)
+    if store is None:
+        passages = iter(passages)
+        first = next(passages, None)
+        if first is None:
+            raise ValueError("no passages to encode (the corpus is empty)")
+        passages = itertools.chain([first], passages)
     if corpus is not None:
         settings["corpus"] = corpus
     done = completed_shards(out_dir)
@@ -209,42 +244,56 @@ def encode_corpus(encoder: Encoder, tokenizer, passages: Iterable[dict], out_dir
     bar = tqdm(total=total, desc="encoding passages" + (f" (part {shard_index + 1}/{shard_count})"
                                                         if shard_count > 1 else ""),
                unit="psg", disable=not progress, smoothing=0.1)
-    shard, count, encoded, t0 = 0, 0, 0, time.time()
-    dim = None
-    while True:
-        rows = list(itertools.islice(passages, shard_size))
-        if not rows:
-            break
-        emb_path, ids_path = _shard_paths(out_dir, shard)
-        mine = shard % shard_count == shard_index
-        on_disk = emb_path.is_file() and ids_path.is_file()
-        if on_disk:
-            _check_shard_ids(ids_path, [r["id"] for r in rows], count)
-        if mine and not on_disk:
-            start_writing()
-            embs = []
-            for start in range(0, len(rows), encoder.batch_size):
-                chunk = rows[start:start + encoder.batch_size]
-                b = [x for x in buckets if x <= max_length] + [max_length]
-                batch = tk.encode_passages(tokenizer, [r["title"] for r in chunk], [r["text"] for r in chunk],
-                                           max_length, buckets=b)
-                embs.append(encoder(batch))
-                bar.update(len(chunk))
-            emb = np.concatenate(embs).astype(np.float16 if fp16 else np.float32)
-            _atomic_save_npy(emb_path, emb)
-            _atomic_write(ids_path, json.dumps([r["id"] for r in rows]))
-            encoded += len(rows)
-        else:
-            bar.update(len(rows))  # another process's shard, or already on disk
-        if mine and dim is None:
-            dim = int(np.load(emb_path, mmap_mode="r").shape[1])
-        shard += 1
-        count += len(rows)
+    seen = {"shards": 0, "rows": 0}
+
+    def pending():
+        """(shard, ids) and its rows for each shard this process still has to encode; runs on the runner's
+        producer thread, so reading the TSV overlaps the devices."""
+        shards = (((g, start, min(start + shard_size, len(store))) for g, start in
+                   enumerate(range(0, len(store), shard_size))) if store is not None else
+                  ((g, rows, None) for g, rows in enumerate(iter(lambda: list(itertools.islice(passages, shard_size)), []))))
+        for g, rows, stop in shards:
+            emb_path, ids_path = _shard_paths(out_dir, g)
+            mine = g % shard_count == shard_index
+            on_disk = emb_path.is_file() and ids_path.is_file()
+            size = (stop - rows) if store is not None else len(rows)
+            if mine or on_disk:  # another process's shard not on disk: its rows are never read from a store
+                ids = store.ids(rows, stop) if store is not None else [r["id"] for r in rows]
+                if on_disk:
+                    _check_shard_ids(ids_path, ids, seen["rows"])
+                if mine and not on_disk:
+                    yield (g, ids), (rows, stop)
+            if not (mine and not on_disk):
+                bar.update(size)
+            seen["shards"], seen["rows"] = g + 1, seen["rows"] + size
+
+    def prepare(payload):
+        rows, stop = payload
+        if store is not None:
+            return store.token_rows(rows, stop)
+        return encoder.pool.rows(lambda chunk: passage_rows(tokenizer, [r["title"] for r in chunk],
+                                                            [r["text"] for r in chunk], max_length), rows)
+
+    encoded, t0, dim = 0, time.time(), None
+    for (g, ids), emb in encoder.runner.map(pending(), max_length=max_length, prepare=prepare):
+        start_writing()
+        emb_path, ids_path = _shard_paths(out_dir, g)
+        _atomic_save_npy(emb_path, emb.astype(np.float16 if fp16 else np.float32))
+        _atomic_write(ids_path, json.dumps(ids))
+        encoded += len(ids)
+        dim = dim or int(emb.shape[1])
+        bar.update(len(ids))
     bar.close()
+    shard, count = seen["shards"], seen["rows"]
     if completed_shards(out_dir) > shard:
         raise ValueError(f"{out_dir}: holds {completed_shards(out_dir)} shards but the corpus fills {shard}; "
                          "it is an encoding of a longer corpus, use another output directory")
     start_writing()
+    if not finalize:
+        return out_dir
+    if dim is None:
+        dim = next((int(np.load(_shard_paths(out_dir, g)[0], mmap_mode="r").shape[1])
+                    for g in range(shard_index, shard, shard_count) if _shard_paths(out_dir, g)[0].is_file()), None)
     elapsed = max(time.time() - t0, 1e-9)
     _atomic_write(_done_path(out_dir, shard_index, shard_count),
                   json.dumps({"num_passages": count, "num_shards": shard, "dim": dim}))
@@ -256,6 +305,21 @@ def encode_corpus(encoder: Encoder, tokenizer, passages: Iterable[dict], out_dir
                 "passages_per_sec_last_run": round(encoded / elapsed, 1)}
         _atomic_write(meta_path, json.dumps(meta, indent=2))
     return out_dir
+
+
+def finish_encoding(out_dir: str | os.PathLike, num_shards: int) -> dict:
+    """Marks an encoding complete once every one of its ``num_shards`` shards is on disk (the processes of one
+    run have all returned from :func:`encode_corpus` with ``finalize=False``); returns the meta written."""
+    out_dir = Path(out_dir)
+    meta = json.loads((out_dir / META).read_text())
+    if completed_shards(out_dir) != num_shards:
+        raise ValueError(f"{out_dir}: {completed_shards(out_dir)} of {num_shards} shards are on disk; a process "
+                         "stopped early, rerun the same command to finish")
+    count = sum(len(json.loads(_shard_paths(out_dir, g)[1].read_text())) for g in range(num_shards))
+    dim = int(np.load(_shard_paths(out_dir, 0)[0], mmap_mode="r").shape[1])
+    meta.update(complete=True, num_passages=count, num_shards=num_shards, dim=dim)
+    _atomic_write(out_dir / META, json.dumps(meta, indent=2))
+    return meta
 
 
 def _check_shard_ids(ids_path: Path, ids: list[str], offset: int) -> None:
@@ -312,13 +376,13 @@ def iter_shards(out_dir: Path) -> Iterator[tuple[np.ndarray, list[str]]]:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")  # processes sharing the directory never share a tmp
     tmp.write_text(text)
     os.replace(tmp, path)
 
 
 def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     with open(tmp, "wb") as f:
         np.save(f, array)
     os.replace(tmp, path)

@@ -44,13 +44,16 @@ def deberta_v3_rerank(opts: C.Options) -> C.Result:
     scorer = CrossEncoderScorer(model, tokenizer, batch_size=pairs, max_length=length, buckets=())
     batch = C.random_batch(pairs, length, config["vocab_size"])
     tb = C.to_torch(batch)
+    from rdr_jax.data.token_rows import TokenRows
+    rows = TokenRows([ids[m == 1] for ids, m in zip(batch["input_ids"], batch["attention_mask"])],
+                     [t[m == 1] for t, m in zip(batch["token_type_ids"], batch["attention_mask"])])
 
     def torch_scores():
         return hf(**tb).logits[:, 0].numpy()
 
     with torch.inference_mode():
-        diff = C.max_abs_diff(scorer.runner(batch), torch_scores())   # also compiles the JAX forward
-        times = C.interleaved({"jax": lambda: scorer.runner(batch), "torch": torch_scores}, opts.repeats,
+        diff = C.max_abs_diff(scorer.runner(rows, length), torch_scores())   # also compiles the JAX forward
+        times = C.interleaved({"jax": lambda: scorer.runner(rows, length), "torch": torch_scores}, opts.repeats,
                               opts.warmup, desc="rerank")
     jax_ms, torch_ms = C.median_ms(times["jax"]), C.median_ms(times["torch"])
     extra = {"pairs": pairs, "length": length, "max_abs_diff": diff,

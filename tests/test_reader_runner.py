@@ -139,3 +139,35 @@ def test_two_processes_equal_one(reader_dir, tmp_path):
                for f in ("one.jsonl", "two.jsonl")]
     assert [a["question"] for a in answers[1]] == [r["question"] for r in results]
     assert [a["prediction"] for a in answers[1]] == [a["prediction"] for a in answers[0]]
+
+
+def test_rerank_two_processes_equal_one(reader_dir, tmp_path):
+    """`rdr-jax rerank --results` started on 2 processes x 2 devices writes the same re-ranked results as one
+    process (blocks of pairs dealt to processes, scores gathered to process 0)."""
+    ce = tmp_path / "ce"
+    assert main(["convert", str(reader_dir.parent / "bert"), str(ce), "--to", "hf",
+                 "--as", "BertForSequenceClassification"]) == 0
+    from rdr_jax.convert.hf_io import copy_tokenizer_files
+    copy_tokenizer_files(reader_dir, ce)
+    results_path = tmp_path / "results.json"
+    results_path.write_text(json.dumps(synthetic_results(11, 5, seed=3)))
+
+    def command(out):
+        return [sys.executable, "-m", "rdr_jax.cli", "rerank", "--model", str(ce), "--results", str(results_path),
+                "--out", str(out), "--max-length", "64", "--batch-size", "4", "--depth", "4", "--k", "1", "4"]
+
+    port = free_port()
+    procs = [subprocess.Popen(command(tmp_path / "one.json"), env=cpu_env(2), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)]
+    procs += [subprocess.Popen(command(tmp_path / "two.json") + ["--coordinator", f"127.0.0.1:{port}",
+                                                                 "--num-processes", "2", "--process-id", str(i)],
+                               env=cpu_env(2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+              for i in range(2)]
+    for proc in procs:
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out[-4000:]
+    one, two = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
+    assert len(one) == len(two) == 11
+    for a, b in zip(one, two):
+        assert [c["id"] for c in a["ctxs"]] == [c["id"] for c in b["ctxs"]]
+        assert_close(np.array([c["score"] for c in b["ctxs"][:4]]), np.array([c["score"] for c in a["ctxs"][:4]]))

@@ -156,3 +156,14 @@ def start_distributed(args) -> bool:
     from rdr_jax.training import distributed
 
     return distributed.initialize(args.distributed, args.coordinator, args.num_processes, args.process_id)
+
+
+def compute_dtype(name: str):
+    """``--dtype``: ``auto`` is bfloat16 on accelerators (the forward's matmuls; logits come back float32)."""
+    import jax
+
+    from rdr_jax.models.config import dtype_from_name
+
+    if name == "auto":
+        name = "bfloat16" if jax.default_backend() in ("gpu", "tpu") else "float32"
+    return dtype_from_name(name, "--dtype")

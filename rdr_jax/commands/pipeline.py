@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 
 from rdr_jax.commands.args import (add_distributed_arguments, check_architecture, check_max_length,
-                                   check_room_for_text, input_file, model_config, nonnegative_int, output_dir,
-                                   output_file, positive_int, start_distributed)
+                                   check_room_for_text, compute_dtype, input_file, model_config, nonnegative_int,
+                                   output_dir, output_file, positive_int, start_distributed)
 
 ENCODE_HELP = """Encode a passages TSV (DPR layout: id, text, title), or a corpus store made by `rdr-jax tokenize`,
 with a DPR context encoder into embedding shards, data-parallel over this process's devices (rows sorted by
@@ -67,16 +67,6 @@ def _add_model_runtime(p, *, max_length: int, batch_size: int) -> None:
                    help="compute dtype; auto (default): bfloat16 on GPU/TPU, float32 on CPU")
 
 
-def _dtype(name: str):
-    from rdr_jax.models.config import dtype_from_name
-
-    if name == "auto":
-        import jax
-
-        name = "float32" if jax.default_backend() == "cpu" else "bfloat16"
-    return dtype_from_name(name, "--dtype")
-
-
 ENCODERS = ("DPRContextEncoder", "DPRQuestionEncoder", "BertModel")
 
 
@@ -95,7 +85,7 @@ def load_encoder(model_dir, cls_name: str, dtype: str, max_length: int | None = 
     if max_length is not None:
         check_room_for_text(max_length, tokenizer, pair=cls_name == "ctx")
     cls = {"ctx": DPRContextEncoder, "question": DPRQuestionEncoder}[cls_name]
-    return cls.from_pretrained(model_dir, dtype=_dtype(dtype), allow_fresh_heads=False), tokenizer
+    return cls.from_pretrained(model_dir, dtype=compute_dtype(dtype), allow_fresh_heads=False), tokenizer
 
 
 def embedding_dim(model) -> int:

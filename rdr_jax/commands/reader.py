@@ -7,8 +7,8 @@ import os
 from pathlib import Path
 
 from rdr_jax.commands.args import (add_distributed_arguments, check_architecture, check_max_length,
-                                   check_room_for_text, input_file, model_config, output_dir, output_file,
-                                   positive_int, start_distributed)
+                                   check_room_for_text, compute_dtype, input_file, model_config, output_dir,
+                                   output_file, positive_int, start_distributed)
 
 READ_HELP = """Run a DPR reader over retriever results: the best span of the most relevant passages per question
 (DPR's span selection), written as JSONL, with reader EM printed.
@@ -62,17 +62,6 @@ def add_teacher_arguments(p):
                    help="replace an existing dataset OUT/NAME (all its splits); without it that is an error")
 
 
-def compute_dtype(name: str):
-    """``--dtype``: ``auto`` is bfloat16 on accelerators (the forward's matmuls; logits come back float32)."""
-    import jax
-
-    from rdr_jax.models.config import dtype_from_name
-
-    if name == "auto":
-        name = "bfloat16" if jax.default_backend() in ("gpu", "tpu") else "float32"
-    return dtype_from_name(name, "--dtype")
-
-
 def _load(args, passages: int):
     import itertools
 
@@ -101,13 +90,9 @@ def _load(args, passages: int):
     return runner, results
 
 
-def is_main_process() -> bool:
+def run_read(args) -> int:
     import jax
 
-    return jax.process_index() == 0
-
-
-def run_read(args) -> int:
     from rdr_jax.retrieval.metrics import format_results_table
     from rdr_jax.retrieval.reader import read_answers
 
@@ -115,7 +100,7 @@ def run_read(args) -> int:
     start_distributed(args)
     runner, results = _load(args, args.passages_per_question)
     rows = list(read_answers(runner, results, progress=not args.no_progress))
-    if not is_main_process():
+    if jax.process_index() != 0:   # process 0 writes the one output
         return 0
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
@@ -129,6 +114,8 @@ def run_read(args) -> int:
 
 
 def run_teacher_scores(args) -> int:
+    import jax
+
     from rdr_jax.data.tfds_format import DEFAULT_VERSION, _DATASET_NAME, write_dataset
     from rdr_jax.retrieval.reader import teacher_score_rows, teacher_scores_features
 
@@ -143,7 +130,7 @@ def run_teacher_scores(args) -> int:
     start_distributed(args)
     runner, results = _load(args, args.top_k)
     rows = teacher_score_rows(runner, results, progress=not args.no_progress)
-    if not is_main_process():
+    if jax.process_index() != 0:   # process 0 writes the one output
         for _ in rows:   # joins every step's gather; yields nothing here
             pass
         return 0

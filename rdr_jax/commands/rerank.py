@@ -4,14 +4,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rdr_jax.commands.args import (check_architecture, check_max_length, check_room_for_text, input_file,
-                                   model_config, nonnegative_int, output_file, positive_int)
+from rdr_jax.commands.args import (add_distributed_arguments, check_architecture, check_max_length,
+                                   check_room_for_text, compute_dtype, input_file, model_config, nonnegative_int,
+                                   output_file, positive_int, start_distributed)
 
 RERANK_HELP = """Re-rank the top --depth passages of each query with a cross-encoder (BERT or DeBERTa-v2/v3
 sequence classifier, e.g. cross-encoder/ms-marco-MiniLM-L-6-v2, xpmir/cross-encoder-DeBERTav3-DistillRankNET).
 Input: a TREC run with MS MARCO queries and a passages TSV, writing a TREC run (MRR@10 / nDCG@10 before and
 after with --qrels); or DPR retriever-results JSON, writing the same layout re-ordered (top-k answer recall
-before and after). Passages below --depth keep their first-stage order after the re-ranked ones.
+before and after). Passages below --depth keep their first-stage order after the re-ranked ones. Pairs are
+tokenised on a thread pool ahead of the devices and sorted by length into batches padded to multiples of 32
+tokens. Started on every host (--coordinator ... or --distributed auto) the processes split the queries and
+process 0 writes the output.
 
 examples:
   rdr-jax rerank --model ce-deberta-v3/ --run bm25.dev.trec --queries queries.dev.tsv \\
@@ -37,16 +41,16 @@ def add_rerank_arguments(p):
                    help="logit that scores relevance (default: 0 for one logit, 1 for two labels)")
     p.add_argument("--batch-size", type=positive_int, default=64, help="pairs per step (default 64)")
     p.add_argument("--max-length", type=positive_int, default=512, help="max tokens per pair (default 512)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                   help="compute dtype (bfloat16 on accelerators)")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                   help="compute dtype; auto (default): bfloat16 on GPU/TPU, float32 on CPU")
     p.add_argument("--tag", default="rdr_jax_rerank", help="run tag written in the TREC file")
+    add_distributed_arguments(p, "inference")
 
 
 def load_scorer(args):
     """The cross-encoder and its tokenizer as a CrossEncoderScorer; refuses other model classes."""
     from rdr_jax.data.tokenization import load_tokenizer
     from rdr_jax.models import from_pretrained
-    from rdr_jax.models.config import dtype_from_name
     from rdr_jax.models.base import model_class_for_config
     from rdr_jax.retrieval.rerank import CrossEncoderScorer
 
@@ -56,8 +60,7 @@ def load_scorer(args):
     check_max_length("--model", args.max_length, model_dir, config)
     tokenizer = load_tokenizer(model_dir)
     check_room_for_text(args.max_length, tokenizer, pair=True)
-    model = from_pretrained(model_dir, dtype=dtype_from_name(args.dtype, "--dtype"),
-                            allow_fresh_heads=False)
+    model = from_pretrained(model_dir, dtype=compute_dtype(args.dtype), allow_fresh_heads=False)
     return CrossEncoderScorer(model, tokenizer, batch_size=args.batch_size, max_length=args.max_length,
                               label_index=args.label_index)
 
@@ -84,6 +87,8 @@ def passages_reader(path: Path):
 
 
 def _rerank_trec(args) -> int:
+    import jax
+
     from rdr_jax.data.files import select_by_id
     from rdr_jax.data.readers import read_msmarco_queries
     from rdr_jax.retrieval.metrics import (evaluate_run, format_results_table, rank_documents, read_qrels,
@@ -102,6 +107,8 @@ def _rerank_trec(args) -> int:
     passages = select_by_id(passages_reader(passages_path), wanted, "passages", f"--passages {passages_path}")
     scorer = load_scorer(args)
     reranked = rerank_run(scorer, {qid: q["text"] for qid, q in queries.items()}, passages, run, args.depth)
+    if jax.process_index() != 0:   # process 0 writes the one output
+        return 0
     write_trec_run(args.out, reranked, tag=args.tag)
     if qrels is not None:
         measures = ("MRR@10", "nDCG@10")
@@ -112,6 +119,8 @@ def _rerank_trec(args) -> int:
 
 
 def _rerank_results(args) -> int:
+    import jax
+
     from rdr_jax.data.readers import read_retriever_results
     from rdr_jax.retrieval.metrics import format_results_table
     from rdr_jax.retrieval.rerank import rerank_results
@@ -123,6 +132,8 @@ def _rerank_results(args) -> int:
     scorer = load_scorer(args)
     pairs = sum(min(args.depth, len(r["ctxs"])) for r in results)
     reranked = rerank_results(scorer, results, args.depth, total_pairs=pairs)
+    if jax.process_index() != 0:   # process 0 writes the one output
+        return 0
     write_results(args.out, reranked)
     longest = max(len(r["ctxs"]) for r in results)
     ks = [k for k in args.k if k <= longest] or [longest]
@@ -139,4 +150,5 @@ def run_rerank(args) -> int:
     if args.depth < 1:
         raise ValueError(f"--depth must be >= 1, got {args.depth}")
     output_file("--out", args.out)
+    start_distributed(args)
     return _rerank_results(args) if args.results else _rerank_trec(args)

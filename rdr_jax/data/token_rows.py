@@ -15,9 +15,11 @@ import numpy as np
 @dataclasses.dataclass
 class TokenRows:
     """A chunk of tokenised rows: per-row token ids (lists or 1-D int arrays, e.g. views of a memory-mapped
-    store) and, for models that read them, per-row token types (None: all zero)."""
+    store), for models that read them per-row token types (None: all zero), and named per-row integers an
+    output function reads beside the model (``extras``, e.g. the reader's passage start)."""
     input_ids: Sequence[Sequence[int]]
     token_type_ids: Sequence[Sequence[int]] | None = None
+    extras: dict[str, np.ndarray] | None = None
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -32,7 +34,10 @@ class TokenRows:
         if any(p.token_type_ids is not None for p in parts):
             types = [t for p in parts for t in (p.token_type_ids if p.token_type_ids is not None
                                                  else [np.zeros(len(x), np.int32) for x in p.input_ids])]
-        return TokenRows(ids, types)
+        extras = None
+        if parts and parts[0].extras:
+            extras = {k: np.concatenate([np.asarray(p.extras[k]) for p in parts]) for k in parts[0].extras}
+        return TokenRows(ids, types, extras)
 
 
 def passage_rows(tokenizer, titles: Sequence[str] | None, texts: Sequence[str], max_length: int) -> TokenRows:
@@ -49,3 +54,15 @@ def passage_rows(tokenizer, titles: Sequence[str] | None, texts: Sequence[str], 
 def question_rows(tokenizer, questions: Sequence[str], max_length: int) -> TokenRows:
     """``[CLS] question [SEP]`` rows, as :func:`rdr_jax.data.tokenization.encode_questions`."""
     return TokenRows(tokenizer(list(questions), truncation=True, max_length=max_length)["input_ids"])
+
+
+def reader_rows(tokenizer, questions: Sequence[str], titles: Sequence[str], texts: Sequence[str],
+                max_length: int) -> TokenRows:
+    """``[CLS] question [SEP] title [SEP] text`` rows as :func:`rdr_jax.data.tokenization.encode_reader_inputs`
+    builds them (transformers' DPRReaderTokenizer), unpadded, with ``extras["passage_start"]``: the index of
+    each row's first text token."""
+    question_and_titles = tokenizer(list(questions), list(titles))["input_ids"]
+    text_ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    ids = [(qt + t)[:max_length] for qt, t in zip(question_and_titles, text_ids)]
+    start = np.array([min(len(qt), max_length) for qt in question_and_titles], np.int32)
+    return TokenRows(ids, extras={"passage_start": start})

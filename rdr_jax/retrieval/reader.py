@@ -1,12 +1,12 @@
 """DPR reader inference over retrieved passages: answers (span selection) and teacher scores for RDR.
 
 For each question the reader sees its top passages as ``[CLS] question [SEP] title [SEP] text`` rows. A step
-holds ``questions_per_step`` questions (``questions_per_step x passages_per_question`` rows, data-parallel over
-this process's devices) padded to the next multiple of 32 tokens of its longest row, so the jitted forward
-compiles at most ``max_length / 32`` shapes. Tokenisation runs in a thread pool a few steps ahead (the fast
-tokenizer releases the GIL), the next step is dispatched before the previous one's results are fetched, and
-the teacher's best span score is computed on the device (:mod:`rdr_jax.retrieval.span_scores`), so the host
-only tokenises and writes.
+holds ``questions_per_step`` questions' rows; the shared :class:`~rdr_jax.retrieval.runner.InferenceRunner`
+tokenises steps ahead on a thread pool, sorts each step's rows by length into batches padded to multiples of 32
+tokens (at most ``max_length / 32`` compiled shapes), keeps two batches in flight over this process's devices,
+and returns the outputs in row order. The teacher's best span score is computed on the device beside the
+forward (:mod:`rdr_jax.retrieval.span_scores`), so only ``[rows]`` floats come back for ``teacher-scores``;
+``read`` also fetches the span logits for DPR's host-side span selection.
 
 Several processes (``jax.distributed``) split the questions: step ``s`` of process ``p`` reads question block
 ``s * processes + p``; each step's per-question results are gathered so that process 0 yields every question,
@@ -15,143 +15,115 @@ in the input order, and writes the one output.
 
 from __future__ import annotations
 
-import concurrent.futures
 import itertools
-import logging
 import math
 from typing import Any, Iterable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
-from rdr_jax.data.tokenization import encode_reader_inputs
+from rdr_jax.data.token_rows import TokenRows, reader_rows
 from rdr_jax.retrieval.answers import exact_match_score
 from rdr_jax.retrieval.multihost import allgather_objects
+from rdr_jax.retrieval.runner import InferenceRunner, TokenizePool
 from rdr_jax.retrieval.span_scores import best_span_scores
 from rdr_jax.retrieval.spans import ReaderSpanSelector
 
-log = logging.getLogger(__name__)
-
-LENGTH_STEP = 32          # rows are padded to a multiple of this: few shapes, <32 padded tokens per row
-PREFETCH_STEPS = 3        # steps tokenised ahead of the device
-
 
 class ReaderRunner:
-    """Runs a :class:`~rdr_jax.models.DPRReader` on ``questions_per_step`` questions' passages per step.
+    """Runs a :class:`~rdr_jax.models.DPRReader` over ``questions_per_step`` questions' passages per step.
 
-    ``devices``: this process's devices by default (``jax.local_devices()``): every process runs its own rows.
-    """
+    ``batch_size``: rows per device batch (default: a quarter of a step, at least one question's passages), so
+    each step's rows sorted by length fill a few batches of similar length. ``devices``: this process's devices
+    by default (``jax.local_devices()``)."""
 
     def __init__(self, model, tokenizer, *, passages_per_question: int, max_length: int = 256,
-                 max_answer_length: int = 10, questions_per_step: int = 1, devices: Sequence | None = None,
-                 threads: int = 4):
+                 max_answer_length: int = 10, questions_per_step: int = 1, batch_size: int | None = None,
+                 devices: Sequence | None = None, tokenize_workers: int | None = None, measure_busy: bool = False):
         if tokenizer.sep_token_id is None or tokenizer.pad_token_id is None:
             raise ValueError("the reader's tokenizer needs a [SEP] and a [PAD] token")
-        self.tokenizer, self.passages, self.max_length = tokenizer, passages_per_question, max_length
+        self.model, self.tokenizer = model, tokenizer
+        self.passages, self.max_length = passages_per_question, max_length
         self.questions_per_step = questions_per_step
+        self.batch_size = batch_size or max(passages_per_question, questions_per_step * passages_per_question // 4)
+        self.devices, self.measure_busy = devices, measure_busy
         self.selector = ReaderSpanSelector(tokenizer, max_answer_length=max_answer_length)
-        self.threads = threads
-        devices = list(devices or jax.local_devices())
-        self.mesh = Mesh(np.array(devices), ("data",))
-        rows = questions_per_step * passages_per_question
-        self.rows = -(-rows // len(devices)) * len(devices)
-        self._rows = NamedSharding(self.mesh, P("data"))
-        graphdef, params = nnx.split(model)
-        self.params = jax.device_put(params, NamedSharding(self.mesh, P()))
-        sep, width = tokenizer.sep_token_id, max_answer_length
+        self.pool = TokenizePool(tokenize_workers)
+        self._runners: dict[bool, InferenceRunner] = {}
 
-        def forward(params, input_ids, attention_mask, passage_start, logits: bool):
-            out = nnx.merge(graphdef, params)(input_ids, attention_mask)
-            result = {"relevance_logits": out.relevance_logits.astype(jnp.float32),
-                      "span_scores": best_span_scores(out.start_logits, out.end_logits, input_ids, attention_mask,
-                                                      passage_start, width, sep)}
-            if logits:
-                result["start_logits"] = out.start_logits.astype(jnp.float32)
-                result["end_logits"] = out.end_logits.astype(jnp.float32)
-            return result
+    def runner(self, logits: bool) -> InferenceRunner:
+        """The runner of the teacher outputs (relevance logit, best span score), with the span logits too when
+        ``logits`` (``read``); built on first use."""
+        if logits not in self._runners:
+            sep, width = self.tokenizer.sep_token_id, self.selector.max_answer_length
 
-        self._forward = jax.jit(forward, static_argnames="logits")
-        self.shapes: set[tuple[int, int]] = set()   # (rows, length) compiled so far
+            def outputs(out, inputs):
+                result = {"relevance_logits": out.relevance_logits.astype(jnp.float32),
+                          "span_scores": best_span_scores(out.start_logits, out.end_logits, inputs["input_ids"],
+                                                          inputs["attention_mask"], inputs["passage_start"], width,
+                                                          sep)}
+                if logits:
+                    result["start_logits"] = out.start_logits.astype(jnp.float32)
+                    result["end_logits"] = out.end_logits.astype(jnp.float32)
+                return result
+
+            self._runners[logits] = InferenceRunner(
+                self.model, outputs, self.batch_size, devices=self.devices, pad_id=self.tokenizer.pad_token_id,
+                per_token=("start_logits", "end_logits") if logits else (), extras=("passage_start",),
+                measure_busy=self.measure_busy)
+        return self._runners[logits]
+
+    @property
+    def shapes(self) -> set:
+        """Every ``(rows, length)`` batch shape run so far (one compilation each)."""
+        return set().union(*(r.stats.shapes for r in self._runners.values()))
 
     # ---- host side -----------------------------------------------------------------------------------------
-    def tokenize(self, questions: Sequence[str], ctxs: Sequence[Sequence[dict]]) -> dict[str, np.ndarray]:
-        """Reader inputs for up to ``questions_per_step`` questions, ``passages_per_question`` rows each
-        (missing passages and questions are empty rows), padded to a multiple of ``LENGTH_STEP`` tokens."""
-        flat_q, titles, texts = [], [], []
-        for question, passages in zip(questions, ctxs):
-            passages = list(passages)[: self.passages]
-            flat_q += [question] * len(passages)
-            titles += [c["title"] for c in passages]
-            texts += [c["text"] for c in passages]
-        inputs = encode_reader_inputs(self.tokenizer, flat_q, titles, texts, self.max_length)
-        real = int(inputs["attention_mask"].sum(1).max())
-        length = min(self.max_length, -(-real // LENGTH_STEP) * LENGTH_STEP)
-        out = {"input_ids": np.full((self.rows, length), self.tokenizer.pad_token_id, np.int32),
-               "attention_mask": np.zeros((self.rows, length), np.int32),
-               "passage_start": np.full((self.rows,), length, np.int32)}
-        # question i's passages take rows i * passages_per_question onwards: fixed slots, so outputs reshape
-        offset = 0
-        for i, passages in enumerate(ctxs):
-            count = min(len(passages), self.passages)
-            slot = slice(i * self.passages, i * self.passages + count)
-            out["input_ids"][slot] = inputs["input_ids"][offset:offset + count, :length]
-            out["attention_mask"][slot] = inputs["attention_mask"][offset:offset + count, :length]
-            out["passage_start"][slot] = inputs["passage_start"][offset:offset + count]
-            offset += count
-        out["attention_mask"][:, 0] = np.maximum(out["attention_mask"][:, 0], 1)  # empty rows stay well-defined
+    def tokenize(self, block: Sequence[dict]) -> TokenRows:
+        """The rows of a block of retriever results: each question's first ``passages_per_question`` ctxs."""
+        pairs = [(r["question"], c) for r in block for c in r["ctxs"][: self.passages]]
+        return self.pool.rows(lambda part: reader_rows(self.tokenizer, [q for q, _ in part],
+                                                       [c["title"] for _, c in part], [c["text"] for _, c in part],
+                                                       self.max_length), pairs)
+
+    def padded_inputs(self, rows: TokenRows, index: slice) -> dict[str, np.ndarray]:
+        """``input_ids`` / ``attention_mask`` ``[n, max_length]`` and ``passage_start`` of some rows, as the host
+        span selection reads them beside the per-token logits."""
+        ids = rows.input_ids[index]
+        out = {"input_ids": np.full((len(ids), self.max_length), self.tokenizer.pad_token_id, np.int32),
+               "attention_mask": np.zeros((len(ids), self.max_length), np.int32),
+               "passage_start": np.asarray(rows.extras["passage_start"][index])}
+        for i, seq in enumerate(ids):
+            out["input_ids"][i, :len(seq)] = seq
+            out["attention_mask"][i, :len(seq)] = 1
         return out
 
-    def dispatch(self, inputs: dict[str, np.ndarray], *, logits: bool = False) -> dict:
-        """Starts the forward of one tokenised step; returns device arrays (not waited on)."""
-        shape = inputs["input_ids"].shape
-        if shape not in self.shapes:
-            self.shapes.add(shape)
-            log.info("reader: compiling for %d rows x %d tokens (%d shape(s) so far)", *shape, len(self.shapes))
-        arrays = [jax.device_put(inputs[k], self._rows) for k in ("input_ids", "attention_mask", "passage_start")]
-        return self._forward(self.params, *arrays, logits=logits)
-
     def run(self, question: str, ctxs: Sequence[dict]) -> tuple[dict, dict]:
-        """(reader inputs, outputs) of one question's first ``passages_per_question`` ctxs (one step)."""
+        """(padded inputs, outputs with span logits) of one question's first ``passages_per_question`` ctxs."""
         ctxs = list(ctxs)[: self.passages]
         if not ctxs:
             raise ValueError(f"question {question!r} has no retrieved passages")
-        inputs = self.tokenize([question], [ctxs])
-        outputs = jax.tree.map(np.asarray, self.dispatch(inputs, logits=True))
-        n = len(ctxs)
-        return ({k: v[:n] for k, v in inputs.items()}, {k: v[:n] for k, v in outputs.items()})
+        block = [{"question": question, "ctxs": ctxs}]
+        _, rows, outputs = next(self.steps(block, logits=True, process_index=0, process_count=1))
+        return self.padded_inputs(rows, slice(0, len(ctxs))), outputs
 
-    def steps(self, results: Iterable[dict], *, logits: bool = False,
-              process_index: int | None = None, process_count: int | None = None) -> Iterator[tuple]:
-        """``(questions of this step, inputs, outputs)`` for this process's share of ``results``, in order:
-        tokenised ``PREFETCH_STEPS`` ahead in a thread pool, each step dispatched before the previous one's
-        outputs are fetched (two steps in flight). ``outputs`` are numpy, ``[rows, ...]``."""
+    def steps(self, results: Iterable[dict], *, logits: bool = False, process_index: int | None = None,
+              process_count: int | None = None) -> Iterator[tuple[list[dict], TokenRows, dict]]:
+        """``(questions of the step, their rows, outputs [rows, ...])`` for this process's share of ``results``
+        (question blocks dealt to processes in turn), in order."""
         index = jax.process_index() if process_index is None else process_index
         count = jax.process_count() if process_count is None else process_count
-        q = self.questions_per_step
-        blocks = _batched(results, q)
-        mine = (block for b, block in enumerate(blocks) if b % count == index)
+        mine = (block for b, block in enumerate(_batched(results, self.questions_per_step)) if b % count == index)
 
-        def prepare(block):
-            return block, self.tokenize([r["question"] for r in block], [r["ctxs"] for r in block])
+        def prepare(holder: dict) -> TokenRows:   # on the runner's producer thread
+            holder["rows"] = self.tokenize(holder["block"])
+            return holder["rows"]
 
-        with concurrent.futures.ThreadPoolExecutor(self.threads) as pool:
-            pending = [pool.submit(prepare, b) for b in itertools.islice(mine, PREFETCH_STEPS)]
-            in_flight = None
-            while pending:
-                block, inputs = pending.pop(0).result()
-                nxt = next(mine, None)
-                if nxt is not None:
-                    pending.append(pool.submit(prepare, nxt))
-                outputs = self.dispatch(inputs, logits=logits)
-                if in_flight is not None:
-                    yield _fetched(in_flight)
-                in_flight = (block, inputs, outputs)
-            if in_flight is not None:
-                yield _fetched(in_flight)
+        chunks = ((holder, holder) for holder in ({"block": block} for block in mine))
+        for holder, outputs in self.runner(logits).map(chunks, max_length=self.max_length, prepare=prepare):
+            yield holder["block"], holder["rows"], outputs
 
     def best_span_scores(self, inputs: dict, outputs: dict) -> np.ndarray:
         """Per row, the best span score (start + end, at most ``max_answer_length`` tokens) of the passage: the
@@ -176,15 +148,11 @@ def _batched(items: Iterable, size: int) -> Iterator[list]:
         yield block
 
 
-def _fetched(step):
-    block, inputs, outputs = step
-    return block, inputs, jax.tree.map(np.asarray, outputs)
-
-
-def _answer(runner: ReaderRunner, r: dict, inputs: dict, outputs: dict, rows: slice) -> dict:
-    spans = runner.selector.select(inputs["input_ids"][rows], outputs["start_logits"][rows],
-                                   outputs["end_logits"][rows], outputs["relevance_logits"][rows],
-                                   inputs["attention_mask"][rows])
+def _answer(runner: ReaderRunner, r: dict, rows: TokenRows, outputs: dict, index: slice) -> dict:
+    inputs = runner.padded_inputs(rows, index)
+    spans = runner.selector.select(inputs["input_ids"], outputs["start_logits"][index],
+                                   outputs["end_logits"][index], outputs["relevance_logits"][index],
+                                   inputs["attention_mask"])
     best = spans[0] if spans else None
     prediction = best.text if best else ""
     return {"question": r["question"], "answers": r["answers"], "prediction": prediction,
@@ -194,8 +162,8 @@ def _answer(runner: ReaderRunner, r: dict, inputs: dict, outputs: dict, rows: sl
             "exact_match": bool(exact_match_score(prediction, r["answers"])) if r["answers"] else None}
 
 
-def _teacher_scores(runner: ReaderRunner, r: dict, inputs: dict, outputs: dict, rows: slice) -> dict:
-    return {"relevance_logits": outputs["relevance_logits"][rows], "span_scores": outputs["span_scores"][rows]}
+def _teacher_scores(runner: ReaderRunner, r: dict, rows: TokenRows, outputs: dict, index: slice) -> dict:
+    return {"relevance_logits": outputs["relevance_logits"][index], "span_scores": outputs["span_scores"][index]}
 
 
 def _merged(runner: ReaderRunner, results: Sequence[dict], per_question, *, logits: bool, desc: str,
@@ -212,9 +180,10 @@ def _merged(runner: ReaderRunner, results: Sequence[dict], per_question, *, logi
         step = next(mine, None)
         local = []
         if step is not None:
-            block, inputs, outputs = step
-            local = [per_question(runner, r, inputs, outputs, slice(i * p, i * p + min(len(r["ctxs"]), p)))
-                     for i, r in enumerate(block)]
+            block, rows, outputs = step
+            ends = np.cumsum([min(len(r["ctxs"]), p) for r in block])
+            local = [per_question(runner, r, rows, outputs, slice(end - min(len(r["ctxs"]), p), end))
+                     for r, end in zip(block, ends)]
         gathered = allgather_objects(local)   # process k holds block s * count + k
         if index == 0:
             first = s * q * count

@@ -2,8 +2,9 @@
 
 Each (query, passage) pair is tokenised as the model's tokenizer does for pairs —
 ``[CLS] query [SEP] passage [SEP]``, token types 0 / 1 where the model uses them — truncating only the
-passage, padded to a static bucketed length and scored data-parallel over every device by one jitted forward
-per shape. The relevance score is one logit of the classifier: index 0 for one-logit cross-encoders (the
+passage, and scored through the shared :class:`~rdr_jax.retrieval.runner.InferenceRunner`: blocks of pairs
+tokenised ahead on a thread pool, sorted by length into batches padded to multiples of ``length_step`` tokens
+(``ceil(max_length / length_step)`` compiled shapes), two batches in flight over this process's devices. The relevance score is one logit of the classifier: index 0 for one-logit cross-encoders (the
 MS MARCO MiniLM models, xpmir's DeBERTa-v3), the positive class (index 1) for two-label classifiers.
 
 Two inputs are re-ranked: a TREC-style run ``{qid: {docid: score}}`` with query and passage texts looked up
@@ -16,13 +17,16 @@ from __future__ import annotations
 
 from typing import Iterable, Mapping, Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from rdr_jax.data.tokenization import bucket_length, passage_text
-from rdr_jax.retrieval.encode import DEFAULT_BUCKETS, ShardedRunner
+from rdr_jax.data.token_rows import TokenRows
+from rdr_jax.data.tokenization import DEFAULT_BUCKETS, bucket_length, passage_text
 from rdr_jax.retrieval.metrics import rank_documents
+from rdr_jax.retrieval.multihost import allgather_objects
+from rdr_jax.retrieval.runner import DEFAULT_LENGTH_STEP, InferenceRunner, TokenizePool
 
 # Pairs gathered before scoring: sorting a block by length keeps padding to the bucket small.
 PAIRS_PER_BLOCK_FACTOR = 16
@@ -43,12 +47,14 @@ class CrossEncoderScorer:
 
     ``model``: a :class:`~rdr_jax.models.BertForSequenceClassification` or
     :class:`~rdr_jax.models.DebertaV2ForSequenceClassification` (anything whose output has ``logits``
-    ``[rows, num_labels]`` and whose ``config.labels`` gives ``num_labels``). ``buckets``: the padded
-    lengths (plus ``max_length``); jit compiles once per bucket.
+    ``[rows, num_labels]`` and whose ``config.labels`` gives ``num_labels``). Scoring pads batches to multiples of
+    ``length_step`` (``buckets=()``: every batch to ``max_length``, one shape); ``buckets`` are the padded
+    lengths of :meth:`tokenize`.
     """
 
     def __init__(self, model, tokenizer, batch_size: int = 64, max_length: int = 256,
-                 buckets: Sequence[int] = DEFAULT_BUCKETS, label_index: int | None = None, devices=None):
+                 buckets: Sequence[int] = DEFAULT_BUCKETS, label_index: int | None = None, devices=None,
+                 length_step: int = DEFAULT_LENGTH_STEP, tokenize_workers: int | None = None):
         num_labels = int(model.config.labels)
         if label_index is None:
             label_index = default_label_index(num_labels)
@@ -63,15 +69,29 @@ class CrossEncoderScorer:
         self.tokenizer, self.max_length, self.label_index = tokenizer, max_length, label_index
         self.buckets = sorted({b for b in buckets if b < max_length} | {max_length})
         self._special = special
-        self.runner = ShardedRunner(
-            model, lambda out: out.logits[:, label_index].astype(jnp.float32), batch_size, devices)
+        self.length_step = length_step if buckets else max_length
+        self.runner = InferenceRunner(model, lambda out: out.logits[:, label_index].astype(jnp.float32), batch_size,
+                                      devices=devices, length_step=self.length_step,
+                                      pad_id=tokenizer.pad_token_id or 0)
+        self.pool = TokenizePool(tokenize_workers)
 
     @property
     def batch_size(self) -> int:
         return self.runner.batch_size
 
     def tokenize(self, queries: Sequence[str], passages: Sequence[str]) -> dict[str, np.ndarray]:
-        """Model inputs for the pairs, padded to the smallest bucket that holds the longest pair.
+        """Model inputs for the pairs, padded to the smallest bucket that holds the longest pair."""
+        rows = self.pair_rows(queries, passages)
+        return self._pad([{"input_ids": ids, "token_type_ids": types}
+                          for ids, types in zip(rows.input_ids, rows.token_type_ids)])
+
+    def rows(self, queries: Sequence[str], passages: Sequence[str]) -> TokenRows:
+        """:meth:`pair_rows` split over the tokenizer thread pool."""
+        return self.pool.rows(lambda part: self.pair_rows([q for q, _ in part], [p for _, p in part]),
+                              list(zip(queries, passages)))
+
+    def pair_rows(self, queries: Sequence[str], passages: Sequence[str]) -> TokenRows:
+        """The pairs' token ids (unpadded) and token types.
 
         Only the passage is truncated; a query too long to leave room for any passage token is cut too
         (``longest_first``), rather than failing as the tokenizer's ``only_second`` does.
@@ -90,7 +110,9 @@ class CrossEncoderScorer:
             types = enc.get("token_type_ids") or [None] * len(picked)
             for j, i in enumerate(picked):
                 rows[i] = {"input_ids": enc["input_ids"][j], "token_type_ids": types[j]}
-        return self._pad(rows)
+        ids = [r["input_ids"] for r in rows]
+        return TokenRows(ids, [r["token_type_ids"] if r["token_type_ids"] is not None else [0] * len(r["input_ids"])
+                               for r in rows])
 
     def _pad(self, rows: list[dict]) -> dict[str, np.ndarray]:
         length = bucket_length([len(r["input_ids"]) for r in rows], self.buckets)
@@ -107,17 +129,13 @@ class CrossEncoderScorer:
     def score(self, queries: Sequence[str], passages: Sequence[str]) -> np.ndarray:
         """Relevance scores (float32 ``[n]``) of the pairs ``(queries[i], passages[i])``, in input order.
 
-        Pairs are scored in order of length so each batch pads to a small bucket.
+        The runner sorts the pairs by length, so each batch pads little.
         """
         if len(queries) != len(passages):
             raise ValueError(f"score: {len(queries)} queries for {len(passages)} passages")
-        order = np.argsort([len(q) + len(p) for q, p in zip(queries, passages)], kind="stable")
-        scores = np.empty(len(order), np.float32)
-        for start in range(0, len(order), self.batch_size):
-            chunk = order[start:start + self.batch_size]
-            batch = self.tokenize([queries[i] for i in chunk], [passages[i] for i in chunk])
-            scores[chunk] = self.runner(batch)
-        return scores
+        if not len(queries):
+            return np.zeros(0, np.float32)
+        return self.runner(self.rows(queries, passages), self.max_length)
 
 
 def _scores_below(reranked: Sequence[float], count: int) -> list[float]:
@@ -127,32 +145,46 @@ def _scores_below(reranked: Sequence[float], count: int) -> list[float]:
     return [floor - (i + 1) for i in range(count)]
 
 
-def _scored_blocks(scorer: CrossEncoderScorer, items: Iterable, pairs_of, bar):
+def _scored_blocks(scorer: CrossEncoderScorer, items: Sequence, pairs_of, count_of, bar):
     """Yields ``(item, scores)`` for each item of ``items``, ``pairs_of(item)`` giving its (query, [passage
-    texts]). Items are scored together in blocks of about ``PAIRS_PER_BLOCK_FACTOR`` batches, so short lists
-    share batches and the length sort has room to work."""
+    texts]) and ``count_of(item)`` their number. Items are scored together in blocks of about
+    ``PAIRS_PER_BLOCK_FACTOR`` batches, so short lists share batches and the length sort has room to work;
+    a block's texts are built and tokenised on the runner's producer thread while the devices score the
+    previous one.
+
+    Several processes (``jax.distributed``) deal the blocks in turn; after each round the scores are gathered
+    and process 0 yields every item in order (the others yield nothing)."""
+    index, processes = jax.process_index(), jax.process_count()
     block_pairs = scorer.batch_size * PAIRS_PER_BLOCK_FACTOR
-    block, pairs = [], 0
-
-    def flush():
-        queries = [q for _, (q, texts) in block for _ in texts]
-        texts = [t for _, (_, ts) in block for t in ts]
-        scores = scorer.score(queries, texts).tolist() if texts else []
-        at = 0
-        for item, (_, ts) in block:
-            yield item, scores[at:at + len(ts)]
-            at += len(ts)
-        bar.update(len(texts))
-
-    for item in items:
-        query, texts = pairs_of(item)
-        block.append((item, (query, list(texts))))
-        pairs += len(texts)
+    bounds, pairs = [0], 0
+    for i, item in enumerate(items):
+        pairs += count_of(item)
         if pairs >= block_pairs:
-            yield from flush()
-            block, pairs = [], 0
-    if block:
-        yield from flush()
+            bounds.append(i + 1)
+            pairs = 0
+    if bounds[-1] != len(items):
+        bounds.append(len(items))
+    blocks = list(zip(bounds[:-1], bounds[1:]))
+
+    def prepare(block) -> TokenRows:
+        start, end = block
+        query_texts = [pairs_of(item) for item in items[start:end]]
+        return scorer.rows([q for q, texts in query_texts for _ in texts], [t for _, ts in query_texts for t in ts])
+
+    mine = scorer.runner.map(((b, blocks[b]) for b in range(index, len(blocks), processes)),
+                             max_length=scorer.max_length, prepare=prepare)
+    for round_start in range(0, len(blocks), processes):
+        step = next(mine, None) if round_start + index < len(blocks) else None
+        local = None if step is None else (step[1].tolist() if step[1] is not None else [])
+        for b, scores in enumerate(allgather_objects(local), start=round_start):
+            if index != 0 or b >= len(blocks):
+                continue
+            at = 0
+            for item in items[blocks[b][0]:blocks[b][1]]:
+                n = count_of(item)
+                yield item, scores[at:at + n]
+                at += n
+            bar.update(len(scores))
 
 
 def rerank_run(scorer: CrossEncoderScorer, queries: Mapping[str, str], passages: Mapping[str, str | Mapping],
@@ -178,7 +210,8 @@ def rerank_run(scorer: CrossEncoderScorer, queries: Mapping[str, str], passages:
                disable=not progress, smoothing=0.1)
     out: dict[str, dict[str, float]] = {}
     pairs_of = lambda item: (queries[item[0]], [passage_text(passages[d]) for d in item[1][:depth]])
-    for (qid, ranking), scores in _scored_blocks(scorer, rankings.items(), pairs_of, bar):
+    count_of = lambda item: min(depth, len(item[1]))
+    for (qid, ranking), scores in _scored_blocks(scorer, list(rankings.items()), pairs_of, count_of, bar):
         top, rest = ranking[:depth], ranking[depth:]
         out[qid] = dict(zip(top, scores)) | dict(zip(rest, _scores_below(scores, len(rest))))
     bar.close()
@@ -199,7 +232,8 @@ def rerank_results(scorer: CrossEncoderScorer, results: Iterable[Mapping], depth
     bar = tqdm(total=total_pairs, desc="re-ranking", unit="pair", disable=not progress, smoothing=0.1)
     out = []
     pairs_of = lambda r: (r["question"], [passage_text(c) for c in r["ctxs"][:depth]])
-    for r, scores in _scored_blocks(scorer, results, pairs_of, bar):
+    count_of = lambda r: min(depth, len(r["ctxs"]))
+    for r, scores in _scored_blocks(scorer, list(results), pairs_of, count_of, bar):
         top, rest = list(r["ctxs"][:depth]), list(r["ctxs"][depth:])
         order = sorted(range(len(top)), key=lambda i: -scores[i])
         below = _scores_below(scores, len(rest))

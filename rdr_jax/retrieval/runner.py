@@ -105,7 +105,9 @@ class InferenceRunner:
     """Applies ``model`` to chunks of rows, data-parallel over this process's devices (see the module docstring).
 
     ``output_fn(model_output)`` picks the arrays to return (a pytree of ``[rows, ...]`` arrays; a dict for
-    ``per_token``). ``per_token`` names dict outputs shaped ``[rows, length, ...]``: they come back padded with
+    ``per_token``); with ``extras`` (names of :class:`TokenRows` per-row integers) it is
+    ``output_fn(model_output, inputs)``, ``inputs`` holding ``input_ids``, ``attention_mask`` and the extras, so
+    work that needs the inputs (the reader's best span) runs on the device too. ``per_token`` names dict outputs shaped ``[rows, length, ...]``: they come back padded with
     zeros to ``max_length`` so rows of different batches line up. ``model_kwargs`` go to every call
     (e.g. ``cls_only=True``).
     """
@@ -114,7 +116,8 @@ class InferenceRunner:
 
     def __init__(self, model: nnx.Module, output_fn: Callable, batch_size: int, *, devices: Sequence | None = None,
                  model_kwargs: dict | None = None, length_step: int = DEFAULT_LENGTH_STEP, per_token: Sequence[str] = (),
-                 pad_id: int = 0, prefetch: int = 4, in_flight: int = 2, measure_busy: bool = False):
+                 pad_id: int = 0, prefetch: int = 4, in_flight: int = 2, measure_busy: bool = False,
+                 extras: Sequence[str] = ()):
         if length_step < 1 or batch_size < 1 or in_flight < 1:
             raise ValueError(f"batch_size ({batch_size}), length_step ({length_step}) and in_flight ({in_flight}) "
                              "must be >= 1")
@@ -130,10 +133,14 @@ class InferenceRunner:
         graphdef, params = nnx.split(model)
         self.params = jax.device_put(params, NamedSharding(self.mesh, P()))
         kw = dict(model_kwargs or {})
+        self.extras = tuple(extras)
 
         @jax.jit
-        def apply(params, input_ids, attention_mask, token_type_ids):
-            return output_fn(nnx.merge(graphdef, params)(input_ids, attention_mask, token_type_ids, **kw))
+        def apply(params, input_ids, attention_mask, token_type_ids, extra):
+            out = nnx.merge(graphdef, params)(input_ids, attention_mask, token_type_ids, **kw)
+            if not self.extras:
+                return output_fn(out)
+            return output_fn(out, {"input_ids": input_ids, "attention_mask": attention_mask, **extra})
 
         self._apply = apply
 
@@ -248,12 +255,19 @@ class InferenceRunner:
                 t = types[i][:length]
                 batch["token_type_ids"][j, :len(t)] = t
         batch["attention_mask"][len(index):, 0] = 1  # dummy rows stay well-defined (no all-masked softmax)
+        if self.extras:
+            if not rows.extras or set(self.extras) - set(rows.extras):
+                raise ValueError(f"the runner reads per-row {self.extras}; the rows have {sorted(rows.extras or {})}")
+            batch["extra"] = {k: np.zeros(self.batch_size, np.int32) for k in self.extras}
+            for k in self.extras:
+                batch["extra"][k][:len(index)] = np.asarray(rows.extras[k])[index]
         return batch
 
     def _dispatch(self, batch: dict[str, np.ndarray], real_tokens: int, watcher):
         arrays = [jax.device_put(batch[k], self.row_sharding) for k in self.INPUTS]
+        extra = jax.device_put(batch.get("extra", {}), self.row_sharding)
         t = time.perf_counter()
-        out = self._apply(self.params, *arrays)
+        out = self._apply(self.params, *arrays, extra)
         for leaf in jax.tree.leaves(out):
             leaf.copy_to_host_async()
         if watcher is not None:

@@ -97,11 +97,11 @@ DPR_CORPUS = 21_015_324  # psgs_w100.tsv
 
 
 def synthetic_passages(n: int, seed: int = 0):
-    """``n`` passages of 60-110 words (titles of 1-4) drawn from the embedded corpus's vocabulary: DPR's
-    100-word passages, with realistic token counts."""
+    """``n`` passages of 60-110 words (titles of 1-4) drawn from the embedded corpus's words at their
+    frequencies: DPR's 100-word passages, with realistic token counts (~1.3 tokens a word)."""
     from rdr_jax.data.embedded_data import load_passages
 
-    words = sorted({w for p in load_passages()[:2000] for w in p["text"].split()})
+    words = [w for p in load_passages()[:2000] for w in p["text"].split()]
     rng = np.random.default_rng(seed)
     for i in range(n):
         text = " ".join(words[j] for j in rng.integers(0, len(words), int(rng.integers(60, 111))))

@@ -14,10 +14,11 @@ Measured on the 2-core benchmark machine (``benchmarks/README.md`` has the numbe
 
 Skipped when ``RDR_JAX_HOST_TUNING=0``; tunables the user set already win.
 
-Not for FAISS: building an index grows one large vector by ``realloc``; without ``mmap`` for large blocks the
-copy cannot be remapped and the old block stays in the heap, so the build peaked at 2.0x the vector bytes with
-these settings against 1.0x without (issue 16). ``rdr-jax index`` (:data:`UNTUNED_COMMANDS`) therefore runs
-with the malloc the user had, and drops the settings when it inherited them from an ``rdr-jax`` parent.
+Not for FAISS: building an index grows one large vector again and again; with these settings every freed
+old copy stays in the heap instead of going back to the system. Measured (``benchmarks/corpus_search.py``, a
+flat index of 200k x 768 float32): peak RSS 3.34x the vector bytes with them, 2.35x without (issue 16 saw
+2.0x against 1.0x). ``rdr-jax index`` (:data:`UNTUNED_COMMANDS`) therefore runs with the malloc the user had,
+and drops the settings when it inherited them from an ``rdr-jax`` parent.
 
 Not set, though faster: ``XLA_FLAGS=--xla_cpu_use_onednn=true --xla_cpu_experimental_onednn_fusion_type=dot``
 (matmuls through oneDNN, a few percent faster: benchmarks/README.md) kills the process with

@@ -210,3 +210,14 @@ def test_eight_devices_and_two_processes_equal_faiss_flat(encodings, cli, tmp_pa
         assert_close(np.array(result[p]["scores"], np.float32), expected_scores, atol=1e-5, rtol=1e-5, what=dtype)
     assert main(retrieve(cli, "index16", tmp_path / "faiss16.jsonl", "--workers", "0")) == 0
     assert_same_ranking(read_jsonl(tmp_path / "two.jsonl"), read_jsonl(tmp_path / "faiss16.jsonl"))
+
+
+def test_ivf_defaults_scale_with_the_corpus(encodings):
+    from rdr_jax.retrieval.index import default_nlist, default_train_size, random_sample
+
+    assert [default_nlist(n) for n in (300, 100_000, 2_000_000, 21_000_000, 10**10)] == [4, 1024, 4096, 16384, 65536]
+    assert default_train_size(16384) == 64 * 16384 and default_train_size(4) == 65536
+    path, vectors = encodings[0]["float32"]
+    sample = random_sample(path, 50, seed=3)  # rows from every shard, not the first ones only
+    rows = [int(np.flatnonzero((vectors == s).all(axis=1))[0]) for s in sample]
+    assert len(set(rows)) == 50 and max(rows) >= 256 and min(rows) < 128

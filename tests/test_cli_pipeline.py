@@ -98,3 +98,30 @@ def test_bad_input_is_one_line_error(workspace, capsys, tmp_path):
     code = main(["encode", "--model", str(work / "ctx"), "--passages", str(tmp_path / "missing.tsv"),
                  "--out", str(tmp_path / "e")])
     assert code == 2 and "missing.tsv" in capsys.readouterr().err
+
+
+def test_results_without_text_read_by_row(workspace, capsys):
+    """`retrieve` writes JSONL with passage ids and corpus rows but no text; `teacher-scores` and `rerank` look
+    the text up by row in the passages TSV and give what they give on the DPR JSON with text."""
+    work, _ = workspace
+    if not (work / "emb" / "meta.json").exists():
+        pytest.skip("needs test_encode_index_retrieve_evaluate's output")
+    assert main(["retrieve", "--model", str(work / "question"), "--index", str(work / "emb"),
+                 "--passages", str(work / "passages.tsv"), "--qa", str(work / "dev.jsonl"),
+                 "--out", str(work / "dev.results.jsonl"), "--k", "5"]) == 0
+    record = json.loads((work / "dev.results.jsonl").read_text().splitlines()[0])
+    assert "texts" not in record and len(record["passage_rows"]) == 5
+    code = main(["teacher-scores", "--model", str(work / "reader"), "--results", str(work / "dev.results.jsonl"),
+                 "--out", str(work / "tfds_rows"), "--name", "teacher", "--top-k", "5", "--max-length", "96",
+                 "--limit", "3"])
+    assert code == 2 and "--passages" in capsys.readouterr().err     # the text has to come from somewhere
+    for name, results, extra in (("jsonl", "dev.results.jsonl", ["--passages", str(work / "passages.tsv")]),
+                                 ("json", "dev.results.json", [])):
+        assert main(["teacher-scores", "--model", str(work / "reader"), "--results", str(work / results),
+                     "--out", str(work / f"tfds_{name}"), "--name", "teacher", "--top-k", "5",
+                     "--max-length", "96", "--limit", "3"] + extra) == 0
+    by_row, with_text = (load_tfds(work / f"tfds_{n}" / "teacher", "train") for n in ("jsonl", "json"))
+    for i in range(3):
+        assert list(by_row[i]["passage_ids"]) == list(with_text[i]["passage_ids"])
+        assert list(by_row[i]["texts"]) == list(with_text[i]["texts"])
+        np.testing.assert_array_equal(by_row[i]["relevance_logits"], with_text[i]["relevance_logits"])

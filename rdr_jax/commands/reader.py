@@ -32,7 +32,10 @@ examples:
 
 def _add_reader_arguments(p):
     p.add_argument("--model", required=True, help="DPR reader checkpoint directory (HF or native)")
-    p.add_argument("--results", required=True, help="retriever-results JSON (DPR layout)")
+    p.add_argument("--results", required=True,
+                   help="retriever results: DPR JSON, or the JSONL `rdr-jax retrieve` writes")
+    p.add_argument("--passages", default=None,
+                   help="passages TSV or corpus store: the text of JSONL results written without it")
     p.add_argument("--max-length", type=positive_int, default=256, help="reader input length (default 256)")
     p.add_argument("--limit", type=positive_int, default=None, help="only the first N questions")
     p.add_argument("--questions-per-step", type=positive_int, default=8,
@@ -65,7 +68,7 @@ def add_teacher_arguments(p):
 def _load(args, passages: int):
     import itertools
 
-    from rdr_jax.data.readers import read_retriever_results
+    from rdr_jax.retrieval.results_io import iter_results
     from rdr_jax.data.tokenization import load_tokenizer
     from rdr_jax.models import DPRReader
     from rdr_jax.retrieval.reader import ReaderRunner
@@ -74,7 +77,8 @@ def _load(args, passages: int):
     model_dir, config = model_config("--model", args.model)
     check_architecture("--model", model_dir, config, ("DPRReader",), "a DPR reader")
     check_max_length("--model", args.max_length, model_dir, config)
-    results = list(itertools.islice(read_retriever_results(results_path), args.limit))
+    passages = input_file("--passages", args.passages) if args.passages else None
+    results = list(itertools.islice(iter_results(results_path, passages), args.limit))
     if not results:
         raise ValueError(f"--results {args.results}: no questions")
     empty = next((i for i, r in enumerate(results) if not r["ctxs"]), None)

@@ -31,7 +31,8 @@ def add_rerank_arguments(p):
     p.add_argument("--queries", help="queries TSV (qid<TAB>text) for --run")
     p.add_argument("--passages", help="passages for --run: MS MARCO collection.tsv (pid<TAB>text) or DPR "
                                       "psgs.tsv (id<TAB>text<TAB>title)")
-    p.add_argument("--results", help="DPR retriever-results JSON (instead of --run/--queries/--passages)")
+    p.add_argument("--results", help="retriever results, DPR JSON or `rdr-jax retrieve`'s JSONL (instead of "
+                                     "--run/--queries; --passages then gives the text of JSONL written without it)")
     p.add_argument("--out", required=True, help="output: TREC run for --run, results JSON for --results")
     p.add_argument("--depth", type=positive_int, default=100, help="passages re-ranked per query (default 100)")
     p.add_argument("--qrels", help="TREC qrels: print MRR@10 / nDCG@10 before and after (with --run)")
@@ -121,12 +122,13 @@ def _rerank_trec(args) -> int:
 def _rerank_results(args) -> int:
     import jax
 
-    from rdr_jax.data.readers import read_retriever_results
+    from rdr_jax.retrieval.results_io import iter_results
     from rdr_jax.retrieval.metrics import format_results_table
     from rdr_jax.retrieval.rerank import rerank_results
     from rdr_jax.retrieval.retrieve import recall_of_results, write_results
 
-    results = list(read_retriever_results(_require_file("--results", args.results)))
+    passages = _require_file("--passages", args.passages) if args.passages else None
+    results = list(iter_results(_require_file("--results", args.results), passages))
     if not results:
         raise ValueError(f"--results {args.results}: no questions")
     scorer = load_scorer(args)

@@ -7,8 +7,10 @@ questions (order kept), and each question's record is appended to the output as 
 
 Layouts:
 
-- JSONL (``.jsonl``), one question per line: ``{"qid", "question", "answers", "passage_ids", "scores",
-  "has_answer"}`` (+ ``"titles"``, ``"texts"`` when asked for).
+- JSONL (``.jsonl``), one question per line: ``{"qid", "question", "answers", "passage_ids", "passage_rows",
+  "scores", "has_answer"}`` (+ ``"titles"``, ``"texts"`` when asked for); ``passage_rows`` are the passages'
+  rows in the corpus (TSV or corpus store), so the commands that need the text look it up by row
+  (:func:`iter_results`).
 - DPR JSON (``.json``), the retriever-results file of DPR's reader: ``[{"question", "answers", "ctxs": [{"id",
   "title", "text", "score", "has_answer"}]}]``, written item by item (title/text can be left out).
 - TREC run: ``qid Q0 passage_id rank score tag``; the question id is its 0-based row in the questions file.
@@ -51,14 +53,15 @@ class PassageRows:
         return len(self.offsets)
 
     @classmethod
-    def scan(cls, path: str | os.PathLike, expected_ids: Iterable[str], expected_count: int, *,
+    def scan(cls, path: str | os.PathLike, expected_ids: Iterable[str] | None = None, expected_count: int = 0, *,
              source: str = "corpus", what: str = "the index") -> "PassageRows":
         """One pass over the TSV: every row's offset, and its id checked against ``expected_ids`` (the rows of
-        the index or encoding, in order); a mismatch is refused as ``check_ids_against_corpus`` words it."""
+        the index or encoding, in order; None: not checked); a mismatch is refused as
+        ``check_ids_against_corpus`` words it."""
         from tqdm import tqdm
 
         offsets = array("q")
-        expected = iter(expected_ids)
+        expected = iter(expected_ids or ())
         columns = {"id": 0, "text": 1, "title": 2}
         lines = _LineOffsets(path)
         reader = csv.reader(lines, delimiter="\t")
@@ -79,6 +82,9 @@ class PassageRows:
             if len(row) != 3:
                 raise FormatError(path, line, f"expected 3 tab-separated fields (id, text, title), got {len(row)}")
             n += 1
+            offsets.append(lines.last_offset)
+            if expected_ids is None:
+                continue
             pid = row[columns["id"]].strip()
             want = next(expected, None)
             if want is None:
@@ -87,8 +93,7 @@ class PassageRows:
             if pid != want:
                 raise ValueError(f"{source}: passage {n} has id {pid!r} but {what.split()[-1]} row {n - 1} is "
                                  f"{want!r}; {what} was built from another corpus")
-            offsets.append(lines.last_offset)
-        if n != expected_count:
+        if expected_ids is not None and n != expected_count:
             raise ValueError(f"{source}: has {n} passages but {what} has {expected_count}")
         return cls(path, np.frombuffer(offsets, np.int64), columns)
 
@@ -140,10 +145,10 @@ def _init_worker(path: str, columns: dict[str, int], options: dict) -> None:
 
 def _format_chunk(task) -> tuple[str, str, list[int]]:
     """(result records, TREC lines, first answer rank per question: -1 for none) of a chunk of questions."""
-    questions, scores, offsets = task
+    questions, scores, offsets, rows = task
     read, options = _WORKER["reader"], _WORKER["options"]
     out, trec, first_hits = io.StringIO(), io.StringIO(), []
-    for (qid, qa), row_scores, row_offsets in zip(questions, scores, offsets):
+    for (qid, qa), row_scores, row_offsets, corpus_rows in zip(questions, scores, offsets, rows):
         matcher = AnswerMatcher(qa["answers"], options["match"], _WORKER["tokenizer"])
         passages = [read(o) for o in row_offsets if o >= 0]
         hits = [bool(matcher(p["text"])) for p in passages]
@@ -151,7 +156,9 @@ def _format_chunk(task) -> tuple[str, str, list[int]]:
         row_scores = [float(s) for s in row_scores[:len(passages)]]
         if options["format"] == "jsonl":
             record = {"qid": qid, "question": qa["question"], "answers": list(qa["answers"]),
-                      "passage_ids": [p["id"] for p in passages], "scores": row_scores, "has_answer": hits}
+                      "passage_ids": [p["id"] for p in passages],
+                      "passage_rows": [int(r) for r in corpus_rows[:len(passages)]], "scores": row_scores,
+                      "has_answer": hits}
             if options["text"]:
                 record.update(titles=[p["title"] for p in passages], texts=[p["text"] for p in passages])
             out.write(json.dumps(record, ensure_ascii=False) + "\n")
@@ -206,7 +213,8 @@ def write_results_stream(batches: Iterable[tuple[np.ndarray, np.ndarray]], quest
             offsets = np.where(rows >= 0, passages.offsets[np.maximum(rows, 0)], -1)
             for s in range(0, len(rows), chunk_questions):
                 n = len(rows[s:s + chunk_questions])
-                yield ([(str(q + s + i), questions[q + s + i]) for i in range(n)], scores[s:s + n], offsets[s:s + n])
+                yield ([(str(q + s + i), questions[q + s + i]) for i in range(n)], scores[s:s + n], offsets[s:s + n],
+                       rows[s:s + n])
             q += len(rows)
 
     files = [_AtomicText(out)] + ([_AtomicText(Path(trec_out))] if trec_out is not None else [])
@@ -284,3 +292,56 @@ def first_hit_ranks_of(path: str | os.PathLike) -> tuple[np.ndarray, int]:
         ranks.append(hits.index(True) if True in hits else -1)
         depth = max(depth, len(hits))
     return np.frombuffer(ranks, np.int64), depth
+
+
+# ---- results with their passages ----------------------------------------------------------------------------
+
+class PassageLookup:
+    """Passages by corpus row, from a corpus store (``rdr-jax tokenize``; memory-mapped) or a passages TSV (byte
+    offsets: one pass to build, 8 bytes per passage)."""
+
+    def __init__(self, path: str | os.PathLike):
+        from rdr_jax.data.corpus_store import CorpusStore, is_corpus_store
+
+        self.path = Path(path)
+        if is_corpus_store(self.path):
+            self.get = CorpusStore(self.path).passage
+        else:
+            rows = PassageRows.scan(self.path)
+            reader = _PassageReader(str(self.path), rows.columns)
+            self.get = lambda row: reader(rows.offsets[row])
+
+
+def iter_results(path: str | os.PathLike, passages: str | os.PathLike | PassageLookup | None = None
+                 ) -> Iterator[dict]:
+    """Retriever results in DPR's layout (``{question, answers, ctxs: [{id, title, text, score, has_answer}]}``),
+    streamed from either file layout. JSONL records without text get it from ``passages`` by
+    ``passage_rows`` (each looked-up id checked against the record's), so results files need not carry it."""
+    if _first_char(path) == "[":
+        yield from read_retriever_results(path)
+        return
+    lookup = passages if passages is None or isinstance(passages, PassageLookup) else None
+    for line, record in iter_jsonl(path):
+        for field in ("question", "passage_ids", "scores"):
+            if field not in record:
+                raise FormatError(path, line, f"missing field {field!r}")
+        ids, n = record["passage_ids"], len(record["passage_ids"])
+        if "texts" in record:
+            titles, texts = record.get("titles") or [""] * n, record["texts"]
+        else:
+            if passages is None:
+                raise ValueError(f"{path}: results without passage text; give the passages (--passages TSV or "
+                                 "corpus store) to read it from")
+            if "passage_rows" not in record:
+                raise FormatError(path, line, "no 'texts' and no 'passage_rows' to look the passages up by")
+            lookup = lookup or PassageLookup(passages)
+            found = [lookup.get(int(r)) for r in record["passage_rows"]]
+            for pid, p in zip(ids, found):
+                if p["id"] != str(pid):
+                    raise FormatError(path, line, f"passage row holds id {p['id']!r} in {lookup.path}, the results "
+                                                  f"say {pid!r}: other passages than the retrieval's")
+            titles, texts = [p["title"] for p in found], [p["text"] for p in found]
+        hits = record.get("has_answer") or [False] * n
+        yield {"question": record["question"], "answers": list(record.get("answers") or []),
+               "ctxs": [{"id": str(i), "title": t, "text": x, "score": float(s), "has_answer": bool(h)}
+                        for i, t, x, s, h in zip(ids, titles, texts, record["scores"], hits)]}

@@ -174,3 +174,32 @@ def test_host_memory_does_not_follow_the_corpus(tmp_path, tokenizer):
     assert batch["p_emb"].shape == (32, dim) and top.shape == (4, 5)
     # ids -> rows reads one 20k-id shard at a time (~3 MB), the search holds a float64 block of 4096 x 80 (2.6 MB)
     assert peak < corpus / 4, (peak, corpus)
+
+
+def test_teacher_dataset_rows_read_without_text_equal_the_jsonl(encoding, tokenizer, tmp_path):
+    """The TFDS dataset ``rdr-jax teacher-scores`` writes (texts included) gives the same batches as the JSONL,
+    its texts dropped as it is read."""
+    from rdr_jax.data.tfds_format import write_dataset
+    from rdr_jax.retrieval.reader import teacher_scores_features
+
+    path, _, ids = encoding
+    jsonl = rdr_jsonl(tmp_path / "ids.jsonl", ids)
+    rows = []
+    for line in jsonl.read_text().splitlines():
+        r = json.loads(line)
+        ctxs = r["ctxs"]
+        rows.append({"question": r["question"], "answers": r["answers"], "passage_ids": [c["id"] for c in ctxs],
+                     "titles": [c["title"] for c in ctxs], "texts": [c["text"] for c in ctxs],
+                     "has_answer": np.array([c["has_answer"] for c in ctxs]),
+                     "retriever_scores": np.zeros(len(ctxs), np.float32),
+                     "relevance_logits": np.array([c["teacher_score"] for c in ctxs], np.float32),
+                     "span_scores": np.zeros(len(ctxs), np.float32)})
+    dataset = write_dataset(tmp_path / "tfds", "teacher", teacher_scores_features(), {"train": rows})
+    emb = PassageEmbeddings(path)
+    from_tfds, from_jsonl = make_data(dataset, tokenizer, emb), make_data(jsonl, tokenizer, emb)
+    assert from_tfds.titles is None and from_tfds.texts is None
+    idx = np.arange(len(rows))
+    a, b = from_tfds.make_batch(idx), from_jsonl.make_batch(idx)
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)

@@ -13,7 +13,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 
 from rdr_jax.data.dpr_data import passage_arrays, question_arrays
-from rdr_jax.data.files import read_json_records, resolve_data_path
+from rdr_jax.data.files import iter_json_records, resolve_data_path
 from rdr_jax.data.id_hash import id_hashes
 from rdr_jax.data.tokenization import encode_reader_inputs
 from rdr_jax.errors import ConfigError
@@ -111,10 +111,12 @@ def iter_records(path, split: str, score: str, keep_text: bool = True) -> Iterat
     if path.is_dir():
         yield from iter_teacher_dataset(path, split, score, keep_text)
         return
-    records = read_json_records(path, "RDR training data")
-    biencoder = bool(records) and isinstance(records[0], dict) and "ctxs" not in records[0] \
-        and "positive_ctxs" in records[0]
-    for r in records:
+    if not path.is_file():
+        raise ConfigError(f"{path}: RDR training data file not found")
+    biencoder = None
+    for _, r in iter_json_records(path):   # streamed: one record at a time, never the whole file
+        if biencoder is None:
+            biencoder = isinstance(r, dict) and "ctxs" not in r and "positive_ctxs" in r
         yield from_biencoder_record(r) if biencoder else r
 
 

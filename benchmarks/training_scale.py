@@ -220,8 +220,9 @@ def main(argv=None) -> dict:
         # peak less the file-backed pages resident at the end (libraries, and the encoding's map where there is
         # one: shared page cache, not the process's own): what the process itself holds
         own = {k: r["setup"]["VmHWM"] - r["setup"]["RssFile"] for k, r in runs.items()}
-        per_passage = (own[sizes[0]] - own[sizes[1]]) / (args.passages - small)
-        per_question = (own[sizes[1]] - own[sizes[2]]) / (args.questions - few)
+        # a negative growth is measurement noise (a peak set by model building, not data): counted as none
+        per_passage = max(0.0, (own[sizes[0]] - own[sizes[1]]) / (args.passages - small))
+        per_question = max(0.0, (own[sizes[1]] - own[sizes[2]]) / (args.questions - few))
         nq = own[sizes[0]] + per_passage * (NQ_PASSAGES - args.passages) + per_question * (NQ_QUESTIONS - args.questions)
         big = runs[sizes[0]]
         report["rdr"] = {

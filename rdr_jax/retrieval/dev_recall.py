@@ -1,8 +1,11 @@
 """Top-k answer recall of a dev question set during training, as the retrieval pipeline computes it: exact
 inner-product search over the dev passages' embeddings (in blocks, so a large corpus never needs a [queries,
-corpus] score matrix), DPR's has_answer on the passage text, percent of questions."""
+corpus] score matrix, nor a float copy of a memory-mapped encoding), DPR's has_answer on the passage text,
+percent of questions."""
 
 from __future__ import annotations
+
+from typing import Iterator
 
 import numpy as np
 
@@ -30,11 +33,23 @@ def _best_k(scores: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, n
     return np.take_along_axis(scores, order, 1), np.take_along_axis(rows, order, 1)
 
 
-def exact_top_k(queries: np.ndarray, vectors: np.ndarray, k: int, *, query_block: int = 256,
-                corpus_block: int = 65_536) -> np.ndarray:
+def corpus_blocks(vectors, size: int) -> Iterator[tuple[int, np.ndarray]]:
+    """(first row, block of at most ``size`` rows) over ``vectors``: an array (a memory map included) or an object
+    with ``blocks(size)`` (``PassageEmbeddings``: its memory-mapped shards, in the stored dtype)."""
+    if hasattr(vectors, "blocks"):
+        yield from vectors.blocks(size)
+        return
+    for start in range(0, len(vectors), size):
+        yield start, vectors[start:start + size]
+
+
+def exact_top_k(queries: np.ndarray, vectors, k: int, *, query_block: int = 256,
+                corpus_block: int = 32_768) -> np.ndarray:
     """Rows of the ``k`` largest inner products per query, best first, ties to the lower row (as a stable
-    sort); exact, in blocks so a large corpus never needs a [queries, corpus] score matrix."""
-    n = vectors.shape[0]
+    sort); exact, in blocks so a large corpus never needs a [queries, corpus] score matrix nor a float copy of
+    itself: ``vectors`` (an array or ``PassageEmbeddings``) is read a block at a time (fp16 converted per
+    block), so memory is bounded by the blocks whatever the corpus size."""
+    n = len(vectors)
     k = min(k, n)
     out = np.zeros((len(queries), k), np.int64)
     for q0 in range(0, len(queries), query_block):
@@ -43,8 +58,8 @@ def exact_top_k(queries: np.ndarray, vectors: np.ndarray, k: int, *, query_block
         q = np.asarray(queries[q0:q0 + query_block], np.float64)
         best_scores = np.zeros((len(q), 0), np.float32)
         best_rows = np.zeros((len(q), 0), np.int64)
-        for c0 in range(0, n, corpus_block):
-            block = np.asarray(vectors[c0:c0 + corpus_block], np.float64)
+        for c0, block in corpus_blocks(vectors, corpus_block):
+            block = np.asarray(block, np.float64)
             scores = np.concatenate([best_scores, (q @ block.T).astype(np.float32)], axis=1)
             rows = np.concatenate([best_rows, np.broadcast_to(np.arange(c0, c0 + len(block)), (len(q), len(block)))],
                                   axis=1)
@@ -93,13 +108,18 @@ class DevRecall:
                              "another corpus")
         return self._texts
 
-    def __call__(self, question_vectors: np.ndarray, passage_vectors: np.ndarray,
-                 passage_ids: list[str]) -> dict[str, float]:
+    def __call__(self, question_vectors: np.ndarray, passage_vectors, passage_ids) -> dict[str, float]:
+        """``passage_vectors``: an array or ``PassageEmbeddings`` (searched a block at a time); ``passage_ids``: a
+        list, or ``EncodedIds`` (only the ids of the top rows are read)."""
         if question_vectors.shape[1] != passage_vectors.shape[1]:
             raise ValueError(f"question embeddings have {question_vectors.shape[1]} dims but the dev passage "
                              f"embeddings {passage_vectors.shape[1]}")
         rows = exact_top_k(question_vectors, passage_vectors, max(self.ks))
-        ranked = [[passage_ids[r] for r in row] for row in rows]
+        if hasattr(passage_ids, "ids_of"):   # ids read on demand (an encoding's): all of them in one pass
+            flat = passage_ids.ids_of(rows.reshape(-1))
+            ranked = [flat[i:i + rows.shape[1]] for i in range(0, len(flat), rows.shape[1])]
+        else:
+            ranked = [[passage_ids[r] for r in row] for row in rows]
         texts = self.texts({pid for row in ranked for pid in row})
         hits = [[match(texts[pid]) for pid in row] for match, row in zip(self.matchers, ranked)]
         return {f"dev_top{k}": v for k, v in top_k_answer_recall(hits, self.ks).items()}

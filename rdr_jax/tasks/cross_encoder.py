@@ -48,7 +48,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from rdr_jax import losses as R
 from rdr_jax.convert.hf_io import has_tokenizer_files, resolve_model_dir
@@ -162,6 +161,7 @@ class CrossEncoderDataConfig(TrainFiles):
 class CrossEncoderTask(FileDataTask):
     name = "cross_encoder"
     question_field = "passage_mask"
+    token_mask_fields = ("attention_mask",)
 
     @classmethod
     def config_sections(cls):
@@ -306,9 +306,6 @@ class CrossEncoderTask(FileDataTask):
                                 need_teacher=uses_file_scores, need_labels=self.needs_labels,
                                 stand_in=d.stand_in_teacher, teacher_pairs=teacher_pairs)
 
-
-    def batch_stats(self, batch):
-        return {"examples": int(batch["passage_mask"].shape[0]), "tokens": int(np.sum(batch["attention_mask"]))}
 
     # ---- export ----
     def export(self, model, out_dir) -> list[Path]:

@@ -46,7 +46,6 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from rdr_jax import losses
 from rdr_jax.data.dgr_data import DGRData
@@ -95,6 +94,7 @@ class DGRDataConfig(IdentifierData, TrainFiles):
 @register_task
 class DGRTask(GenerativeTask):
     name = "dgr"
+    token_mask_fields = ("q_attention_mask", "target_mask")
 
     @classmethod
     def config_sections(cls):
@@ -136,7 +136,3 @@ class DGRTask(GenerativeTask):
         masked = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
         return loss, {"ranking_loss": rank, "generation_loss": generation,
                       "positive_top1": jnp.mean((jnp.argmax(masked, -1) == 0).astype(jnp.float32))}
-
-    def batch_stats(self, batch):
-        return {"examples": int(batch["q_input_ids"].shape[0]),
-                "tokens": int(np.sum(batch["q_attention_mask"]) + np.sum(batch["target_mask"]))}

@@ -22,7 +22,9 @@ teacher score = the reader's relevance logit, or relevance + best span score wit
 teacher_score, has_answer?}]}``, top-K first. With ``data.passage_embeddings`` (the directory ``rdr-jax
 encode`` wrote for the index) and a frozen context encoder, the passages are not re-encoded in the step:
 their index embeddings are looked up, which is exact (the frozen encoder would reproduce them) and far cheaper.
-A DPR bi-encoder JSON is also read (ctxs = its positive, hard negatives, then negatives; the positive has
+The vectors are memory-mapped (fp16 stays fp16, rows converted per batch) and the data keeps passage rows,
+not texts (a ctx's ``row`` in the encoding, or its ``id``, mapped to a row once at set-up): per-process memory
+does not grow with the corpus beyond the map. A DPR bi-encoder JSON is also read (ctxs = its positive, hard negatives, then negatives; the positive has
 ``has_answer``); it carries no teacher scores, so it needs ``task.teacher_model``. ``task.teacher_model: init``
 builds a random DPRReader from ``model.init`` (a smoke test of the in-step teacher, not a real teacher).
 
@@ -39,7 +41,6 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from rdr_jax import losses
 from rdr_jax.data.rdr_data import RDRData
@@ -184,24 +185,29 @@ class RDRTask(BiEncoderTask):
             loss = loss + t.nll_weight * nll
         return loss, metrics
 
-    def dev_passage_embeddings(self, model, dev: DevRecall) -> tuple[np.ndarray, list[str]]:
+    def dev_passage_embeddings(self, model, dev: DevRecall):
         """The frozen index embeddings (``data.passage_embeddings``) when given: exact for the frozen context
-        encoder, and no corpus encoding per evaluation. Else the dev passages encoded (see BiEncoderTask)."""
+        encoder, and no corpus encoding per evaluation; memory-mapped, with the ids read on demand, so the
+        search streams over the shards. Else the dev passages encoded (see BiEncoderTask)."""
         if not self.config.data.passage_embeddings:
             return super().dev_passage_embeddings(model, dev)
+        embeddings = self.passage_embeddings()
+        return embeddings, embeddings.ids
+
+    def passage_embeddings(self) -> PassageEmbeddings:
+        """``data.passage_embeddings`` memory-mapped, opened once (the page cache is shared by every process)."""
         if self._embeddings is None:
             self._embeddings = PassageEmbeddings(self.config.data.passage_embeddings)
-        return self._embeddings.vectors, self._embeddings.ids
+        return self._embeddings
 
     def _data(self, path, split) -> RDRData:
         d, t = self.config.data, self.config.task
-        if d.passage_embeddings and self._embeddings is None:
-            self._embeddings = PassageEmbeddings(d.passage_embeddings)
         return RDRData(path, self.tokenizer, top_k=d.top_k, max_question_length=d.max_question_length,
                        max_passage_length=d.max_passage_length, need_teacher_scores=not self.teacher_path,
                        need_positive=t.nll_weight > 0,
                        reader_length=d.max_reader_length if self.teacher_path else None, split=split,
-                       teacher_score=d.teacher_score, embeddings=self._embeddings)
+                       teacher_score=d.teacher_score,
+                       embeddings=self.passage_embeddings() if d.passage_embeddings else None)
 
     def split_data(self, split: str) -> RDRData:
         d = self.config.data

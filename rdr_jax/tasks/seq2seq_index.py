@@ -57,6 +57,7 @@ class IndexingDataConfig(IdentifierData):
 class Seq2SeqIndexTask(GenerativeTask):
     name = "seq2seq_index"
     question_field = "input_ids"
+    token_mask_fields = ("attention_mask", "target_mask")
 
     @classmethod
     def config_sections(cls):
@@ -118,7 +119,3 @@ class Seq2SeqIndexTask(GenerativeTask):
                       "index_loss": losses.sequence_cross_entropy(token, index),
                       "token_accuracy": jnp.sum(correct) / jnp.maximum(jnp.sum(mask), 1),
                       "exact_match": jnp.mean(exact)}
-
-    def batch_stats(self, batch):
-        return {"examples": int(batch["input_ids"].shape[0]),
-                "tokens": int(np.sum(batch["attention_mask"]) + np.sum(batch["target_mask"]))}

@@ -14,6 +14,9 @@ batch's shapes (``Task.step_flops``, not XLA's cost analysis, which misses a GPU
 known (``flops.PEAK_BF16_FLOPS``, or ``train.peak_flops`` per device: a CPU has none). Step times exclude the
 time spent in evaluation; the first record's window includes compilation.
 
+Host accounting (``host_metrics``) in every record and the progress bar: real and padded tokens/s of the task's
+token masks, ``input_wait_share`` (of step time spent waiting for the batch), ``host_peak_rss_gb`` (process 0).
+
 Multi-process (after ``jax.distributed`` is up, see ``distributed.py``): every process runs this same loop;
 each reads only its block of every global batch; process 0 alone writes metrics, TensorBoard, config.yaml and
 the HF export; all take part in orbax checkpoints. Faults (``faults.py``): the workdir is checked before
@@ -40,7 +43,7 @@ from flax import nnx
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from rdr_jax.training import distributed, faults, flops
+from rdr_jax.training import distributed, faults, flops, host_metrics
 from rdr_jax.training.checkpoints import Checkpointer
 from rdr_jax.training.config import Config
 from rdr_jax.training.optim import count_params, make_optimizer
@@ -283,7 +286,8 @@ def train(config: Config, *, iterator=None, progress: bool = True) -> dict[str, 
     last: dict[str, Any] = {}
     skipped_seen = 0
     preempted = False
-    window_examples = window_tokens = 0
+    window_examples = 0
+    window = host_metrics.WindowMeter()   # input wait, real/padded tokens, peak RSS
     window_start = time.perf_counter()
     bar = tqdm(total=t.steps, initial=min(start, t.steps), desc=f"train {config.task.name}", unit="step",
                disable=not (progress and is_main), dynamic_ncols=True)
@@ -312,13 +316,13 @@ def train(config: Config, *, iterator=None, progress: bool = True) -> dict[str, 
         for step in range(start, t.steps):
             data_states.record(step)
             try:
-                host_batch = next(iterator)
+                host_batch = window.next_batch(iterator)
             except StopIteration:
                 log.warning("the data iterator ended at step %d (train.steps=%d)", step, t.steps)
                 break
             stats = task.batch_stats(host_batch)
             window_examples += stats["examples"] * shard[1]   # per process -> the global batch
-            window_tokens += stats["tokens"] * shard[1]
+            window.add_tokens(stats, shard[1])
             if shard[1] > 1:
                 host_batch = distributed.globalize_index_fields(host_batch, task, shard[0])
             batch = shard_batch(host_batch, mesh)
@@ -353,15 +357,17 @@ def train(config: Config, *, iterator=None, progress: bool = True) -> dict[str, 
                                     "(%d in all)", done, skipped - skipped_seen, done - t.log_every + 1, skipped)
                     skipped_seen = skipped
                 elapsed = max(time.perf_counter() - window_start - eval_seconds, 1e-9)
-                values.update(examples_per_sec=window_examples / elapsed, tokens_per_sec=window_tokens / elapsed)
+                values.update(examples_per_sec=window_examples / elapsed, **window.values(elapsed))
                 values.update(meter.values(window_steps, elapsed, first=not last))
                 values.update(dev)
                 watcher.raise_if_aborted()
                 writer.write(done, values)
                 last = values
                 loss = values["loss"]
-                bar.set_postfix(loss=f"{loss:.4f}" if math.isfinite(loss) else str(loss))
-                window_examples = window_tokens = window_steps = 0
+                bar.set_postfix(loss=f"{loss:.4f}" if math.isfinite(loss) else str(loss),
+                                wait=f"{values['input_wait_share']:.0%}", rss=f"{values['host_peak_rss_gb']:.1f}G")
+                window_examples = window_steps = 0
+                window.reset()
                 eval_seconds = 0.0
                 window_start = time.perf_counter()
                 data_states.forget_before(done)

@@ -60,6 +60,9 @@ class Task:
     question_field: ClassVar[str] = "q_input_ids"
     # {index field: the field whose rows it indexes (or a tuple of alternatives, the first present is used)}
     index_fields: ClassVar[dict[str, str | tuple[str, ...]]] = {}
+    # Batch fields that are token masks (1 = a real token, 0 = padding), for the real vs padded tokens/s the
+    # loop logs; None: every ``*attention_mask`` field.
+    token_mask_fields: ClassVar[tuple[str, ...] | None] = None
 
     def __init__(self, config, workdir: str | Path):
         self.config = config
@@ -163,9 +166,13 @@ class Task:
         return None
 
     def batch_stats(self, batch: dict[str, np.ndarray]) -> dict[str, int]:
-        """Examples (questions) and non-padding tokens in a host batch, for throughput logging."""
-        tokens = sum(int(np.sum(v)) for k, v in batch.items() if k.endswith("attention_mask"))
-        return {"examples": int(batch[self.question_field].shape[0]), "tokens": tokens}
+        """Examples (questions), real (non-padding) tokens and padded tokens (the masks' sizes) of the token masks
+        (``token_mask_fields``) in a host batch, for throughput logging."""
+        fields = self.token_mask_fields
+        masks = [v for k, v in batch.items() if (k in fields if fields is not None else k.endswith("attention_mask"))]
+        return {"examples": int(batch[self.question_field].shape[0]),
+                "tokens": sum(int(np.count_nonzero(m)) for m in masks),
+                "padded_tokens": sum(int(np.size(m)) for m in masks)}
 
     # ---- export ----------------------------------------------------------------------------------------------
     @property

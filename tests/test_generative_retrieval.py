@@ -164,7 +164,7 @@ def generate_tokenizer(model_dir: Path):
 def test_generate_over_corpus_ngrams(trained, tmp_path, capsys):
     """MINDER-style retrieval through `rdr-jax generate --ngram-index`: the index is built from the passages on
     first use and loaded after; every beam is a corpus n-gram and passages are ranked by SEAL's score."""
-    from rdr_jax.decoding.substring_index import CorpusNgrams
+    from rdr_jax.decoding.ngram_passages import CorpusNgrams
 
     model = trained[0] / "final" / "retriever"
     lines = (EMBEDDED / "passages.tsv").read_text().splitlines(keepends=True)

@@ -8,9 +8,10 @@ import torch
 
 from parity import assert_close
 from rdr_jax.decoding import constrained_beam_search
-from rdr_jax.decoding.substring_index import SubstringIndex, ngram_weight, score_passages
+from rdr_jax.decoding.ngram_passages import ngram_weight, score_passages
+from rdr_jax.decoding.substring_index import SubstringIndex
 from test_beam_search import BATCH, FIRST_TOKEN, MAX_LEN, NUM_BEAMS, VOCAB, family, identifier, inputs  # noqa: F401
-from test_beam_search import teacher_forced, through_eos
+from test_beam_search import teacher_forced
 
 MAX_NGRAM = MAX_LEN - 1   # the beam search tests compile one shape: n-grams + EOS fit MAX_LEN
 

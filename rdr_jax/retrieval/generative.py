@@ -31,7 +31,8 @@ import numpy as np
 from tqdm import tqdm
 
 from rdr_jax.decoding.identifiers import PassageIdentifiers, read_identifier_tsv
-from rdr_jax.decoding.substring_index import CorpusNgrams, SubstringIndex
+from rdr_jax.decoding.ngram_passages import CorpusNgrams
+from rdr_jax.decoding.substring_index import SubstringIndex
 
 IDENTIFIERS_TSV = "identifiers.tsv"
 

@@ -5,12 +5,11 @@ Runs in a subprocess with 8 simulated CPU devices (the XLA flag must be set befo
 tiny BERT has no dropout (packed and padded activations draw different dropout masks), fp32. Each run takes
 one step on the same global batch (one compile per run: the suite's time) and reports its loss and gradient
 norm; a run with ``train.grad_accum_steps=2`` is compared with the padded run
-with the same accumulation (DPR's in-batch negatives are per micro-batch). The compiled packed step on
-data=8 must hold no all-to-all and no collective-permute: the packed rows never leave the devices that hold
-their batch rows.
+with the same accumulation (DPR's in-batch negatives are per micro-batch). Packing, unpacking and their
+gradients on a batch split over 8 devices compile to no collective at all: the packed rows never leave the
+devices that hold their batch rows.
 """
 
-import re
 import textwrap
 
 import pytest
@@ -19,7 +18,7 @@ import harness
 from parity import assert_close
 
 SCRIPT = textwrap.dedent("""
-    import json, os, re, sys
+    import json, os, sys
     import jax
     from rdr_jax.tasks import load_config
     from rdr_jax.training.loop import prepare
@@ -28,12 +27,12 @@ SCRIPT = textwrap.dedent("""
 
     bert, data, workdir = sys.argv[1:]
     assert len(jax.devices()) == 8, jax.devices()
+    out = {"collectives": harness.packing_collectives(make_mesh(8, 1, 1))}
     # name: (unpad, grad_accum_steps, mesh data x fsdp x tensor, devices)
     runs = {"padded_1dev": (False, 1, (1, 1, 1), jax.devices()[:1]),
             "padded_1dev_accum2": (False, 2, (1, 1, 1), jax.devices()[:1]),
             "packed_data8": (True, 1, (8, 1, 1), None),
             "packed_data2_fsdp2_tensor2_accum2": (True, 2, (2, 2, 2), None)}
-    out = {}
     for name, (unpad, accum, shape, devices) in runs.items():
         mesh = dict(zip(("data", "fsdp", "tensor"), shape))
         config = load_config(harness.TINY_CONFIGS / "dpr.yaml", harness.tiny_overrides("dpr", bert, data) + [
@@ -47,9 +46,7 @@ SCRIPT = textwrap.dedent("""
         step = trainer.train_step.lower(*args).compile()
         _, metrics = step(*args)
         out[name] = {"loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]),
-                     "packed_rows": {p: list(batch[f"{p}token_position"].shape) for p in ("q_", "p_")} if unpad else None,
-                     "collectives": {op: len(re.findall(rf"\\b{op}(-start)?\\(", step.as_text()))
-                                     for op in ("all-gather", "all-to-all", "all-reduce", "collective-permute")}}
+                     "packed_rows": {p: list(batch[f"{p}token_position"].shape) for p in ("q_", "p_")} if unpad else None}
     print("RESULT " + json.dumps(out))
 """)
 
@@ -66,6 +63,8 @@ def mesh_runs(tmp_path_factory):
                                             ("packed_data2_fsdp2_tensor2_accum2", "padded_1dev_accum2")])
 def test_packed_training_on_a_mesh_matches_padded_one_device(mesh_runs, run, reference):
     ref, got = mesh_runs[reference], mesh_runs[run]
+    print(f"{run}: loss {got['loss']!r} grad_norm {got['grad_norm']!r}; {reference}: loss {ref['loss']!r} "
+          f"grad_norm {ref['grad_norm']!r}; packed rows {got['packed_rows']}")
     assert_close(got["loss"], ref["loss"], atol=1e-5, rtol=1e-5, what=f"{run} loss")
     # the norm sums every gradient entry in another order over the devices
     assert_close(got["grad_norm"], ref["grad_norm"], atol=1e-5, rtol=1e-4, what=f"{run} grad norm")
@@ -75,5 +74,4 @@ def test_packed_training_on_a_mesh_matches_padded_one_device(mesh_runs, run, ref
 
 
 def test_packed_rows_stay_on_their_devices(mesh_runs):
-    packed = mesh_runs["packed_data8"]["collectives"]
-    assert packed["all-to-all"] == 0 and packed["collective-permute"] == 0, packed
+    assert mesh_runs["collectives"] and not any(mesh_runs["collectives"].values()), mesh_runs["collectives"]

@@ -183,3 +183,39 @@ def run_on_simulated_devices(script: str, *args, devices: int = 8, timeout: int 
     if proc.returncode != 0 or not lines:
         raise AssertionError(f"subprocess failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return json.loads(lines[-1][len("RESULT "):])
+
+
+def packing_collectives(mesh) -> dict[str, int]:
+    """Collectives in the compiled pack -> unpack / first round trip (and its gradient) of a batch split over
+    ``mesh``'s data-parallel devices with per-shard packing maps: {op: count}, for tests that packed rows stay
+    on their devices."""
+    import re
+
+    import jax
+    import jax.numpy as jnp
+    from rdr_jax.models.packing import TokenPacking, block_maps, packed_per_row
+    from rdr_jax.training.partitioning import batch_sharding
+
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    rng = np.random.RandomState(0)
+    rows, length = 16, 16   # two rows per device of an 8-device mesh
+    mask = (np.arange(length)[None] < rng.randint(1, length + 1, size=rows)[:, None]).astype(np.int32)
+    maps = block_maps(mask, shards, packed_per_row(mask, shards))
+    x, *maps = jax.device_put([rng.randn(rows, length, 8).astype(np.float32), *maps], batch_sharding(mesh))
+
+    def round_trip(x, token_position, position_row):   # no reduction: a sum would all-reduce its scalar
+        packing = TokenPacking.from_rows(token_position, position_row, shards)
+        h = jnp.sin(packing.pack(x))
+        return packing.unpack(h), packing.first(h)
+
+    def backward(x, token_position, position_row):
+        out, vjp = jax.vjp(lambda x: round_trip(x, token_position, position_row), x)
+        return vjp(out)[0]
+
+    ops = ("all-gather", "all-to-all", "all-reduce", "reduce-scatter", "collective-permute")
+    counts = dict.fromkeys(ops, 0)
+    for fn in (round_trip, backward):
+        text = jax.jit(fn).lower(x, *maps).compile().as_text()
+        for op in ops:
+            counts[op] += len(re.findall(rf"\b{op}(-start)?\(", text))
+    return counts

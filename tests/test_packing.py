@@ -9,7 +9,9 @@ import transformers
 from flax import nnx
 
 import rdr_jax
-from rdr_jax.models.packing import TokenPacking, packed_length
+from rdr_jax.models.packing import TokenPacking, block_maps, packed_length, packed_per_row
+from rdr_jax.tasks.bi_encoder import add_packing, batch_packing, packed_tokens
+from rdr_jax.training.task import Task
 from parity import assert_close
 
 TINY = dict(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
@@ -166,3 +168,58 @@ def test_cls_only_gives_the_same_embedding_and_gradients(tmp_path, packed):
         assert float(jnp.abs(a - b).max()) <= 1e-5 * max(1.0, float(jnp.abs(a).max()))
     with pytest.raises(ValueError, match="output_hidden_states"):
         model(ids, mask, types, cls_only=True, output_hidden_states=True)
+
+
+def test_block_maps_refuse_too_few_rows():
+    _, mask, _ = ragged_batch([6, 6, 1, 1], 6)
+    assert packed_per_row(mask, 2, steps=6) == 6 and packed_per_row(mask, 1, steps=6) == 4
+    with pytest.raises(ValueError, match="does not fit 5 packed rows"):
+        block_maps(mask, 2, 5)
+    with pytest.raises(ValueError, match="3 equal blocks"):
+        packed_per_row(mask, 3)
+
+
+def split_like_the_step(batch, n):
+    return Task(None, ".").split_microbatches({k: jnp.asarray(v) for k, v in batch.items()}, n)
+
+
+def test_packing_per_shard_and_micro_batch_follows_the_step_split():
+    """add_packing's maps, split into micro-batches as the train step splits them, pack each data-parallel
+    shard's rows of each micro-batch on their own (the shard's real tokens in order), and unpack back."""
+    rng = np.random.RandomState(0)
+    length, shards, micro = 8, 4, 2
+    mask = (np.arange(length)[None] < rng.randint(1, length + 1, size=16)[:, None]).astype(np.int32)
+    batch = {"q_input_ids": np.zeros((8, 3), np.int32), "p_attention_mask": mask,
+             "x": rng.randn(16, length, 3).astype(np.float32)}   # 8 questions x 2 passages
+    packed = add_packing(batch, shard_questions=8 // shards, micro_batches=micro, prefixes=("p_",))
+    assert packed["p_token_position"].shape[0] == 16 and packed["p_position_row"].shape == (16, length)
+    split = split_like_the_step(packed, micro)
+    for m in range(micro):
+        one = {k: v[m] for k, v in split.items()}
+        packing = batch_packing(one, "p_", shards)
+        x, real = np.asarray(one["x"]), np.asarray(one["p_attention_mask"]).astype(bool)
+        rows = np.asarray(packing.pack(jnp.asarray(x))).reshape(shards, -1, 3)
+        for s, (xs, ms) in enumerate(zip(x.reshape(shards, -1, length, 3), real.reshape(shards, -1, length))):
+            np.testing.assert_array_equal(rows[s][:ms.sum()], xs[ms])   # shard s's own tokens, in order
+        np.testing.assert_array_equal(np.asarray(packing.unpack(packing.pack(jnp.asarray(x)))), x * real[..., None])
+        np.testing.assert_array_equal(np.asarray(packing.first(packing.pack(jnp.asarray(x))))[:, 0], x[:, 0])
+    assert packed_tokens({k: v.shape for k, v in packed.items()}, "p_") == packed["p_token_position"].size < mask.size
+    with pytest.raises(ValueError, match="micro-batches"):
+        add_packing(batch, shard_questions=3, micro_batches=micro)
+
+
+def test_each_process_packs_its_own_block():
+    """Two processes' blocks of a batch, packed each on its own (agreeing on the packed size), are the maps of
+    the whole batch packed on one process."""
+    rng = np.random.RandomState(1)
+    mask = (np.arange(6)[None] < rng.randint(1, 7, size=16)[:, None]).astype(np.int32)
+    batch = {"q_input_ids": np.zeros((8, 2), np.int32), "p_attention_mask": mask}
+    whole = add_packing(batch, shard_questions=2, micro_batches=2, prefixes=("p_",))
+    halves = [{k: v[i * len(v) // 2:(i + 1) * len(v) // 2] for k, v in batch.items()} for i in range(2)]
+    seen = []
+    for half in halves:
+        add_packing(half, shard_questions=2, micro_batches=2, prefixes=("p_",), agree=lambda v: seen.append(v) or v)
+    blocks = [add_packing(half, shard_questions=2, micro_batches=2, prefixes=("p_",), agree=lambda v: max(seen))
+              for half in halves]
+    for name in ("p_token_position", "p_position_row"):
+        np.testing.assert_array_equal(np.concatenate([b[name] for b in blocks]), whole[name])

@@ -2,6 +2,7 @@
 the same parameters, numbers and gradients as the unrolled stack, with dropout on; the same HF files."""
 
 import re
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +13,7 @@ import transformers
 from flax import nnx
 from safetensors.numpy import load_file
 
+import rdr_jax
 from rdr_jax.models import BertForSequenceClassification, BertModel, DPRContextEncoder, DPRReader
 from rdr_jax.models.base import flat_params
 from rdr_jax.models.deberta_v2 import DebertaV2ForSequenceClassification
@@ -303,3 +305,24 @@ def test_other_families_scanned_equal_unrolled(tmp_path, family):
 
         with jax.default_matmul_precision("highest"):
             assert_close(greedy(scanned), greedy(unrolled), atol=1e-5, rtol=1e-5)
+
+
+def test_full_size_configs_scan_and_a_resume_with_the_other_layout_is_refused(tmp_path):
+    """The shipped full-size training configs run scanned layers; a workdir trained with the other layout
+    refuses to resume in one line naming model.scan_layers and how to resume (null and absent = false)."""
+    import yaml
+
+    from rdr_jax.training import faults
+    from rdr_jax.training.faults import WorkdirError
+
+    configs = sorted((Path(rdr_jax.__file__).parent / "configs").glob("*.yaml"))
+    assert configs and all(yaml.safe_load(p.read_text())["model"]["scan_layers"] is True for p in configs)
+    saved = {"task": {"name": "dpr"}, "model": {"init": {"hidden_size": 32}, "remat": False}}  # predates the key
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
+    for same in (None, False):
+        faults.check_same_run(tmp_path, {**saved, "model": {**saved["model"], "scan_layers": same}})
+    with pytest.raises(WorkdirError) as err:
+        faults.check_same_run(tmp_path, {**saved, "model": {**saved["model"], "scan_layers": True}})
+    message = str(err.value)
+    assert len(message.splitlines()) == 1 and "model.scan_layers was False" in message
+    assert "set model.scan_layers: false" in message

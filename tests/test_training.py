@@ -187,9 +187,11 @@ def test_unpadded_step_equals_padded_step(files, task):
         assert np.max(np.abs(a - b)) / max(np.max(np.abs(a)), 0.02) <= 1e-4
 
 
-def test_unpad_refuses_gradient_accumulation(files, tmp_path):
-    with pytest.raises(ConfigError, match="model.unpad"):
-        load_config(harness.TINY_CONFIGS / "dpr.yaml",
-                    harness.tiny_overrides("dpr", files["bert"], files["dpr"])
-                    + ["model.unpad=true", "train.batch_size=8", "train.grad_accum_steps=2"],
-                    workdir=str(tmp_path))
+def test_unpad_refuses_micro_batches_that_do_not_split_over_the_shards(files, tmp_path):
+    """model.unpad packs each micro-batch per data-parallel shard (tests/test_packed_mesh.py): 4 questions per
+    micro-batch cannot be split over 8 devices."""
+    overrides = harness.tiny_overrides("dpr", files["bert"], files["dpr"]) + [
+        "model.unpad=true", "train.batch_size=8", "train.grad_accum_steps=2"]
+    load_config(harness.TINY_CONFIGS / "dpr.yaml", overrides, workdir=str(tmp_path))
+    with pytest.raises(ConfigError, match="model.unpad.*mesh.data x mesh.fsdp = 8"):
+        load_config(harness.TINY_CONFIGS / "dpr.yaml", overrides + ["mesh.data=8"], workdir=str(tmp_path))

@@ -18,12 +18,13 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from rdr_jax.data.tokenization import load_tokenizer
-from rdr_jax.models.packing import TokenPacking
+from rdr_jax.models.packing import TokenPacking, block_maps, packed_per_row
 from rdr_jax.retrieval.answers import MATCH_TYPES
 from rdr_jax.retrieval.dev_recall import DevRecall
 from rdr_jax.retrieval.encode import Encoder, encode_texts
 from rdr_jax.tasks.model_setup import ModelSpec, encoder_paths
 from rdr_jax.training.config import ConfigError, option
+from rdr_jax.training.partitioning import mesh_shape
 from rdr_jax.training.task import FileDataTask, TrainFiles
 
 @dataclasses.dataclass(frozen=True)
@@ -32,8 +33,8 @@ class EncoderModel(ModelSpec):
     question_encoder: str | None = option(None, doc="HF dir: a DPR question encoder, or a plain BertModel (how "
                                                     "DPR starts); default: a random BERT from model.init")
     context_encoder: str | None = option(None, doc="HF dir; defaults to question_encoder")
-    unpad: bool = option(False, doc="encoders run on real tokens only (one device, no grad accumulation); each "
-                                    "distinct packed size (at most 16 per batch shape) compiles once")
+    unpad: bool = option(False, doc="encoders run on real tokens only, packed per data-parallel shard and "
+                                    "micro-batch; each distinct packed size (at most 16 per batch shape) compiles once")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,31 +60,72 @@ class BiEncoderData(TrainFiles):
 PACKED_FIELDS = ("token_position", "position_row")
 
 
-def add_packing(batch: dict[str, np.ndarray], prefixes=("q_", "p_")) -> dict[str, np.ndarray]:
-    """Host side (``model.unpad``): the packing maps of each ``{prefix}attention_mask``, as batch fields."""
+def add_packing(batch: dict[str, np.ndarray], *, shard_questions: int | None = None, micro_batches: int = 1,
+                prefixes=("q_", "p_"), question_field: str = "q_input_ids", agree=None) -> dict[str, np.ndarray]:
+    """Host side (``model.unpad``): the packing maps of each ``{prefix}attention_mask``, as batch fields
+    (``{prefix}token_position`` ``[rows, per_row]``, ``{prefix}position_row`` ``[rows, length]``: row-aligned,
+    so they shard and split into micro-batches like the batch, see :func:`rdr_jax.models.packing.block_maps`).
+
+    Each block of rows that one data-parallel shard holds in one micro-batch is packed on its own:
+    ``shard_questions`` questions per shard (default: the whole batch is one shard), ``micro_batches`` =
+    ``train.grad_accum_steps``, the micro-batches taking question ``i`` to micro-batch ``i % micro_batches``
+    as ``Task.split_microbatches`` does. The batch may be one process's block of the global batch.
+    ``agree(per_row) -> per_row``: with several processes, the largest value over all of them (every
+    process's fields must have one shape)."""
+    num_q = np.asarray(batch[question_field]).shape[0]
+    shard_questions = num_q if shard_questions is None else shard_questions
+    if num_q % shard_questions or shard_questions % micro_batches:
+        raise ValueError(f"model.unpad: a batch of {num_q} questions cannot be packed per data-parallel shard of "
+                         f"{shard_questions} questions in {micro_batches} micro-batches (train.grad_accum_steps)")
     out = dict(batch)
     for prefix in prefixes:
-        if f"{prefix}attention_mask" in batch:
-            packing = TokenPacking.for_batch(batch[f"{prefix}attention_mask"])
-            for name in PACKED_FIELDS:
-                out[f"{prefix}{name}"] = np.asarray(getattr(packing, name))
+        key = f"{prefix}attention_mask"
+        if key not in batch:
+            continue
+        mask = np.asarray(batch[key])
+        group = mask.shape[0] // num_q
+        # rows in (micro-batch, shard) order: the blocks that the devices hold once the step splits the batch
+        order = np.arange(mask.shape[0]).reshape(num_q // micro_batches, micro_batches, group)
+        order = order.swapaxes(0, 1).reshape(-1)
+        blocks = micro_batches * (num_q // shard_questions)
+        per_row = packed_per_row(mask[order], blocks)
+        if agree is not None:
+            per_row = int(agree(per_row))
+        for name, value in zip(PACKED_FIELDS, block_maps(mask[order], blocks, per_row)):
+            field = np.empty_like(value)
+            field[order] = value
+            out[f"{prefix}{name}"] = field
     return out
 
 
-def batch_packing(batch, prefix: str) -> TokenPacking | None:
-    """The :class:`TokenPacking` that :func:`add_packing` put in a (traced) batch, or None."""
+def batch_packing(batch, prefix: str, shards: int = 1) -> TokenPacking | None:
+    """The :class:`TokenPacking` that :func:`add_packing` put in a (traced) batch or micro-batch split over
+    ``shards`` data-parallel devices, or None."""
     if f"{prefix}token_position" not in batch:
         return None
-    b, length = batch[f"{prefix}attention_mask"].shape
-    return TokenPacking(batch[f"{prefix}token_position"], batch[f"{prefix}position_row"], jnp.asarray(False),
-                        b, length)
+    return TokenPacking.from_rows(batch[f"{prefix}token_position"], batch[f"{prefix}position_row"], shards)
 
 
 def packed_tokens(batch_shapes: dict, prefix: str) -> int | None:
     """Packed rows of the ``{prefix}`` encoder input in a batch's shapes (``add_packing``'s ``token_position``
-    map, under ``model.unpad``), or None: what the position-wise layers run on, for ``step_flops``."""
+    map, under ``model.unpad``: rows x packed rows per row), or None: what the position-wise layers run on, for
+    ``step_flops``."""
     shape = batch_shapes.get(f"{prefix}token_position")
-    return None if shape is None else int(shape[0])
+    return None if shape is None else int(np.prod(shape))
+
+
+def data_parallel_shards(config) -> int:
+    """Devices the batch's rows are split over (mesh data x fsdp), as ``make_mesh`` resolves the config."""
+    data, fsdp, _ = mesh_shape(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, jax.device_count())
+    return data * fsdp
+
+
+def agree_across_processes(value: int) -> int:
+    """The largest ``value`` over all processes (a small all-gather; no-op with one process)."""
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+    return int(np.max(multihost_utils.process_allgather(np.asarray(value, np.int32))))
 
 
 def encode(encoder, ids, mask, *, rngs, deterministic, packing: TokenPacking | None = None):
@@ -97,9 +139,12 @@ class BiEncoderTask(FileDataTask):
 
     @classmethod
     def validate_config(cls, c):
-        if c.model.unpad and c.train.grad_accum_steps > 1:
-            raise ConfigError("'model.unpad' packs each whole batch; it cannot be split into "
-                              f"'train.grad_accum_steps' ({c.train.grad_accum_steps}) micro-batches")
+        # each micro-batch is packed per data-parallel shard: its questions must split evenly over the shards
+        micro = c.train.batch_size // max(1, c.train.grad_accum_steps)
+        if c.model.unpad and c.train.grad_accum_steps > 1 and micro % max(1, c.mesh.data * c.mesh.fsdp):
+            raise ConfigError(f"'model.unpad' packs each micro-batch per data-parallel shard: its {micro} questions "
+                              f"(train.batch_size / train.grad_accum_steps) do not split over mesh.data x mesh.fsdp "
+                              f"= {c.mesh.data * c.mesh.fsdp} devices")
 
     def __init__(self, config, workdir):
         super().__init__(config, workdir)
@@ -110,13 +155,27 @@ class BiEncoderTask(FileDataTask):
         self._dev_passage_cache: tuple[np.ndarray, list[str]] | None = None
 
     def batch_maker(self, make_batch):
-        """``make_batch``, adding the packing maps of the encoders' inputs when ``model.unpad`` is set."""
+        """``make_batch``, adding the packing maps of the encoders' inputs when ``model.unpad`` is set: one block
+        per data-parallel shard and micro-batch (:func:`add_packing`); the batch may be this process's block."""
         if not self.config.model.unpad:
             return make_batch
-        if jax.device_count() > 1:
-            raise ConfigError(f"'model.unpad' runs on one device; this run has {jax.device_count()} (packed "
-                              "rows would not follow the batch sharding): set it to false")
-        return lambda idx, rng: add_packing(make_batch(idx, rng))
+        t = self.config.train
+        shards = self.packing_shards
+        if t.batch_size % (shards * t.grad_accum_steps):
+            raise ConfigError(f"'model.unpad' packs per data-parallel shard and micro-batch: train.batch_size="
+                              f"{t.batch_size} does not split into {shards} shards x {t.grad_accum_steps} "
+                              "micro-batches (train.grad_accum_steps)")
+        return lambda idx, rng: add_packing(make_batch(idx, rng), shard_questions=t.batch_size // shards,
+                                            micro_batches=t.grad_accum_steps, agree=agree_across_processes)
+
+    @property
+    def packing_shards(self) -> int:
+        """Blocks the packing maps are cut in: the data-parallel devices of the run's mesh."""
+        return data_parallel_shards(self.config)
+
+    def packing(self, batch, prefix: str) -> TokenPacking | None:
+        """The (traced) batch's packing of the ``{prefix}`` encoder input, or None (see :func:`add_packing`)."""
+        return batch_packing(batch, prefix, self.packing_shards if self.config.model.unpad else 1)
 
     def paths(self) -> tuple[str, str, str]:
         """(question encoder dir, context encoder dir, tokenizer dir)."""

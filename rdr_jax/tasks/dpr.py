@@ -21,7 +21,7 @@ import dataclasses
 from rdr_jax import losses
 from rdr_jax.data.dpr_data import DPRData
 from rdr_jax.models.dpr import DPRContextEncoder, DPRQuestionEncoder
-from rdr_jax.tasks.bi_encoder import (BiEncoderData, BiEncoderTask, EncoderModel, batch_packing, encode,
+from rdr_jax.tasks.bi_encoder import (BiEncoderData, BiEncoderTask, EncoderModel, encode,
                                       packed_tokens)
 from rdr_jax.tasks.model_setup import model_runtime_kwargs
 from rdr_jax.training import model_flops as F
@@ -92,9 +92,9 @@ class DPRTask(BiEncoderTask):
     def loss(self, model, batch, *, rngs, deterministic):
         train_ctx = "context_encoder" in self.trainable_submodules()
         q = encode(model.question_encoder, batch["q_input_ids"], batch["q_attention_mask"], rngs=rngs,
-                   deterministic=deterministic, packing=batch_packing(batch, "q_"))
+                   deterministic=deterministic, packing=self.packing(batch, "q_"))
         p = encode(model.context_encoder, batch["p_input_ids"], batch["p_attention_mask"], rngs=rngs,
-                   deterministic=deterministic or not train_ctx, packing=batch_packing(batch, "p_"))
+                   deterministic=deterministic or not train_ctx, packing=self.packing(batch, "p_"))
         scores = losses.dot_scores(q, p)
         positive = batch["positive_index"]
         loss = losses.dpr_nll_from_scores(scores, positive)

@@ -47,7 +47,7 @@ from rdr_jax.data.rdr_data import RDRData
 from rdr_jax.models.dpr import DPRContextEncoder, DPRQuestionEncoder, DPRReader
 from rdr_jax.retrieval.dev_recall import DevRecall
 from rdr_jax.retrieval.passage_embeddings import PassageEmbeddings
-from rdr_jax.tasks.bi_encoder import (BiEncoderData, BiEncoderTask, EncoderModel, batch_packing, encode,
+from rdr_jax.tasks.bi_encoder import (BiEncoderData, BiEncoderTask, EncoderModel, encode,
                                       packed_tokens)
 from rdr_jax.tasks.model_setup import model_runtime_kwargs, random_model_dir, resolve_path
 from rdr_jax.training import model_flops as F
@@ -158,13 +158,13 @@ class RDRTask(BiEncoderTask):
     def loss(self, model, batch, *, rngs, deterministic):
         t = self.config.task
         q = encode(model.question_encoder, batch["q_input_ids"], batch["q_attention_mask"], rngs=rngs,
-                   deterministic=deterministic, packing=batch_packing(batch, "q_"))
+                   deterministic=deterministic, packing=self.packing(batch, "q_"))
         if "p_emb" in batch:  # the index's embeddings of the frozen context encoder
             p = batch["p_emb"]
         else:
             p = encode(model.context_encoder, batch["p_input_ids"], batch["p_attention_mask"], rngs=rngs,
                        deterministic=deterministic or not t.train_context_encoder,
-                       packing=batch_packing(batch, "p_"))
+                       packing=self.packing(batch, "p_"))
         if not t.train_context_encoder:
             p = jax.lax.stop_gradient(p)
         num_q = q.shape[0]

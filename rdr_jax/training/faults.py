@@ -80,6 +80,11 @@ def check_workdir(workdir: str | os.PathLike, min_free_gb: float) -> Path:
 # Model settings that change how the parameters are computed with, not which parameters there are: a resumed
 # run may change them (e.g. turn on remat to fit memory).
 RUNTIME_MODEL_KEYS = frozenset({"dtype", "remat", "remat_policy", "unpad", "relative_attention_impl"})
+# Model keys whose null (or absence: a config.yaml written before the key existed) means false.
+FALSE_WHEN_NULL = frozenset({"scan_layers"})
+# Why a change of such a key cannot resume, and how to resume anyway.
+LAYOUT_KEYS = {"scan_layers": "the checkpoints hold the parameters in the other layer layout (stacked vs per "
+                              "layer); to resume this run set model.scan_layers: {saved}, or"}
 
 
 def check_same_run(workdir: str | os.PathLike, config: dict) -> None:
@@ -103,12 +108,14 @@ def check_same_run(workdir: str | os.PathLike, config: dict) -> None:
     if saved_task != new_task:
         raise WorkdirError(f"{where}; this config is task {new_task!r}: {advice}")
     saved_model, new_model = saved.get("model") or {}, new.get("model") or {}
+    value = lambda model, k: (model.get(k) or False) if k in FALSE_WHEN_NULL else model.get(k)
     changed = sorted(k for k in set(saved_model) | set(new_model)
-                     if k not in RUNTIME_MODEL_KEYS and saved_model.get(k) != new_model.get(k))
+                     if k not in RUNTIME_MODEL_KEYS and value(saved_model, k) != value(new_model, k))
     if changed:
         k = changed[0]
-        raise WorkdirError(f"{where} with another model: model.{k} was {saved_model.get(k)!r}, this config "
-                           f"has {new_model.get(k)!r}: {advice}")
+        why = LAYOUT_KEYS[k].format(saved=str(value(saved_model, k)).lower()) + " " if k in LAYOUT_KEYS else ""
+        raise WorkdirError(f"{where} with another model: model.{k} was {value(saved_model, k)!r}, this config "
+                           f"has {value(new_model, k)!r}: {why}{advice}")
 
 
 # ---- preemption ----------------------------------------------------------------------------------------------

@@ -65,20 +65,20 @@ def add_teacher_arguments(p):
                    help="replace an existing dataset OUT/NAME (all its splits); without it that is an error")
 
 
-def _load(args, passages: int):
+def _load(args, passages_per_question: int):
     import itertools
 
-    from rdr_jax.retrieval.results_io import iter_results
     from rdr_jax.data.tokenization import load_tokenizer
     from rdr_jax.models import DPRReader
     from rdr_jax.retrieval.reader import ReaderRunner
+    from rdr_jax.retrieval.results_io import iter_results
 
     results_path = input_file("--results", args.results)
     model_dir, config = model_config("--model", args.model)
     check_architecture("--model", model_dir, config, ("DPRReader",), "a DPR reader")
     check_max_length("--model", args.max_length, model_dir, config)
-    passages = input_file("--passages", args.passages) if args.passages else None
-    results = list(itertools.islice(iter_results(results_path, passages), args.limit))
+    corpus = input_file("--passages", args.passages) if args.passages else None
+    results = list(itertools.islice(iter_results(results_path, corpus), args.limit))
     if not results:
         raise ValueError(f"--results {args.results}: no questions")
     empty = next((i for i, r in enumerate(results) if not r["ctxs"]), None)
@@ -88,7 +88,7 @@ def _load(args, passages: int):
     tokenizer = load_tokenizer(model_dir)
     check_room_for_text(args.max_length, tokenizer, pair=True)
     model = DPRReader.from_pretrained(model_dir, dtype=compute_dtype(args.dtype), allow_fresh_heads=False)
-    runner = ReaderRunner(model, tokenizer, passages_per_question=passages, max_length=args.max_length,
+    runner = ReaderRunner(model, tokenizer, passages_per_question=passages_per_question, max_length=args.max_length,
                           max_answer_length=getattr(args, "max_answer_length", 10),
                           questions_per_step=args.questions_per_step)
     return runner, results

@@ -18,11 +18,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jax.sharding import Mesh, NamedSharding
+from tqdm.auto import tqdm
+
 from rdr_jax.convert import mapping
 from rdr_jax.convert.hf_io import (VOCABULARY_FILES, CheckpointError, copy_tokenizer_files, has_tokenizer_files,
-                                   read_state_dict, resolve_model_dir, write_safetensors)
+                                   resolve_model_dir, write_safetensors)
+from rdr_jax.convert.slices import as_source, close_handles, open_checkpoint, parameter_region
 from rdr_jax.models.config import ModelConfig, read_config_json
 from rdr_jax.models.layers import CHECKPOINTED
+from rdr_jax.models.sharding import LOGICAL_AXIS_RULES, variable_sharding
 
 log = logging.getLogger(__name__)
 
@@ -83,10 +88,16 @@ class PretrainedModel(nnx.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=jnp.float32,
-                        seed: int = 0, allow_fresh_heads: bool = True, **kwargs) -> "PretrainedModel":
+                        seed: int = 0, allow_fresh_heads: bool = True, mesh: Mesh | None = None,
+                        rules: dict[str, Any] | None = None, **kwargs) -> "PretrainedModel":
         """Load an HF directory (safetensors / pytorch_model.bin, sharded or not) or a directory saved with
         ``save_pretrained(..., format="orbax")``. ``dtype`` is the compute dtype, ``param_dtype`` the
         storage dtype of the parameters.
+
+        ``mesh``: place every parameter straight onto the mesh, sharded by its logical axes through ``rules``
+        (default :data:`rdr_jax.models.sharding.LOGICAL_AXIS_RULES`, the trainer's): each device's slice is read
+        alone from the checkpoint, so no device and no host holds the whole model (multi-process: each process
+        reads only its own devices' slices). Without it, parameters go to the default device.
 
         The checkpoint's ``model_type`` must be one this class reads: its own family or a related one (a DPR
         encoder from a BERT checkpoint, with a warning as transformers gives); another family (RoBERTa, T5,
@@ -116,21 +127,24 @@ class PretrainedModel(nnx.Module):
         model = _abstract_model(cls, config, dtype=dtype, param_dtype=param_dtype, **kwargs)
         graphdef, params, rest = nnx.split(model, CHECKPOINTED, ...)
         flat = {".".join(str(p) for p in path): v for path, v in nnx.to_flat_state(params)}
+        shardings = None if mesh is None else {
+            k: variable_sharding(v, mesh, LOGICAL_AXIS_RULES if rules is None else rules) for k, v in flat.items()}
         if (model_dir / ORBAX_SUBDIR).is_dir():
-            values = _restore_orbax(model_dir / ORBAX_SUBDIR, params, param_dtype)
+            values = _restore_orbax(model_dir / ORBAX_SUBDIR, params, param_dtype, shardings)
             return nnx.merge(graphdef, values, rest)
-        state = mapping.normalize_legacy_names(read_state_dict(model_dir))
-        state = cls.adapt_state_dict(state, config, raw_config)
+        # Tensors are opened, not read: each parameter below reads only its own (or its devices') region.
+        sources = mapping.normalize_legacy_names(open_checkpoint(model_dir))
+        sources = {k: as_source(v) for k, v in cls.adapt_state_dict(sources, config, raw_config).items()}
         target_shapes = {k: tuple(v.get_value().shape) for k, v in flat.items()}
-        loaded = set()
-        # One tensor at a time: each numpy array is released once its parameter holds it.
-        for k, array in mapping.apply_rules_to_jax(
-                mapping.stack_rules(cls.hf_rules(config), flat), state, target_shapes, source=str(model_dir),
-                ignore_unexpected=cls.hf_ignore_unexpected, allow_missing=cls.initializable_heads):
-            flat[k].set_value(jnp.asarray(array, dtype=param_dtype))
-            loaded.add(k)
-        del state
-        fresh = [k for k in flat if k not in loaded]
+        plan = mapping.parameter_rules(
+            mapping.stack_rules(cls.hf_rules(config), flat), sources, target_shapes, source=str(model_dir),
+            ignore_unexpected=cls.hf_ignore_unexpected, allow_missing=cls.initializable_heads)
+        for k, param_rules in tqdm(plan.items(), desc=f"loading {model_dir.name}", unit="tensor", leave=False,
+                                   disable=None if len(plan) > 100 else True):
+            flat[k].set_value(_load_parameter(param_rules, sources, target_shapes[k], param_dtype,
+                                              None if shardings is None else shardings[k]))
+        del sources
+        fresh = [k for k in flat if k not in plan]
         if fresh and not allow_fresh_heads:
             heads = sorted({k.rsplit(".", 1)[0] for k in fresh})
             raise CheckpointError(f"{model_dir}: has no trained {', '.join(heads)} (the checkpoint is a "
@@ -138,11 +152,16 @@ class PretrainedModel(nnx.Module):
                                   f"trained {cls.__name__}); these would be random")
         if fresh:  # heads the checkpoint lacks: initialise them for real, in one compiled function
             log.warning("%s: initialising %s freshly (not in the checkpoint)", model_dir, ", ".join(sorted(fresh)))
-            init = nnx.jit(lambda: nnx.state(cls(config, rngs=nnx.Rngs(seed), dtype=dtype, param_dtype=param_dtype,
-                                                 **kwargs), CHECKPOINTED))()
-            init_flat = {".".join(str(p) for p in path): v for path, v in nnx.to_flat_state(init)}
-            for k in fresh:
-                flat[k].set_value(init_flat[k].get_value())
+
+            def init():  # returns only the fresh heads: XLA drops every other parameter's initializer
+                state = nnx.state(cls(config, rngs=nnx.Rngs(seed), dtype=dtype, param_dtype=param_dtype, **kwargs),
+                                  CHECKPOINTED)
+                values = {".".join(str(p) for p in path): v.get_value() for path, v in nnx.to_flat_state(state)}
+                return {k: values[k] for k in fresh}
+
+            out_shardings = None if shardings is None else {k: shardings[k] for k in fresh}
+            for k, value in jax.jit(init, out_shardings=out_shardings)().items():
+                flat[k].set_value(value)
         params = nnx.from_flat_state([(tuple(_path_key(p) for p in k.split(".")), v) for k, v in flat.items()])
         return nnx.merge(graphdef, params, rest)
 
@@ -221,10 +240,34 @@ def _save_orbax(model: nnx.Module, path: Path) -> None:
         checkpointer.save(path, nnx.to_pure_dict(params))
 
 
-def _restore_orbax(path: Path, abstract_params, param_dtype):
+def _load_parameter(rules: list[mapping.Rule], sources, shape: tuple[int, ...], param_dtype,
+                    sharding: NamedSharding | None) -> jax.Array:
+    """One parameter from its checkpoint tensor(s): whole onto the default device, or with ``sharding`` each
+    addressable device's slice read on its own (devices holding the same slice share one read)."""
+    handles: dict = {}
+    try:
+        if sharding is None:
+            return jnp.asarray(parameter_region(rules, sources, shape, None, handles=handles), dtype=param_dtype)
+        np_dtype, regions = np.dtype(param_dtype), {}
+
+        def region(index):
+            key = tuple((s.start, s.stop) for s in index)
+            if key not in regions:
+                regions[key] = parameter_region(rules, sources, shape, index, np_dtype, handles)
+            return regions[key]
+
+        return jax.make_array_from_callback(shape, sharding, region)
+    finally:
+        close_handles(handles)
+
+
+def _restore_orbax(path: Path, abstract_params, param_dtype, shardings: dict[str, NamedSharding] | None = None):
     import orbax.checkpoint as ocp
 
-    target = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, param_dtype), nnx.to_pure_dict(abstract_params))
+    for key, variable in nnx.to_flat_state(abstract_params):  # restored straight into each parameter's sharding
+        sharding = None if shardings is None else shardings[".".join(str(p) for p in key)]
+        variable.set_value(jax.ShapeDtypeStruct(variable.get_value().shape, param_dtype, sharding=sharding))
+    target = nnx.to_pure_dict(abstract_params)
     with ocp.StandardCheckpointer() as checkpointer:
         try:
             restored = checkpointer.restore(path.absolute(), target)

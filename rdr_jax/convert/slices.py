@@ -1,9 +1,11 @@
 """Checkpoint tensors read lazily, and any region of a model parameter read from them alone.
 
-A checkpoint is opened as ``{HF name: source}``: a source knows its shape and dtype and reads one box (a tuple
-of slices) of its tensor; a safetensors file is opened, sliced (``safe_open(...).get_slice``, a memory map)
-and closed again per parameter, so the pages read leave the process with it. ``pytorch_model.bin`` is
-memory-mapped by torch where its format allows.
+A checkpoint is opened as ``{HF name: source}``: a source knows its shape and reads one box (a tuple of
+slices) of its tensor. A safetensors file's header is parsed here (8-byte length, JSON of dtype, shape and
+byte offsets: the documented format) and its tensors are read as numpy views of a memory map, mapped per
+parameter and dropped after it, so the pages read leave the process with it: no copy beyond the one into the
+device buffer (``safe_open(...).get_slice`` would copy every region once more first). ``pytorch_model.bin``
+is memory-mapped by torch where its format allows.
 
 A parameter is its HF tensor through a :class:`~rdr_jax.convert.mapping.Rule`: copied, reshaped, or
 (``linear``) transposed then reshaped; a stacked parameter (scan_layers) is one tensor per layer along a
@@ -17,7 +19,9 @@ that is read.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import mmap
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -26,27 +30,55 @@ import numpy as np
 from rdr_jax.convert.hf_io import CheckpointError, checkpoint_files, torch_to_numpy
 from rdr_jax.convert.mapping import Rule
 
+# safetensors dtype names -> numpy (bf16 as ml_dtypes.bfloat16, as safetensors' numpy API returns it)
+_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "I64": "int64", "I32": "int32",
+                       "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
 @dataclasses.dataclass(frozen=True)
 class SafetensorsTensor:
-    """One tensor of a safetensors file, read box by box."""
+    """One tensor of a safetensors file: ``read`` gives a view of its box in the file's memory map (no copy)."""
     path: Path
     name: str
     shape: tuple[int, ...]
+    dtype: np.dtype
+    offset: int  # of the tensor's first byte in the file
 
-    def read(self, box: tuple[slice, ...], handles: dict | None = None) -> np.ndarray:
-        from safetensors import SafetensorError
+    def read(self, box: tuple[slice, ...], handles: dict) -> np.ndarray:
+        mm = handles.get(self.path)
+        if mm is None:
+            with open(self.path, "rb") as f:
+                mm = handles[self.path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        return np.ndarray(self.shape, self.dtype, buffer=mm, offset=self.offset)[box]
 
-        try:
-            f = handles.get(self.path) if handles is not None else None
-            if f is None:
-                f = _open(self.path)
-                if handles is not None:
-                    handles[self.path] = f
-            if not self.shape:
-                return np.asarray(f.get_tensor(self.name))
-            return np.asarray(f.get_slice(self.name)[box])
-        except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"{self.path}: cannot read tensor {self.name} ({e}); is it truncated?") from None
+
+def _safetensors_header(path: Path) -> dict[str, SafetensorsTensor]:
+    """The tensors a safetensors file holds, from its header (8-byte length, JSON of dtype/shape/offsets)."""
+    import ml_dtypes
+
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if not 2 <= n <= size - 8:
+                raise ValueError(f"header length {n} does not fit the file's {size} bytes")
+            header = json.loads(f.read(n))
+        out = {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            dtype = np.dtype(ml_dtypes.bfloat16) if info["dtype"] == "BF16" else np.dtype(
+                _SAFETENSORS_DTYPES[info["dtype"]])
+            shape = tuple(int(d) for d in info["shape"])
+            begin, end = (int(x) for x in info["data_offsets"])
+            if end - begin != math.prod(shape) * dtype.itemsize or 8 + n + end > size:
+                raise ValueError(f"tensor {name} ({info['dtype']} {list(shape)}) has bytes {begin}..{end} of "
+                                 f"{size - 8 - n}")
+            out[name] = SafetensorsTensor(path, name, shape, dtype, 8 + n + begin)
+        return out
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: cannot read safetensors file ({type(e).__name__}: {e}); is it truncated?") \
+            from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,40 +90,23 @@ class ArrayTensor:
     def shape(self) -> tuple[int, ...]:
         return tuple(self.value.shape)
 
-    def read(self, box: tuple[slice, ...], handles: dict | None = None) -> np.ndarray:
+    def read(self, box: tuple[slice, ...], handles: dict) -> np.ndarray:
         part = self.value[box] if box else self.value
         return part if isinstance(part, np.ndarray) else torch_to_numpy(part)
 
 
-def _open(path: Path):
-    from safetensors import safe_open
-
-    return safe_open(str(path), framework="numpy")
-
-
 def close_handles(handles: dict) -> None:
-    """Close the safetensors files opened while loading one parameter: their mapped pages leave the process."""
-    for f in handles.values():
-        try:
-            f.__exit__(None, None, None)
-        except Exception:  # older safetensors: no context exit; dropping the reference unmaps
-            pass
+    """Forget the memory maps opened while loading one parameter: unmapped (their pages leave the process's
+    resident memory) once the last view into them is gone."""
     handles.clear()
 
 
 def open_checkpoint(model_dir: Path) -> dict[str, Any]:
     """``{HF name: source}`` of a checkpoint directory (sharded or not); no tensor data is read."""
-    from safetensors import SafetensorError
-
     sources: dict[str, Any] = {}
     for path in checkpoint_files(model_dir):
         if path.name.endswith(".safetensors"):
-            try:
-                with _open(path) as f:
-                    for name in f.keys():
-                        sources[name] = SafetensorsTensor(path, name, tuple(f.get_slice(name).get_shape()))
-            except (SafetensorError, OSError, ValueError) as e:
-                raise CheckpointError(f"{path}: cannot read safetensors file ({e}); is it truncated?") from None
+            sources.update(_safetensors_header(path))
         else:
             sources.update({k: ArrayTensor(v) for k, v in _torch_state(path).items()})
     return sources
@@ -103,9 +118,9 @@ def _torch_state(path: Path) -> dict:
     except ImportError:
         raise CheckpointError(f"{path}: reading pytorch_model.bin needs torch (pip install torch), "
                               "or convert the checkpoint to safetensors") from None
-    for mmap in (True, False):  # memory-mapped where the file is a zip checkpoint (torch >= 1.6 format)
+    for mapped in (True, False):  # memory-mapped where the file is a zip checkpoint (torch >= 1.6 format)
         try:
-            return torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
+            return torch.load(str(path), map_location="cpu", weights_only=True, mmap=mapped)
         except Exception as e:  # torch raises many types for a damaged zip/pickle
             error = e
     raise CheckpointError(f"{path}: cannot read PyTorch checkpoint ({type(error).__name__}: {error})") from None
@@ -148,7 +163,7 @@ def _bounds(index, shape: Sequence[int]) -> list[tuple[int, int]]:
     return out
 
 
-def tensor_region(rule: Rule, source, target_shape: Sequence[int], index, handles: dict | None = None) -> np.ndarray:
+def tensor_region(rule: Rule, source, target_shape: Sequence[int], index, handles: dict) -> np.ndarray:
     """Region ``index`` of the parameter ``rule`` makes of ``source`` (transposed and/or reshaped), reading only
     the source box that covers it."""
     target_shape = tuple(target_shape)
@@ -190,8 +205,9 @@ def tensor_region(rule: Rule, source, target_shape: Sequence[int], index, handle
 
 
 def parameter_region(rules: Sequence[Rule], sources: Mapping[str, Any], target_shape: Sequence[int], index,
-                     dtype=None, handles: dict | None = None) -> np.ndarray:
-    """Region ``index`` of one parameter, as a C-contiguous array of ``dtype`` (default: the checkpoint's).
+                     handles: dict) -> np.ndarray:
+    """Region ``index`` of one parameter, in the checkpoint's dtype: often a (transposed) view into a memory map
+    held by ``handles``, so to be copied before :func:`close_handles`.
 
     ``rules``: the parameter's one rule, or for a stacked parameter its rule per layer (``Rule.layer``)."""
     if rules[0].layer is None:
@@ -202,6 +218,15 @@ def parameter_region(rules: Sequence[Rule], sources: Mapping[str, Any], target_s
         rest = tuple(index[1:]) if index is not None else None
         out = np.stack([tensor_region(by_layer[i], sources[by_layer[i].hf], target_shape[1:], rest, handles)
                         for i in range(lo, hi)])
-    if dtype is not None and out.dtype != dtype:
-        out = out.astype(dtype)
-    return np.ascontiguousarray(out)
+    return out
+
+
+def owned_copy(region: np.ndarray, dtype) -> np.ndarray:
+    """``region`` cast to ``dtype`` in a new 64-byte-aligned array: jax's CPU device_put adopts such an array
+    without copying it again (and must never adopt a view into a memory map about to be closed)."""
+    dtype = np.dtype(dtype)
+    raw = np.empty(region.size * dtype.itemsize + 64, np.uint8)
+    start = -raw.ctypes.data % 64
+    out = raw[start:start + region.size * dtype.itemsize].view(dtype).reshape(region.shape)
+    np.copyto(out, region, casting="unsafe")
+    return out

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from rdr_jax.convert import mapping
 from rdr_jax.convert.hf_io import (VOCABULARY_FILES, CheckpointError, copy_tokenizer_files, has_tokenizer_files,
                                    resolve_model_dir, write_safetensors)
-from rdr_jax.convert.slices import as_source, close_handles, open_checkpoint, parameter_region
+from rdr_jax.convert.slices import as_source, close_handles, open_checkpoint, owned_copy, parameter_region
 from rdr_jax.models.config import ModelConfig, read_config_json
 from rdr_jax.models.layers import CHECKPOINTED
 from rdr_jax.models.sharding import LOGICAL_AXIS_RULES, variable_sharding
@@ -242,21 +242,16 @@ def _save_orbax(model: nnx.Module, path: Path) -> None:
 
 def _load_parameter(rules: list[mapping.Rule], sources, shape: tuple[int, ...], param_dtype,
                     sharding: NamedSharding | None) -> jax.Array:
-    """One parameter from its checkpoint tensor(s): whole onto the default device, or with ``sharding`` each
-    addressable device's slice read on its own (devices holding the same slice share one read)."""
+    """One parameter from its checkpoint tensor(s): whole onto the default device (``jnp.asarray`` copies and
+    transposes straight from the file's memory map), or with ``sharding`` each addressable device's slice read
+    and copied on its own."""
     handles: dict = {}
     try:
         if sharding is None:
-            return jnp.asarray(parameter_region(rules, sources, shape, None, handles=handles), dtype=param_dtype)
-        np_dtype, regions = np.dtype(param_dtype), {}
-
-        def region(index):
-            key = tuple((s.start, s.stop) for s in index)
-            if key not in regions:
-                regions[key] = parameter_region(rules, sources, shape, index, np_dtype, handles)
-            return regions[key]
-
-        return jax.make_array_from_callback(shape, sharding, region)
+            return jnp.asarray(parameter_region(rules, sources, shape, None, handles), dtype=param_dtype)
+        return jax.make_array_from_callback(
+            shape, sharding, lambda index: owned_copy(parameter_region(rules, sources, shape, index, handles),
+                                                      param_dtype))
     finally:
         close_handles(handles)
 

@@ -60,6 +60,9 @@ class Task:
     question_field: ClassVar[str] = "q_input_ids"
     # {index field: the field whose rows it indexes (or a tuple of alternatives, the first present is used)}
     index_fields: ClassVar[dict[str, str | tuple[str, ...]]] = {}
+    # The training mesh, set by the engine before build_model: models load straight onto it, each parameter
+    # sharded as the train state holds it (``from_pretrained(..., mesh=self.mesh)``). None outside training.
+    mesh = None
 
     def __init__(self, config, workdir: str | Path):
         self.config = config

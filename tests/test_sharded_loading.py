@@ -66,6 +66,13 @@ COMPARE = textwrap.dedent("""
         a, b = flat_params(bf16), flat_params(ref)
         out[f"{name}/bf16_unequal"] = [k for k in a if a[k].get_value().dtype != jnp.bfloat16
                                        or not np.array_equal(np.asarray(a[k].get_value()), np.asarray(b[k].get_value()))]
+    # a classifier from a plain BERT checkpoint: its head is initialised freshly, then split like the rest
+    from rdr_jax.models import BertForSequenceClassification
+    a = flat_params(BertForSequenceClassification.from_pretrained(sys.argv[1], mesh=fsdp8, seed=3))
+    b = flat_params(BertForSequenceClassification.from_pretrained(sys.argv[1], seed=3))
+    out["fresh_head_unequal"] = [k for k in a if not np.array_equal(np.asarray(a[k].get_value()),
+                                                                    np.asarray(b[k].get_value()))]
+    out["fresh_head_sharding"] = str(a["classifier.kernel"].get_value().sharding.spec)
     print("RESULT " + json.dumps(out))
 """)
 
@@ -140,6 +147,11 @@ def test_sharded_load_equals_unsharded_and_is_split(compared, case):
 @pytest.mark.parametrize("model", ["bert", "t5"])
 def test_sharded_bf16_load_equals_unsharded(compared, model):
     assert compared[f"{model}/bf16_unequal"] == []
+
+
+def test_fresh_head_on_a_mesh_equals_the_unsharded_one(compared):
+    assert compared["fresh_head_unequal"] == []
+    assert "fsdp" in compared["fresh_head_sharding"]   # [embed, classes]: split over fsdp like the body
 
 
 def _write_random_bert(path, **config) -> int:

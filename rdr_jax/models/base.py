@@ -159,8 +159,13 @@ class PretrainedModel(nnx.Module):
                 values = {".".join(str(p) for p in path): v.get_value() for path, v in nnx.to_flat_state(state)}
                 return {k: values[k] for k in fresh}
 
-            out_shardings = None if shardings is None else {k: shardings[k] for k in fresh}
-            for k, value in jax.jit(init, out_shardings=out_shardings)().items():
+            # Computed on this process's default device (every process gets the same numbers from the seed), then
+            # split into shards locally: a jit over a mesh that spans processes would need them all, and only
+            # process 0 builds the model first (training's main_process_first).
+            for k, value in jax.jit(init)().items():
+                if shardings is not None:
+                    host = np.asarray(value)
+                    value = jax.make_array_from_callback(host.shape, shardings[k], lambda index, h=host: h[index])
                 flat[k].set_value(value)
         params = nnx.from_flat_state([(tuple(_path_key(p) for p in k.split(".")), v) for k, v in flat.items()])
         return nnx.merge(graphdef, params, rest)

@@ -189,3 +189,30 @@ def test_sharded_load_holds_no_whole_checkpoint_on_the_host(tmp_path):
     transient = r["peak"] - r["now"]
     assert transient < 0.25 * size, (f"loading needed {transient / 2**20:.0f} MB beyond the loaded model for a "
                                      f"{size / 2**20:.0f} MB checkpoint: {r}")
+
+
+@pytest.mark.parametrize("kind, n_in, source_shape, target_shape", [
+    ("linear", 1, (12, 8), (8, 3, 4)),     # q/k/v: [out, in] -> [embed, heads, kv]
+    ("linear", 2, (8, 12), (3, 4, 8)),     # attention output: [out, in] -> [heads, kv, embed]
+    ("linear", 1, (6, 10), (10, 6)),       # a plain dense layer
+    ("reshape", 1, (12,), (3, 4)),         # a q/k/v bias
+    ("reshape", 1, (3, 4), (12,)),         # several source axes onto one
+    ("copy", 1, (10, 6), (10, 6)),
+])
+def test_any_region_reads_as_the_whole_conversion_sliced(kind, n_in, source_shape, target_shape):
+    """Every box of a converted parameter (what a device may ask for, under any rules) read from its source
+    tensor alone equals converting the whole tensor and slicing: contiguous reads and gathers alike."""
+    from rdr_jax.convert.mapping import Rule
+    from rdr_jax.convert.slices import ArrayTensor, tensor_region
+
+    rng = np.random.default_rng(0)
+    source = rng.standard_normal(source_shape).astype(np.float32)
+    whole = (source.T if kind == "linear" else source).reshape(target_shape)
+    rule = Rule("w", "p", kind, n_in)
+    for _ in range(40):
+        index = []
+        for n in target_shape:
+            start = int(rng.integers(0, n))
+            index.append(slice(start, int(rng.integers(start + 1, n + 1))))
+        got = tensor_region(rule, ArrayTensor(source), target_shape, tuple(index), {})
+        np.testing.assert_array_equal(got, whole[tuple(index)])

@@ -4,7 +4,8 @@ On 8 simulated CPU devices (a subprocess: the XLA flag must be set before jax is
 checkpoints written by transformers load with fsdp=8: every sharded parameter has 8 shards of 1/8 each on 8
 distinct devices (never the whole parameter on device 0), and every parameter equals the unsharded load
 exactly, with scanned layers too, on a data x fsdp x tensor mesh (heads/mlp split: slices of transposed and
-reshaped kernels) and with rules that split the ``kv`` axis (regions that are no box of the source: gathered).
+reshaped kernels) and with rules that split the ``kv`` axis (regions that are no box of the source: gathered);
+a fresh classifier head and an orbax (native) directory land in the same shardings.
 
 Host memory: a ~85 MB checkpoint (written in 3 safetensors shards with an index) loaded with fsdp=8 must
 not need the checkpoint in host memory on top of the parameters: the process's peak RSS (VmHWM) beyond its
@@ -35,7 +36,7 @@ COMPARE = textwrap.dedent("""
     fsdp8, mixed = make_mesh(1, 8, 1), make_mesh(2, 2, 2)
     kv_rules = dict(LOGICAL_AXIS_RULES, kv="tensor")   # regions that are not one box of the source tensor
     out = {}
-    for name, path in zip(("bert", "t5"), sys.argv[1:]):
+    for name, path in zip(("bert", "t5"), sys.argv[1:3]):
         for scan in (False, True):
             ref = {k: np.asarray(v.get_value()) for k, v in flat_params(from_pretrained(path, scan_layers=scan)).items()}
             cases = {"fsdp8": dict(mesh=fsdp8), "mixed": dict(mesh=mixed)}
@@ -73,6 +74,11 @@ COMPARE = textwrap.dedent("""
     out["fresh_head_unequal"] = [k for k in a if not np.array_equal(np.asarray(a[k].get_value()),
                                                                     np.asarray(b[k].get_value()))]
     out["fresh_head_sharding"] = str(a["classifier.kernel"].get_value().sharding.spec)
+    # a native (orbax) directory restores straight into the same shardings
+    native = from_pretrained(sys.argv[1]).save_pretrained(sys.argv[3], format="orbax")
+    a, b = flat_params(from_pretrained(native, mesh=fsdp8)), flat_params(from_pretrained(sys.argv[1], mesh=fsdp8))
+    out["orbax_unequal"] = [k for k in a if a[k].get_value().sharding != b[k].get_value().sharding
+                            or not np.array_equal(np.asarray(a[k].get_value()), np.asarray(b[k].get_value()))]
     print("RESULT " + json.dumps(out))
 """)
 
@@ -127,7 +133,7 @@ def compared(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sharded_loading")
     bert = _hf_bert(tmp / "bert", hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                     max_position_embeddings=64, vocab_size=200)
-    return harness.run_on_simulated_devices(COMPARE, bert, _hf_t5(tmp / "t5"))
+    return harness.run_on_simulated_devices(COMPARE, bert, _hf_t5(tmp / "t5"), tmp / "bert_orbax")
 
 
 CASES = [f"{m}/scan={s}/{c}" for m in ("bert", "t5") for s in (False, True) for c in ("fsdp8", "mixed", "kv_split")
@@ -152,6 +158,10 @@ def test_sharded_bf16_load_equals_unsharded(compared, model):
 def test_fresh_head_on_a_mesh_equals_the_unsharded_one(compared):
     assert compared["fresh_head_unequal"] == []
     assert "fsdp" in compared["fresh_head_sharding"]   # [embed, classes]: split over fsdp like the body
+
+
+def test_orbax_directory_restores_into_the_shardings(compared):
+    assert compared["orbax_unequal"] == []
 
 
 def _write_random_bert(path, **config) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -32,6 +33,8 @@ from rdr_jax.models.sharding import LOGICAL_AXIS_RULES, variable_sharding
 log = logging.getLogger(__name__)
 
 ORBAX_SUBDIR = "orbax"
+# Threads reading parameters from a checkpoint (at most this many tensors are mapped at once).
+LOAD_THREADS = min(8, os.cpu_count() or 1)
 # Every loadable class, by its transformers architecture name.
 MODEL_CLASSES: dict[str, type["PretrainedModel"]] = {}
 # The class used when config.json names no architecture we know, by model_type.
@@ -139,10 +142,15 @@ class PretrainedModel(nnx.Module):
         plan = mapping.parameter_rules(
             mapping.stack_rules(cls.hf_rules(config), flat), sources, target_shapes, source=str(model_dir),
             ignore_unexpected=cls.hf_ignore_unexpected, allow_missing=cls.initializable_heads)
-        for k, param_rules in tqdm(plan.items(), desc=f"loading {model_dir.name}", unit="tensor", leave=False,
-                                   disable=None if len(plan) > 100 else True):
-            flat[k].set_value(_load_parameter(param_rules, sources, target_shapes[k], param_dtype,
-                                              None if shardings is None else shardings[k]))
+        # Parameters load in parallel: each is a read from the page cache and a copy (transposing) that release
+        # the GIL; each thread maps and unmaps only its own tensor.
+        with ThreadPoolExecutor(max_workers=LOAD_THREADS) as pool:
+            loading = {k: pool.submit(_load_parameter, param_rules, sources, target_shapes[k], param_dtype,
+                                      None if shardings is None else shardings[k])
+                       for k, param_rules in plan.items()}
+            for k, future in tqdm(loading.items(), desc=f"loading {model_dir.name}", unit="tensor", leave=False,
+                                  disable=None if len(plan) > 100 else True):
+                flat[k].set_value(future.result())
         del sources
         fresh = [k for k in flat if k not in plan]
         if fresh and not allow_fresh_heads:

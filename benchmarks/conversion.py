@@ -1,9 +1,12 @@
 """Checkpoint load and save: rdr_jax.from_pretrained / save_pretrained vs transformers' BertModel.
 
 A bert-base-size BertModel (random weights) is saved as safetensors; each side then loads it and saves it
-back, in a fresh subprocess per measurement so each process's peak RSS (``ru_maxrss``) is its own. Times
+back, in a fresh subprocess per measurement so each process's peak RSS (VmHWM) is its own. Times
 exclude interpreter start and imports (reported apart); peak RSS is whole-process, imports included, and
-``*_rss_after_import_mb`` gives the baseline to subtract.
+``*_rss_after_import_mb`` gives the baseline to subtract. transformers memory-maps the file and reads no
+weight during ``from_pretrained`` (pages come in at the first forward), while ours ends with every weight in
+device memory: ``torch_touch_s`` / ``torch_peak_rss_after_touch_mb`` add reading each weight once, for
+comparison (not counted in its load time).
 
 Worker mode (used internally): ``python -m benchmarks.conversion worker {jax|torch} SRC DST THREADS``.
 """
@@ -47,11 +50,21 @@ def worker(side: str, src: str, dst: str, threads: int) -> dict:
     model = load()
     load_s = time.perf_counter() - t0
     rss_load = C.peak_rss_mb()
+    # transformers memory-maps safetensors: its load reads no weight yet (the first forward pages them in).
+    # Reading every weight once gives the cost of a model actually in memory, as ours is after its load.
+    t0 = time.perf_counter()
+    if side == "torch":
+        import torch
+        with torch.no_grad():
+            sum(float(p.float().sum()) for p in model.state_dict().values())
+    touch_s = time.perf_counter() - t0
+    rss_touch = C.peak_rss_mb()
     t0 = time.perf_counter()
     model.save_pretrained(dst)
     save_s = time.perf_counter() - t0
-    return {"import_s": import_s, "load_s": load_s, "save_s": save_s, "rss_after_import_mb": rss_import,
-            "peak_rss_after_load_mb": rss_load, "peak_rss_after_save_mb": C.peak_rss_mb()}
+    return {"import_s": import_s, "load_s": load_s, "touch_s": touch_s, "save_s": save_s,
+            "rss_after_import_mb": rss_import, "peak_rss_after_load_mb": rss_load,
+            "peak_rss_after_touch_mb": rss_touch, "peak_rss_after_save_mb": C.peak_rss_mb()}
 
 
 def run(opts: C.Options) -> list[C.Result]:
@@ -80,7 +93,10 @@ def run(opts: C.Options) -> list[C.Result]:
     what = "tiny" if opts.quick else "bert-base"
     load_notes = (f"{what} {size_mb:.0f} MB safetensors; peak RSS {summary['jax_peak_rss_after_load_mb']:.0f} vs "
                   f"{summary['torch_peak_rss_after_load_mb']:.0f} MB (after import "
-                  f"{summary['jax_rss_after_import_mb']:.0f} vs {summary['torch_rss_after_import_mb']:.0f})")
+                  f"{summary['jax_rss_after_import_mb']:.0f} vs {summary['torch_rss_after_import_mb']:.0f}); "
+                  f"transformers' load maps the file without reading it: reading every weight once more takes "
+                  f"{1000 * summary['torch_touch_s']:.0f} ms, peak RSS then "
+                  f"{summary['torch_peak_rss_after_touch_mb']:.0f} MB")
     save_notes = (f"peak RSS {summary['jax_peak_rss_after_save_mb']:.0f} vs "
                   f"{summary['torch_peak_rss_after_save_mb']:.0f} MB (load + save process)")
     return [C.Result(f"conversion: load {what} HF checkpoint", 1000 * summary["jax_load_s"],

@@ -1,8 +1,8 @@
 """Reading and writing Hugging Face checkpoint files as numpy arrays.
 
-Safetensors are read with the ``safetensors`` numpy API (no torch needed); bf16 tensors come back as
-``ml_dtypes.bfloat16``. ``pytorch_model.bin`` needs torch and is read with ``weights_only=True``.
-Sharded checkpoints are found through their ``*.index.json``.
+Which files a checkpoint directory holds (sharded checkpoints through their ``*.index.json``) and writing
+safetensors; tensors are read region by region in :mod:`rdr_jax.convert.slices` (safetensors through the numpy
+API, no torch needed, bf16 as ``ml_dtypes.bfloat16``; ``pytorch_model.bin`` needs torch, ``weights_only=True``).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Mapping
 
 import numpy as np
 
@@ -67,31 +67,6 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
         f"{TORCH_SINGLE}, {TORCH_INDEX})")
 
 
-def _read_safetensors(path: Path) -> Iterator[tuple[str, np.ndarray]]:
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
-
-    try:
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: cannot read safetensors file ({e}); is it truncated?") from None
-    yield from tensors.items()
-
-
-def _read_torch_bin(path: Path) -> Iterator[tuple[str, np.ndarray]]:
-    try:
-        import torch
-    except ImportError:
-        raise CheckpointError(f"{path}: reading pytorch_model.bin needs torch (pip install torch), "
-                              "or convert the checkpoint to safetensors") from None
-    try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for a damaged zip/pickle
-        raise CheckpointError(f"{path}: cannot read PyTorch checkpoint ({type(e).__name__}: {e})") from None
-    for name, tensor in state.items():
-        yield name, torch_to_numpy(tensor)
-
-
 def torch_to_numpy(tensor) -> np.ndarray:
     """Exact conversion, including bfloat16 (which numpy lacks natively)."""
     import torch
@@ -101,17 +76,6 @@ def torch_to_numpy(tensor) -> np.ndarray:
     if tensor.dtype == torch.bfloat16:
         return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
     return tensor.numpy()
-
-
-def read_state_dict(model_dir: str | os.PathLike) -> dict[str, np.ndarray]:
-    """All tensors of a checkpoint directory by their Hugging Face names."""
-    model_dir = Path(model_dir)
-    state: dict[str, np.ndarray] = {}
-    for f in checkpoint_files(model_dir):
-        reader = _read_safetensors if f.name.endswith(".safetensors") else _read_torch_bin
-        for name, array in reader(f):
-            state[name] = array
-    return state
 
 
 def write_safetensors(state: Mapping[str, np.ndarray], out_dir: str | os.PathLike,

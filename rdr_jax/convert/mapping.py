@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-from typing import Iterable, Iterator, Mapping
+import math
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -67,18 +68,17 @@ def stack_rules(rules: list[Rule], model_paths: Iterable[str]) -> list[Rule]:
     return out
 
 
-def hf_to_jax(rule: Rule, array: np.ndarray, target_shape: tuple[int, ...]) -> np.ndarray:
-    source_shape = tuple(array.shape)
-    if rule.kind == "linear":
-        if array.ndim != 2:
-            raise CheckpointError(f"{rule.hf}: expected a 2-D weight, got shape {source_shape}")
-        array = array.T
-    if array.size != int(np.prod(target_shape)) or (rule.kind == "copy" and array.shape != target_shape):
+def check_source_shape(rule: Rule, source_shape: Sequence[int], target_shape: Sequence[int]) -> None:
+    """Raise CheckpointError when the HF tensor's shape cannot become the parameter's through ``rule``."""
+    source_shape, target_shape = tuple(source_shape), tuple(target_shape)
+    if rule.kind == "linear" and len(source_shape) != 2:
+        raise CheckpointError(f"{rule.hf}: expected a 2-D weight, got shape {source_shape}")
+    if (math.prod(source_shape) != math.prod(target_shape)
+            or (rule.kind == "copy" and source_shape != target_shape)):
         expected = jax_to_hf(rule, np.empty(target_shape, np.uint8)).shape
         raise CheckpointError(
             f"{rule.hf}: checkpoint shape {source_shape} does not match the shape {tuple(expected)} the config "
-            f"implies (model parameter {rule.jax} {tuple(target_shape)}); check config.json against the weights")
-    return array.reshape(target_shape)
+            f"implies (model parameter {rule.jax} {target_shape}); check config.json against the weights")
 
 
 def jax_to_hf(rule: Rule, array: np.ndarray) -> np.ndarray:
@@ -133,40 +133,28 @@ def check_rules_against_checkpoint(rules: list[Rule], state: Mapping[str, np.nda
         raise CheckpointError(f"{source}: checkpoint does not match the model; " + "; ".join(problems))
 
 
-def apply_rules_to_jax(rules: list[Rule], state: dict[str, np.ndarray], target_shapes: Mapping[str, tuple],
-                       **check_options) -> Iterator[tuple[str, np.ndarray]]:
-    """Check the checkpoint (see :func:`check_rules_against_checkpoint`), then yield (jax path, array) for each
-    tensor it has, removing it from ``state`` as it goes so the caller can free each one once placed."""
+def parameter_rules(rules: list[Rule], state: Mapping[str, Any], target_shapes: Mapping[str, tuple],
+                    **check_options) -> dict[str, list[Rule]]:
+    """Check the checkpoint (see :func:`check_rules_against_checkpoint`; ``state`` maps HF names to anything
+    with a ``shape``), then ``{jax path: its rules}`` for every parameter the checkpoint has: one rule, or a
+    stacked parameter's rule per layer in layer order (all layers present)."""
     check_rules_against_checkpoint(rules, state, target_shapes, **check_options)
-    stacks: dict[str, list[Rule]] = {}
+    out: dict[str, list[Rule]] = {}
     for r in rules:
-        if r.layer is not None:
-            stacks.setdefault(r.jax, []).append(r)
-
-    def convert():
-        done = set()
-        for r in rules:
-            if r.layer is None:
-                if r.hf in state:
-                    yield r.jax, hf_to_jax(r, state.pop(r.hf), tuple(target_shapes[r.jax]))
-            elif r.jax not in done:  # a stacked parameter: all its layers' tensors at once
-                done.add(r.jax)
-                present = [s for s in stacks[r.jax] if s.hf in state]
-                if not present:
-                    continue
-                shape = tuple(target_shapes[r.jax])
-                if sorted(s.layer for s in present) != list(range(shape[0])):
-                    raise CheckpointError(f"{r.jax}: the checkpoint has layers {sorted(s.layer for s in present)} "
-                                          f"of {shape[0]} ({', '.join(s.hf for s in present[:2])}, ...)")
-                stacked = None
-                for s in present:
-                    array = hf_to_jax(s, state.pop(s.hf), shape[1:])
-                    if stacked is None:
-                        stacked = np.empty(shape, array.dtype)
-                    stacked[s.layer] = array
-                yield r.jax, stacked
-
-    return convert()
+        if r.hf in state:
+            out.setdefault(r.jax, []).append(r)
+    for path, found in out.items():
+        shape = tuple(target_shapes[path])
+        if found[0].layer is None:
+            check_source_shape(found[0], state[found[0].hf].shape, shape)
+            continue
+        found.sort(key=lambda r: r.layer)
+        if [r.layer for r in found] != list(range(shape[0])):
+            raise CheckpointError(f"{path}: the checkpoint has layers {[r.layer for r in found]} "
+                                  f"of {shape[0]} ({', '.join(r.hf for r in found[:2])}, ...)")
+        for r in found:
+            check_source_shape(r, state[r.hf].shape, shape[1:])
+    return out
 
 
 def apply_rules_to_hf(rules: list[Rule], params: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -69,6 +69,26 @@ def _sort_keys(tokens: np.ndarray, starts: np.ndarray, depth: int, vocab_size: i
     return keys
 
 
+def _sorted_suffixes(tokens: np.ndarray, starts: np.ndarray, depth: int, vocab_size: int,
+                     group_size: int = 1 << 24) -> np.ndarray:
+    """``starts`` sorted by their first ``depth`` tokens, a group of first tokens at a time: the first tokens'
+    counts split the vocabulary into ranges of about ``group_size`` suffixes, each range is sorted on its own
+    (its keys only) and the ranges are concatenated in token order. Peak memory is the output plus one range's
+    keys, not keys for the whole corpus."""
+    first = tokens[starts]
+    counts = np.bincount(first, minlength=vocab_size)
+    cuts = np.searchsorted(np.cumsum(counts), np.arange(group_size, len(starts), group_size), "left")
+    bounds = np.unique(np.concatenate([[0], cuts + 1, [vocab_size]]).clip(0, vocab_size))
+    out = np.empty_like(starts)
+    at = 0
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        group = starts[(first >= lo) & (first < hi)]
+        if len(group):
+            out[at:at + len(group)] = group[np.lexsort(_sort_keys(tokens, group, depth, vocab_size)[::-1])]
+            at += len(group)
+    return out
+
+
 @dataclasses.dataclass
 class SubstringIndex:
     """The host side: built from token-id views, answers host queries, and moves to the device.
@@ -112,8 +132,7 @@ class SubstringIndex:
         tokens[body] = flat
         index_dtype = np.int32 if len(tokens) < 2 ** 31 else np.int64
         starts = np.flatnonzero(body).astype(index_dtype)
-        order = np.lexsort(_sort_keys(tokens, starts, max_ngram, vocab_size)[::-1])
-        suffixes = starts[order]
+        suffixes = _sorted_suffixes(tokens, starts, max_ngram, vocab_size)
         return cls(tokens, suffixes, view_starts, view_passage, vocab_size, eos_token_id, max_ngram, min_ngram,
                    time.perf_counter() - t0)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -18,15 +19,22 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jax.sharding import Mesh, NamedSharding
+from tqdm.auto import tqdm
+
 from rdr_jax.convert import mapping
 from rdr_jax.convert.hf_io import (VOCABULARY_FILES, CheckpointError, copy_tokenizer_files, has_tokenizer_files,
-                                   read_state_dict, resolve_model_dir, write_safetensors)
+                                   resolve_model_dir, write_safetensors)
+from rdr_jax.convert.slices import as_source, close_handles, open_checkpoint, owned_copy, parameter_region
 from rdr_jax.models.config import ModelConfig, read_config_json
 from rdr_jax.models.layers import CHECKPOINTED
+from rdr_jax.models.sharding import LOGICAL_AXIS_RULES, variable_sharding
 
 log = logging.getLogger(__name__)
 
 ORBAX_SUBDIR = "orbax"
+# Threads reading parameters from a checkpoint (at most this many tensors are mapped at once).
+LOAD_THREADS = min(8, os.cpu_count() or 1)
 # Every loadable class, by its transformers architecture name.
 MODEL_CLASSES: dict[str, type["PretrainedModel"]] = {}
 # The class used when config.json names no architecture we know, by model_type.
@@ -83,10 +91,16 @@ class PretrainedModel(nnx.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=jnp.float32,
-                        seed: int = 0, allow_fresh_heads: bool = True, **kwargs) -> "PretrainedModel":
+                        seed: int = 0, allow_fresh_heads: bool = True, mesh: Mesh | None = None,
+                        rules: dict[str, Any] | None = None, **kwargs) -> "PretrainedModel":
         """Load an HF directory (safetensors / pytorch_model.bin, sharded or not) or a directory saved with
         ``save_pretrained(..., format="orbax")``. ``dtype`` is the compute dtype, ``param_dtype`` the
         storage dtype of the parameters.
+
+        ``mesh``: place every parameter straight onto the mesh, sharded by its logical axes through ``rules``
+        (default :data:`rdr_jax.models.sharding.LOGICAL_AXIS_RULES`, the trainer's): each device's slice is read
+        alone from the checkpoint, so no device and no host holds the whole model (multi-process: each process
+        reads only its own devices' slices). Without it, parameters go to the default device.
 
         The checkpoint's ``model_type`` must be one this class reads: its own family or a related one (a DPR
         encoder from a BERT checkpoint, with a warning as transformers gives); another family (RoBERTa, T5,
@@ -116,21 +130,29 @@ class PretrainedModel(nnx.Module):
         model = _abstract_model(cls, config, dtype=dtype, param_dtype=param_dtype, **kwargs)
         graphdef, params, rest = nnx.split(model, CHECKPOINTED, ...)
         flat = {".".join(str(p) for p in path): v for path, v in nnx.to_flat_state(params)}
+        shardings = None if mesh is None else {
+            k: variable_sharding(v, mesh, LOGICAL_AXIS_RULES if rules is None else rules) for k, v in flat.items()}
         if (model_dir / ORBAX_SUBDIR).is_dir():
-            values = _restore_orbax(model_dir / ORBAX_SUBDIR, params, param_dtype)
+            values = _restore_orbax(model_dir / ORBAX_SUBDIR, params, param_dtype, shardings)
             return nnx.merge(graphdef, values, rest)
-        state = mapping.normalize_legacy_names(read_state_dict(model_dir))
-        state = cls.adapt_state_dict(state, config, raw_config)
+        # Tensors are opened, not read: each parameter below reads only its own (or its devices') region.
+        sources = mapping.normalize_legacy_names(open_checkpoint(model_dir))
+        sources = {k: as_source(v) for k, v in cls.adapt_state_dict(sources, config, raw_config).items()}
         target_shapes = {k: tuple(v.get_value().shape) for k, v in flat.items()}
-        loaded = set()
-        # One tensor at a time: each numpy array is released once its parameter holds it.
-        for k, array in mapping.apply_rules_to_jax(
-                mapping.stack_rules(cls.hf_rules(config), flat), state, target_shapes, source=str(model_dir),
-                ignore_unexpected=cls.hf_ignore_unexpected, allow_missing=cls.initializable_heads):
-            flat[k].set_value(jnp.asarray(array, dtype=param_dtype))
-            loaded.add(k)
-        del state
-        fresh = [k for k in flat if k not in loaded]
+        plan = mapping.parameter_rules(
+            mapping.stack_rules(cls.hf_rules(config), flat), sources, target_shapes, source=str(model_dir),
+            ignore_unexpected=cls.hf_ignore_unexpected, allow_missing=cls.initializable_heads)
+        # Parameters load in parallel: each is a read from the page cache and a copy (transposing) that release
+        # the GIL; each thread maps and unmaps only its own tensor.
+        with ThreadPoolExecutor(max_workers=LOAD_THREADS) as pool:
+            loading = {k: pool.submit(_load_parameter, param_rules, sources, target_shapes[k], param_dtype,
+                                      None if shardings is None else shardings[k])
+                       for k, param_rules in plan.items()}
+            for k, future in tqdm(loading.items(), desc=f"loading {model_dir.name}", unit="tensor", leave=False,
+                                  disable=None if len(plan) > 100 else True):
+                flat[k].set_value(future.result())
+        del sources
+        fresh = [k for k in flat if k not in plan]
         if fresh and not allow_fresh_heads:
             heads = sorted({k.rsplit(".", 1)[0] for k in fresh})
             raise CheckpointError(f"{model_dir}: has no trained {', '.join(heads)} (the checkpoint is a "
@@ -138,11 +160,21 @@ class PretrainedModel(nnx.Module):
                                   f"trained {cls.__name__}); these would be random")
         if fresh:  # heads the checkpoint lacks: initialise them for real, in one compiled function
             log.warning("%s: initialising %s freshly (not in the checkpoint)", model_dir, ", ".join(sorted(fresh)))
-            init = nnx.jit(lambda: nnx.state(cls(config, rngs=nnx.Rngs(seed), dtype=dtype, param_dtype=param_dtype,
-                                                 **kwargs), CHECKPOINTED))()
-            init_flat = {".".join(str(p) for p in path): v for path, v in nnx.to_flat_state(init)}
-            for k in fresh:
-                flat[k].set_value(init_flat[k].get_value())
+
+            def init():  # returns only the fresh heads: XLA drops every other parameter's initializer
+                state = nnx.state(cls(config, rngs=nnx.Rngs(seed), dtype=dtype, param_dtype=param_dtype, **kwargs),
+                                  CHECKPOINTED)
+                values = {".".join(str(p) for p in path): v.get_value() for path, v in nnx.to_flat_state(state)}
+                return {k: values[k] for k in fresh}
+
+            # Computed on this process's default device (every process gets the same numbers from the seed), then
+            # split into shards locally: a jit over a mesh that spans processes would need them all, and only
+            # process 0 builds the model first (training's main_process_first).
+            for k, value in jax.jit(init)().items():
+                if shardings is not None:
+                    host = np.asarray(value)
+                    value = jax.make_array_from_callback(host.shape, shardings[k], lambda index, h=host: h[index])
+                flat[k].set_value(value)
         params = nnx.from_flat_state([(tuple(_path_key(p) for p in k.split(".")), v) for k, v in flat.items()])
         return nnx.merge(graphdef, params, rest)
 
@@ -221,10 +253,29 @@ def _save_orbax(model: nnx.Module, path: Path) -> None:
         checkpointer.save(path, nnx.to_pure_dict(params))
 
 
-def _restore_orbax(path: Path, abstract_params, param_dtype):
+def _load_parameter(rules: list[mapping.Rule], sources, shape: tuple[int, ...], param_dtype,
+                    sharding: NamedSharding | None) -> jax.Array:
+    """One parameter from its checkpoint tensor(s): whole onto the default device (``jnp.asarray`` copies and
+    transposes straight from the file's memory map), or with ``sharding`` each addressable device's slice read
+    and copied on its own."""
+    handles: dict = {}
+    try:
+        if sharding is None:
+            return jnp.asarray(parameter_region(rules, sources, shape, None, handles), dtype=param_dtype)
+        return jax.make_array_from_callback(
+            shape, sharding, lambda index: owned_copy(parameter_region(rules, sources, shape, index, handles),
+                                                      param_dtype))
+    finally:
+        close_handles(handles)
+
+
+def _restore_orbax(path: Path, abstract_params, param_dtype, shardings: dict[str, NamedSharding] | None = None):
     import orbax.checkpoint as ocp
 
-    target = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, param_dtype), nnx.to_pure_dict(abstract_params))
+    for key, variable in nnx.to_flat_state(abstract_params):  # restored straight into each parameter's sharding
+        sharding = None if shardings is None else shardings[".".join(str(p) for p in key)]
+        variable.set_value(jax.ShapeDtypeStruct(variable.get_value().shape, param_dtype, sharding=sharding))
+    target = nnx.to_pure_dict(abstract_params)
     with ocp.StandardCheckpointer() as checkpointer:
         try:
             restored = checkpointer.restore(path.absolute(), target)

@@ -236,10 +236,10 @@ class CrossEncoderTask(FileDataTask):
     # ---- model ----
     def build_model(self) -> ModelBundle:
         t = self.config.task
-        models = {"cross_encoder": load_classifier(self.student_dir, self.config.model)}
+        models = {"cross_encoder": load_classifier(self.student_dir, self.config.model, self.mesh)}
         label_index(models["cross_encoder"], t.label_index, "task.label_index")   # fail early on a bad index
         if self.teacher_dir is not None:
-            models["teacher"] = load_classifier(self.teacher_dir, self.config.model)
+            models["teacher"] = load_classifier(self.teacher_dir, self.config.model, self.mesh)
             label_index(models["teacher"], t.teacher_label_index, "task.teacher_label_index")
         return self.bundle(**models)
 

@@ -56,8 +56,8 @@ def random_classifier_dir(model_cfg, out_dir: Path, seed: int) -> Path:
                             defaults={"num_labels": model_cfg.num_labels})
 
 
-def load_classifier(model_dir: Path, model_cfg):
-    kw = model_runtime_kwargs(model_cfg)
+def load_classifier(model_dir: Path, model_cfg, mesh=None):
+    kw = model_runtime_kwargs(model_cfg, mesh)
     if read_config_json(model_dir).get("model_type") == "deberta-v2":
         kw["relative_attention_impl"] = model_cfg.relative_attention_impl
     model = from_pretrained(model_dir, **kw)

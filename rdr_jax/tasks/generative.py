@@ -151,7 +151,7 @@ class GenerativeTask(FileDataTask):
 
     def build_model(self) -> ModelBundle:
         model_dir = self.paths()[0]
-        model = from_pretrained(model_dir, **model_runtime_kwargs(self.config.model))
+        model = from_pretrained(model_dir, **model_runtime_kwargs(self.config.model, self.mesh))
         if not isinstance(model, Seq2SeqLM):
             raise ConfigError(f"'model.path' {model_dir}: is a {type(model).__name__}, not a T5/BART "
                               "conditional-generation model")

@@ -56,10 +56,13 @@ class ModelSpec(Section):
         "resumes with the value it started with). null = false; the shipped full-size configs set true"))
 
 
-def model_runtime_kwargs(spec: ModelSpec) -> dict[str, Any]:
+def model_runtime_kwargs(spec: ModelSpec, mesh=None) -> dict[str, Any]:
     """``from_pretrained`` keyword arguments from the ``model`` section: compute/parameter dtypes, remat (and its
-    policy) and scanned layers."""
+    policy) and scanned layers; with the training ``mesh`` (``Task.mesh``), each parameter is read straight into
+    its shards (the trainer's sharding rules), never whole onto one device."""
     kw = dict(dtype=DTYPES[spec.dtype], param_dtype=DTYPES[spec.param_dtype], remat=bool(spec.remat))
+    if mesh is not None:
+        kw["mesh"] = mesh
     if spec.remat_policy is not None:
         kw["remat_policy"] = spec.remat_policy
     if spec.scan_layers:

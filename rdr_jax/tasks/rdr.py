@@ -110,7 +110,7 @@ class RDRTask(BiEncoderTask):
 
     def build_model(self) -> ModelBundle:
         q_path, c_path, _ = self.paths()
-        kw = model_runtime_kwargs(self.config.model)
+        kw = model_runtime_kwargs(self.config.model, self.mesh)
         models = dict(question_encoder=DPRQuestionEncoder.from_pretrained(q_path, **kw),
                       context_encoder=DPRContextEncoder.from_pretrained(c_path, **kw))
         if self.teacher_path:

@@ -84,7 +84,7 @@ class ReaderTask(FileDataTask):
 
     def build_model(self) -> ModelBundle:
         return self.bundle(reader=DPRReader.from_pretrained(self.reader_path,
-                                                            **model_runtime_kwargs(self.config.model)))
+                                                            **model_runtime_kwargs(self.config.model, self.mesh)))
 
     def trainable_submodules(self):
         return ("reader",)

@@ -206,6 +206,7 @@ def prepare(config: Config, *, mesh: Mesh | None = None, task: Task | None = Non
     task = task or make_task(config)
     tx, schedule = make_optimizer(config.optim, t.steps)
     # Process 0 first: a random init model (model.init) is written to the shared workdir once, then read.
+    task.mesh = mesh  # build_model loads each parameter's shards straight onto the mesh
     with distributed.main_process_first("build_model"):
         model = task.build_model()
     setup = create_train_state(model, task.trainable_filter(), tx, mesh)

@@ -1,7 +1,8 @@
 """Device mesh and the one table that maps logical axis names onto mesh axes.
 
 Models name the axes of every parameter (``embed``, ``heads``, ``mlp``, ...; see ``rdr_jax.models.layers``).
-Here those names become ``NamedSharding``s over a ``(data, fsdp, tensor)`` mesh, as in MaxText/t5x:
+Here those names become ``NamedSharding``s over a ``(data, fsdp, tensor)`` mesh, as in MaxText/t5x, by the
+table in ``rdr_jax.models.sharding`` (re-exported here):
 
 - ``batch`` -> (data, fsdp): examples are split over both data-parallel axes;
 - ``embed`` -> fsdp: FSDP-style parameter (and optimizer state) sharding, gathered per layer by XLA;
@@ -22,23 +23,9 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
-
-# logical axis name -> mesh axis, tuple of mesh axes, or None (replicated).
-LOGICAL_AXIS_RULES: dict[str, Any] = {
-    "batch": BATCH_AXES,
-    "length": None,
-    "kv_length": None,
-    "embed": "fsdp",
-    "heads": "tensor",
-    "kv": None,
-    "mlp": "tensor",
-    "vocab": "tensor",
-    "norm": None,
-    "classes": None,
-    "positions": None,
-}
+# The rule table and logical_to_spec live with the models (from_pretrained shards with them too); re-exported.
+from rdr_jax.models.sharding import (BATCH_AXES, LOGICAL_AXIS_RULES, MESH_AXES, logical_to_spec,  # noqa: F401
+                                     variable_sharding)
 
 
 def mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int) -> tuple[int, int, int]:
@@ -72,33 +59,6 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[
     return Mesh(grid, MESH_AXES)
 
 
-def logical_to_spec(logical: Sequence[str | None] | None, shape: Sequence[int], mesh: Mesh,
-                    rules: dict[str, Any] = LOGICAL_AXIS_RULES) -> P:
-    """A PartitionSpec for an array of ``shape`` whose axes have the given logical names."""
-    if not logical:
-        return P()
-    if len(logical) != len(shape):
-        raise ValueError(f"logical axes {tuple(logical)} do not match shape {tuple(shape)}")
-    used: set[str] = set()
-    spec = []
-    for name, size in zip(logical, shape):
-        target = rules.get(name) if name is not None else None
-        axes = (target,) if isinstance(target, str) else tuple(target or ())
-        # Drop size-1 mesh axes (no-ops) and axes already used by an earlier dimension.
-        axes = tuple(a for a in axes if mesh.shape[a] > 1 and a not in used)
-        if not axes or size % math.prod(mesh.shape[a] for a in axes):
-            spec.append(None)
-            continue
-        used.update(axes)
-        spec.append(axes[0] if len(axes) == 1 else axes)
-    return P(*spec)
-
-
-def _logical_axes(variable: nnx.Variable) -> tuple | None:
-    meta = variable.get_metadata()
-    return meta.get("out_sharding") or meta.get("sharding_names") or meta.get("sharding")
-
-
 def tree_shardings(tree: Any, mesh: Mesh, rules: dict[str, Any] = LOGICAL_AXIS_RULES) -> Any:
     """Shardings for a pytree holding ``nnx.Variable``s (parameters, optimizer moments that copy their
     metadata) and plain arrays/scalars (replicated). The result has the tree's structure."""
@@ -106,9 +66,7 @@ def tree_shardings(tree: Any, mesh: Mesh, rules: dict[str, Any] = LOGICAL_AXIS_R
 
     def one(x):
         if isinstance(x, nnx.Variable):
-            value = x.get_value()
-            spec = logical_to_spec(_logical_axes(x), getattr(value, "shape", ()), mesh, rules)
-            return x.replace(NamedSharding(mesh, spec))
+            return x.replace(variable_sharding(x, mesh, rules))
         return replicated
 
     return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))

@@ -63,6 +63,9 @@ class Task:
     # Batch fields that are token masks (1 = a real token, 0 = padding), for the real vs padded tokens/s the
     # loop logs; None: every ``*attention_mask`` field.
     token_mask_fields: ClassVar[tuple[str, ...] | None] = None
+    # The training mesh, set by the engine before build_model: models load straight onto it, each parameter
+    # sharded as the train state holds it (``from_pretrained(..., mesh=self.mesh)``). None outside training.
+    mesh = None
 
     def __init__(self, config, workdir: str | Path):
         self.config = config

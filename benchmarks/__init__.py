@@ -3,4 +3,5 @@
 Run ``python -m benchmarks [names...] [--quick] [--json OUT]``; see benchmarks/README.md.
 """
 
-BENCHMARKS = ("encoder", "reader", "corpus_encoding", "search", "conversion", "train_step", "rerank", "beam_search")
+BENCHMARKS = ("encoder", "reader", "corpus_encoding", "search", "conversion", "train_step", "rerank", "beam_search",
+              "grad_cache")

@@ -100,6 +100,9 @@ class BiEncoderTask(FileDataTask):
         if c.model.unpad and c.train.grad_accum_steps > 1:
             raise ConfigError("'model.unpad' packs each whole batch; it cannot be split into "
                               f"'train.grad_accum_steps' ({c.train.grad_accum_steps}) micro-batches")
+        if c.model.unpad and c.train.grad_cache_chunk:
+            raise ConfigError("'model.unpad' packs each whole batch; it cannot be split into "
+                              f"'train.grad_cache_chunk' ({c.train.grad_cache_chunk}) chunks")
 
     def __init__(self, config, workdir):
         super().__init__(config, workdir)

@@ -4,4 +4,4 @@ Run ``python -m benchmarks [names...] [--quick] [--json OUT]``; see benchmarks/R
 """
 
 BENCHMARKS = ("encoder", "reader", "teacher_scores", "corpus_encoding", "search", "corpus_search", "conversion",
-              "train_step", "rerank", "beam_search", "ngram_index", "training_scale")
+              "train_step", "rerank", "beam_search", "ngram_index", "training_scale", "grad_cache")

@@ -145,6 +145,9 @@ class BiEncoderTask(FileDataTask):
             raise ConfigError(f"'model.unpad' packs each micro-batch per data-parallel shard: its {micro} questions "
                               f"(train.batch_size / train.grad_accum_steps) do not split over mesh.data x mesh.fsdp "
                               f"= {c.mesh.data * c.mesh.fsdp} devices")
+        if c.model.unpad and c.train.grad_cache_chunk:
+            raise ConfigError("'model.unpad' with 'train.grad_cache_chunk' is not supported: GradCache's chunks "
+                              "would each need their own packing maps; set one of them off")
 
     def __init__(self, config, workdir):
         super().__init__(config, workdir)

@@ -31,17 +31,20 @@ from rdr_jax.training.task import ModelBundle, register_task
 
 def dpr_step_flops(q_config, c_config, questions: int, q_len: int, passages: int, p_len: int, *,
                    train_question: bool = True, train_context: bool = True, remat: bool = False,
-                   q_tokens: int | None = None, p_tokens: int | None = None, micro_batches: int = 1) -> float:
+                   q_tokens: int | None = None, p_tokens: int | None = None, micro_batches: int = 1,
+                   grad_cache: bool = False) -> float:
     """FLOPs of one DPR step: both encoders ([CLS] only in their last layer), 3 x forward each when trained
     (1 x when frozen), and the in-batch score matrix ``q @ p^T`` (per micro-batch: ``1 / micro_batches`` of
     it), whose backward has one matmul per trained side. ``*_tokens``: packed rows under ``model.unpad``.
+    ``grad_cache``: a trained encoder's forward runs twice (``train.grad_cache_chunk``).
     ``benchmarks.common.dpr_step_flops`` is this function."""
     q = F.dpr_encoder(q_config, questions, q_len, tokens=q_tokens)
     p = F.dpr_encoder(c_config, passages, p_len, tokens=p_tokens)
     scores = F.matmul(questions, F.embedding_dim(q_config), passages) / micro_batches
     return (F.train_flops(q, trained=train_question, remat=remat)
             + F.train_flops(p, trained=train_context, remat=remat)
-            + scores * (1 + train_question + train_context))
+            + scores * (1 + train_question + train_context)
+            + grad_cache * (train_question * q.total + train_context * p.total))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,18 +90,25 @@ class DPRTask(BiEncoderTask):
                               train_question="question_encoder" in trained, train_context="context_encoder" in trained,
                               remat=F.recomputes_layers(compute), q_tokens=packed_tokens(batch_shapes, "q_"),
                               p_tokens=packed_tokens(batch_shapes, "p_"),
-                              micro_batches=self.config.train.grad_accum_steps)
+                              micro_batches=self.config.train.grad_accum_steps,
+                              grad_cache=bool(self.config.train.grad_cache_chunk))
 
-    def loss(self, model, batch, *, rngs, deterministic):
+    def embed(self, model, batch, *, rngs, deterministic):
         train_ctx = "context_encoder" in self.trainable_submodules()
         q = encode(model.question_encoder, batch["q_input_ids"], batch["q_attention_mask"], rngs=rngs,
                    deterministic=deterministic, packing=self.packing(batch, "q_"))
         p = encode(model.context_encoder, batch["p_input_ids"], batch["p_attention_mask"], rngs=rngs,
                    deterministic=deterministic or not train_ctx, packing=self.packing(batch, "p_"))
-        scores = losses.dot_scores(q, p)
+        return {"q": q, "p": p}
+
+    def loss_from_embeddings(self, model, batch, embeddings, targets):
+        scores = losses.dot_scores(embeddings["q"], embeddings["p"])
         positive = batch["positive_index"]
         loss = losses.dpr_nll_from_scores(scores, positive)
         return loss, {"accuracy": losses.in_batch_accuracy(scores, positive)}
+
+    def loss(self, model, batch, *, rngs, deterministic):
+        return self.embed_loss(model, batch, rngs=rngs, deterministic=deterministic)
 
     def _data(self, path) -> DPRData:
         d = self.config.data

@@ -141,11 +141,13 @@ class RDRTask(BiEncoderTask):
         (q_config, compute), (c_config, _) = self.model_specs["question_encoder"], self.model_specs["context_encoder"]
         num_q, q_len = batch_shapes["q_input_ids"]
         k = batch_shapes["passage_mask"][1]
-        flops = F.train_flops(F.dpr_encoder(q_config, num_q, q_len, tokens=packed_tokens(batch_shapes, "q_")),
-                              trained=True, remat=F.recomputes_layers(compute))
+        again = bool(self.config.train.grad_cache_chunk)    # GradCache re-runs the trained encoders' forward
+        questions = F.dpr_encoder(q_config, num_q, q_len, tokens=packed_tokens(batch_shapes, "q_"))
+        flops = F.train_flops(questions, trained=True, remat=F.recomputes_layers(compute)) + again * questions.total
         if "p_input_ids" in batch_shapes:
             passages = F.dpr_encoder(c_config, *batch_shapes["p_input_ids"], tokens=packed_tokens(batch_shapes, "p_"))
             flops += F.train_flops(passages, trained=t.train_context_encoder, remat=F.recomputes_layers(compute))
+            flops += again * t.train_context_encoder * passages.total
         sides = 2 + t.train_context_encoder           # forward + one backward matmul per trained side
         dim = F.embedding_dim(q_config)
         flops += sides * F.matmul(num_q * k, dim, 1)
@@ -155,7 +157,7 @@ class RDRTask(BiEncoderTask):
             flops += F.dpr_reader(self.model_specs["teacher"][0], *batch_shapes["r_input_ids"]).total
         return flops
 
-    def loss(self, model, batch, *, rngs, deterministic):
+    def embed(self, model, batch, *, rngs, deterministic):
         t = self.config.task
         q = encode(model.question_encoder, batch["q_input_ids"], batch["q_attention_mask"], rngs=rngs,
                    deterministic=deterministic, packing=self.packing(batch, "q_"))
@@ -167,11 +169,21 @@ class RDRTask(BiEncoderTask):
                        packing=self.packing(batch, "p_"))
         if not t.train_context_encoder:
             p = jax.lax.stop_gradient(p)
+        return {"q": q, "p": p}
+
+    def loss_targets(self, model, batch):
+        """The teacher's scores ``[B, K]``: the in-step reader is frozen, so under GradCache it runs chunk by
+        chunk in the forward pass only."""
+        return {"teacher": self.teacher_scores(model, batch, batch["q_input_ids"].shape[0])}
+
+    def loss_from_embeddings(self, model, batch, embeddings, targets):
+        t = self.config.task
+        q, p = embeddings["q"], embeddings["p"]
         num_q = q.shape[0]
         mask = batch["passage_mask"].astype(bool)
         student = jnp.einsum("be,bke->bk", q.astype(jnp.float32), p.astype(jnp.float32).reshape(num_q, -1, p.shape[-1]),
                              precision=jax.lax.Precision.HIGHEST)
-        teacher = self.teacher_scores(model, batch, num_q)
+        teacher = targets["teacher"]
         kl = losses.rdr_kl(student, teacher, mask, t.temperature, t.scale_by_temperature_squared)
         neg = jnp.finfo(jnp.float32).min
         agree = (jnp.argmax(jnp.where(mask, student, neg), -1) == jnp.argmax(jnp.where(mask, teacher, neg), -1))
@@ -184,6 +196,9 @@ class RDRTask(BiEncoderTask):
             metrics["nll"] = nll
             loss = loss + t.nll_weight * nll
         return loss, metrics
+
+    def loss(self, model, batch, *, rngs, deterministic):
+        return self.embed_loss(model, batch, rngs=rngs, deterministic=deterministic)
 
     def dev_passage_embeddings(self, model, dev: DevRecall):
         """The frozen index embeddings (``data.passage_embeddings``) when given: exact for the frozen context

@@ -87,7 +87,12 @@ class TaskSection(Section):
 class TrainConfig(Section):
     steps: int = option(min=1)
     batch_size: int = option(min=1, doc="questions per optimizer step (global, all devices together)")
-    grad_accum_steps: int = option(1, min=1, doc="the step's batch is split into this many micro-batches")
+    grad_accum_steps: int = option(1, min=1, doc="the step's batch is split into this many micro-batches, each "
+                                                 "with its own in-batch negatives")
+    grad_cache_chunk: int | None = option(None, min=0, doc=(
+        "GradCache (dpr, rdr): questions per chunk (global) whose embeddings are computed, then back-propagated, "
+        "one chunk at a time, the loss being over ONE batch of train.batch_size with all its in-batch negatives; "
+        "memory of one chunk. 0/null: off. Not with grad_accum_steps > 1 (training/grad_cache.py)"))
     seed: int = option(0)
     checkpoint_every: int = option(1000, min=1)
     keep_checkpoints: int = option(3, min=1, doc="the last N; plus the best one when best_metric is set")
@@ -109,6 +114,14 @@ class TrainConfig(Section):
         if self.batch_size % self.grad_accum_steps:
             raise ConfigError(f"'train.batch_size' ({self.batch_size}) must be divisible by "
                               f"'train.grad_accum_steps' ({self.grad_accum_steps})")
+        if self.grad_cache_chunk:
+            if self.grad_accum_steps > 1:
+                raise ConfigError(f"'train.grad_cache_chunk' ({self.grad_cache_chunk}) and 'train.grad_accum_steps' "
+                                  f"({self.grad_accum_steps}) both split the batch: GradCache keeps one contrastive "
+                                  "batch in the memory of a chunk, so set grad_accum_steps to 1")
+            if self.batch_size % self.grad_cache_chunk:
+                raise ConfigError(f"'train.batch_size' ({self.batch_size}) must be divisible by "
+                                  f"'train.grad_cache_chunk' ({self.grad_cache_chunk})")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -363,6 +376,9 @@ def build_config(raw: dict, task_cls: type, *, source: str = "config", overrides
     if isinstance(expected, str) and config.task.name != expected:
         raise origins.error("task.name", f"'task.name' is {config.task.name!r}, but the config is validated "
                                          f"for task {expected!r}")
+    if config.train.grad_cache_chunk and not getattr(task_cls, "supports_grad_cache", lambda: False)():
+        raise origins.error("train.grad_cache_chunk", f"'train.grad_cache_chunk' needs a task whose loss is a "
+                            f"function of embeddings (dpr, rdr); task {config.task.name!r} has none")
     try:
         task_cls.validate_config(config)
     except ConfigError as e:

@@ -210,7 +210,8 @@ def prepare(config: Config, *, mesh: Mesh | None = None, task: Task | None = Non
     with distributed.main_process_first("build_model"):
         model = task.build_model()
     setup = create_train_state(model, task.trainable_filter(), tx, mesh)
-    train_step = make_train_step(task, setup, tx, schedule, mesh, t.grad_accum_steps, t.nan_policy)
+    train_step = make_train_step(task, setup, tx, schedule, mesh, t.grad_accum_steps, t.nan_policy,
+                                 t.grad_cache_chunk)
     return Trainer(config, mesh, task, tx, schedule, setup, train_step)
 
 

@@ -10,6 +10,10 @@ independent questions (RDR's KL, a cross-encoder's per-query loss) this equals o
 DPR's in-batch negatives are the exception: a micro-batch's questions only see that micro-batch's
 passages as negatives, so accumulation there trades negatives for memory.
 
+GradCache (``grad_cache_chunk``, ``training/grad_cache.py``) bounds memory the other way: the batch stays ONE
+contrastive batch (every question sees every passage of the global batch), its embeddings computed and
+back-propagated chunk by chunk, the gradient exact; the two are not combined.
+
 Non-finite loss or gradients (``nan_policy``, see ``training/faults.py``): the update is never applied, by a
 ``where`` on one finiteness flag inside the step (no host round-trip). "skip" still advances ``step`` (the
 batch is consumed) and counts it in ``nonfinite_steps``; "stop" freezes the whole state from then on and
@@ -26,6 +30,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from rdr_jax.training.grad_cache import grad_cache_value_and_grad
 from rdr_jax.training.partitioning import BATCH_AXES, batch_sharding
 from rdr_jax.training.state import TrainSetup
 
@@ -75,11 +80,14 @@ def _guard(nan_policy: str, state, new_state, finite):
                 nonfinite_steps=state["nonfinite_steps"] + ((state["halted_at"] == 0) & ~finite).astype(jnp.int32))
 
 
-def make_train_step(task, setup: TrainSetup, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    mesh: Mesh, grad_accum_steps: int = 1, nan_policy: str = "stop") -> Callable:
-    """``step(state, frozen, batch, seed_key) -> (state, metrics)``; the state argument is donated."""
+def value_and_grad_fn(task, setup: TrainSetup, mesh: Mesh, grad_accum_steps: int = 1,
+                      grad_cache_chunk: int | None = None) -> Callable:
+    """``fn(params, frozen, batch, key) -> ((loss, metrics), grads)`` of one step's batch (dropout on): plain,
+    accumulated over micro-batches, or cached chunk by chunk (GradCache)."""
     loss_fn = _loss_fn(task, setup.graphdef)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if grad_cache_chunk:
+        return grad_cache_value_and_grad(task, setup.graphdef, mesh, grad_cache_chunk)
 
     def accumulate(params, frozen, batch, key):
         if grad_accum_steps == 1:
@@ -100,6 +108,14 @@ def make_train_step(task, setup: TrainSetup, tx: optax.GradientTransformation, s
         (loss, metrics, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(grad_accum_steps), micro))
         scale = 1.0 / grad_accum_steps
         return (loss * scale, jax.tree.map(lambda m: m * scale, metrics)), jax.tree.map(lambda g: g * scale, grads)
+    return accumulate
+
+
+def make_train_step(task, setup: TrainSetup, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                    mesh: Mesh, grad_accum_steps: int = 1, nan_policy: str = "stop",
+                    grad_cache_chunk: int | None = None) -> Callable:
+    """``step(state, frozen, batch, seed_key) -> (state, metrics)``; the state argument is donated."""
+    accumulate = value_and_grad_fn(task, setup, mesh, grad_accum_steps, grad_cache_chunk)
 
     def step(state, frozen, batch, seed_key):
         key = jax.random.fold_in(seed_key, state["step"])
@@ -132,4 +148,4 @@ def make_eval_step(task, setup: TrainSetup, mesh: Mesh) -> Callable:
                                            batch_sharding(mesh)), out_shardings=replicated)
 
 
-__all__ = ["make_train_step", "make_eval_step"]
+__all__ = ["make_train_step", "make_eval_step", "value_and_grad_fn"]

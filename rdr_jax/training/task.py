@@ -113,6 +113,33 @@ class Task:
              deterministic: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
         raise NotImplementedError
 
+    # ---- cached in-batch negatives (optional: train.grad_cache_chunk, training/grad_cache.py) ----------------
+    def embed(self, model: ModelBundle, batch: dict[str, jax.Array], *, rngs: nnx.Rngs | None,
+              deterministic: bool) -> dict[str, jax.Array]:
+        """The embeddings through which alone ``loss`` depends on the trained parameters and the batch's rows:
+        ``{name: [rows, ...]}``, rows grouped per question like batch fields. Implemented by the tasks that
+        support GradCache (with :meth:`loss_from_embeddings`)."""
+        raise NotImplementedError
+
+    def loss_targets(self, model: ModelBundle, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        """Per-question inputs of the loss that frozen models compute in the step (no gradient), e.g. RDR's
+        in-step teacher: under GradCache run once per chunk, in the forward pass only. Default: none."""
+        return {}
+
+    def loss_from_embeddings(self, model: ModelBundle, batch: dict[str, jax.Array], embeddings: dict[str, jax.Array],
+                             targets: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """``loss`` given the whole batch's :meth:`embed` and :meth:`loss_targets` outputs."""
+        raise NotImplementedError
+
+    def embed_loss(self, model, batch, *, rngs, deterministic):
+        """``loss`` as the composition GradCache splits: embed, targets, loss from embeddings."""
+        embeddings = self.embed(model, batch, rngs=rngs, deterministic=deterministic)
+        return self.loss_from_embeddings(model, batch, embeddings, self.loss_targets(model, batch))
+
+    @classmethod
+    def supports_grad_cache(cls) -> bool:
+        return cls.embed is not Task.embed and cls.loss_from_embeddings is not Task.loss_from_embeddings
+
     def split_microbatches(self, batch: dict[str, jax.Array], n: int) -> dict[str, jax.Array]:
         """Split into ``n`` micro-batches (new leading axis), question ``i`` going to micro-batch ``i % n``.
 

@@ -252,6 +252,24 @@ def emit(result: dict, jsonl: Path | None) -> None:
             f.write(line + "\n")
 
 
+def summarize(lines: list[dict]) -> str:
+    """A markdown table of JSON lines (one row per part), the train rows' time also as a ratio to PyTorch's."""
+    torch_ms = next((r["torch_train_step_ms"] for r in lines if "torch_train_step_ms" in r), None)
+    rows = ["| label | part | attention | step / forward ms | MFU | compile s | torch/jax | note |",
+            "|---|---|---|---|---|---|---|---|"]
+    for r in lines:
+        ms = r.get("jax_train_step_ms") or r.get("torch_train_step_ms") or r.get("jax_encode_ms")
+        mfu = r.get("jax_train_mfu") or r.get("torch_train_mfu") or r.get("jax_encode_mfu")
+        ratio = (round(torch_ms / r["jax_train_step_ms"], 3) if torch_ms and "jax_train_step_ms" in r
+                 else r.get("encode_ratio_torch_over_jax"))
+        note = r.get("error", "")[:80] or f"cuDNN attention calls {r['hlo_cudnn_attention_calls']}" * (
+            "hlo_cudnn_attention_calls" in r)
+        rows.append(f"| {r.get('label', '')} | {r.get('part', '')} | {r.get('attention', '')} | {ms or ''} | "
+                    f"{'' if mfu is None else f'{100 * mfu:.1f}%'} | {r.get('jax_compile_s', '')} | "
+                    f"{ratio or ''} | {note} |")
+    return "\n".join(rows)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--peak-tflops", type=float, default=None,
@@ -282,12 +300,18 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--in-process", action="store_true",
                    help="run the parts in this process (warm caches after the first; no timeout)")
     p.add_argument("--tiny", action="store_true", help="tiny models and shapes: a smoke run of the code on a CPU")
+    p.add_argument("--summarize", type=Path, default=None, metavar="JSONL",
+                   help="print a markdown table of a results file and exit")
     return p
 
 
 def main(argv=None) -> list[dict]:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser().parse_args(argv)
+    if args.summarize:
+        lines = [json.loads(line) for line in args.summarize.read_text().splitlines() if line.startswith("{")]
+        print(summarize(lines))
+        return lines
     if args.attention:
         os.environ[ATTENTION_ENV] = args.attention
     args.model = dict(TINY_BERT if args.tiny else BERT_BASE)

@@ -252,19 +252,24 @@ def emit(result: dict, jsonl: Path | None) -> None:
             f.write(line + "\n")
 
 
+def _first(row: dict, *keys: str):
+    return next((row[k] for k in keys if k in row), None)
+
+
 def summarize(lines: list[dict]) -> str:
     """A markdown table of JSON lines (one row per part), the train rows' time also as a ratio to PyTorch's."""
     torch_ms = next((r["torch_train_step_ms"] for r in lines if "torch_train_step_ms" in r), None)
     rows = ["| label | part | attention | step / forward ms | MFU | compile s | torch/jax | note |",
             "|---|---|---|---|---|---|---|---|"]
     for r in lines:
-        ms = r.get("jax_train_step_ms") or r.get("torch_train_step_ms") or r.get("jax_encode_ms")
-        mfu = r.get("jax_train_mfu") or r.get("torch_train_mfu") or r.get("jax_encode_mfu")
+        ms = _first(r, "jax_train_step_ms", "torch_train_step_ms", "jax_encode_ms")
+        mfu = _first(r, "jax_train_mfu", "torch_train_mfu", "jax_encode_mfu")
         ratio = (round(torch_ms / r["jax_train_step_ms"], 3) if torch_ms and "jax_train_step_ms" in r
                  else r.get("encode_ratio_torch_over_jax"))
-        note = r.get("error", "")[:80] or f"cuDNN attention calls {r['hlo_cudnn_attention_calls']}" * (
-            "hlo_cudnn_attention_calls" in r)
-        rows.append(f"| {r.get('label', '')} | {r.get('part', '')} | {r.get('attention', '')} | {ms or ''} | "
+        note = r.get("error", "")[:80]
+        if not note and "hlo_cudnn_attention_calls" in r:
+            note = f"cuDNN attention calls {r['hlo_cudnn_attention_calls']}, fusions {r['hlo_fusions']}"
+        rows.append(f"| {r.get('label', '')} | {r.get('part', '')} | {r.get('attention', '')} | {'' if ms is None else ms} | "
                     f"{'' if mfu is None else f'{100 * mfu:.1f}%'} | {r.get('jax_compile_s', '')} | "
                     f"{ratio or ''} | {note} |")
     return "\n".join(rows)

@@ -30,18 +30,21 @@ Where a fused kernel applies:
   the RNG state as a residual: the way forward if that matters more than the extra dependency.
 - **TPU: Pallas flash attention** (``jax.experimental.pallas.ops.tpu.flash_attention``) with segment ids: a
   padding mask ``[b, 1, 1, k]`` becomes query ids 1 and key ids ``mask`` (exactly the reference), packed
-  ``segment_ids`` pass through. No dropout in that kernel: with attention dropout active the reference path
-  runs (training with attention dropout on TPU is unfused; dropout 0 fuses).
+  ``segment_ids`` pass through; lengths a multiple of 128 (its block). No dropout in that kernel: with
+  attention dropout active the reference path runs (training with attention dropout on TPU is unfused;
+  dropout 0 fuses).
 - **Elsewhere, the reference path**: other backends, float32, a mask with a query axis (causal) on TPU, an
   additive bias (DeBERTa's relative terms, T5's position bias), keys/values in the decoder cache's heads-first
   layout, query rows sharing key rows (beams), a dropout given as a bare callable (its rate unknown), and any
-  call the fused kernel refuses at trace time (head size, lengths).
+  call the fused kernel refuses at trace time (cuDNN: a head size over 128/256 or not a multiple of 8, an odd
+  length with a mask in training, e.g. a [CLS]-only last layer).
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import inspect
 import itertools
 import logging
@@ -57,6 +60,7 @@ log = logging.getLogger(__name__)
 ATTENTION_ENV = "RDR_JAX_ATTENTION"
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "pallas")
 FUSED_DTYPES = (jnp.bfloat16, jnp.float16)
+PALLAS_BLOCK = 128  # the Pallas TPU kernel's default block, forward and backward
 
 # Seeds of the cuDNN dropout call sites, one per traced call: independent masks per layer. Trace order is
 # deterministic, so a program traced again in a new process gets the same seeds.
@@ -140,6 +144,7 @@ def select_implementation(*, backend: str, dtype, dropout_rate: float | None, bi
     return "xla", f"no fused attention on {backend}"
 
 
+@functools.lru_cache(maxsize=None)
 def _cudnn_module():
     """jax's cuDNN attention module when its entry point takes a dropout rate and a seed, else None."""
     try:
@@ -151,6 +156,7 @@ def _cudnn_module():
     return fa if {"dropout_rate", "seed", "mask", "scale"} <= set(params) else None
 
 
+@functools.lru_cache(maxsize=None)
 def _pallas_flash():
     try:
         from jax.experimental.pallas.ops.tpu import flash_attention as fa
@@ -190,9 +196,11 @@ def pallas_attention(query, key, value, mask, segment_ids, scale):
     """Pallas TPU flash attention, ``[batch, len, heads, kv]`` in and out, or None where the kernel refuses the
     shapes. A padding mask is passed as segment ids (query 1, key ``mask``): the reference's numbers."""
     fa = _pallas_flash()
-    if fa is None:
-        return None
     batch, q_len, k_len = query.shape[0], query.shape[1], key.shape[1]
+    # its default blocks are 128 rows in both passes: other lengths (a 32-token question, a [CLS]-only layer)
+    # would fail in the backward's trace, past the try below
+    if fa is None or q_len % PALLAS_BLOCK or k_len % PALLAS_BLOCK:
+        return None
     if segment_ids is not None:
         q_ids, kv_ids = segment_ids
     elif mask is not None:

@@ -118,14 +118,21 @@ def bert_forward_flops(config: dict, batch: int, length: int) -> float:
     return bert_encoder(BertConfig.from_dict(dict(config)), batch, length).total
 
 
-def dpr_step_flops(config: dict, num_q: int, lq: int, lp: int, remat: bool = False) -> float:
+def dpr_step_flops(config: dict, num_q: int, lq: int, lp: int, remat: bool = False,
+                   full_last_layer: bool = False) -> float:
     """Analytic FLOPs of one DPR training step (both towers trained, two passages per question): the count the
     trainer logs MFU with (``rdr_jax.tasks.dpr.dpr_step_flops``: [CLS] only in the last layer, 3 x forward,
-    the in-batch scores)."""
+    the in-batch scores). ``full_last_layer``: every position of the last layer, the work transformers' towers
+    do."""
     from rdr_jax.models.dpr import DPRConfig
     from rdr_jax.tasks.dpr import dpr_step_flops as count
 
     cfg = DPRConfig.from_dict(dict(config))
+    if full_last_layer:
+        from rdr_jax.training import model_flops as F
+
+        towers = F.dpr_encoder(cfg, num_q, lq, cls_only=False) + F.dpr_encoder(cfg, 2 * num_q, lp, cls_only=False)
+        return 3 * towers.total + 3 * F.matmul(num_q, F.embedding_dim(cfg), 2 * num_q)
     return count(cfg, cfg, num_q, lq, 2 * num_q, lp, remat=remat)
 
 

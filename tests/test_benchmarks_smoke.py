@@ -119,25 +119,44 @@ def test_interleaving_alternates_order():
 
 
 def test_accelerator_benchmark_runs_its_code_path_on_cpu(tmp_path):
-    """benchmarks.accelerator (meant for a GPU) on a tiny BERT: every part reports, the engine's step trains,
-    and MFU follows from the analytic FLOPs and the given peak."""
+    """benchmarks.accelerator (meant for a GPU) on a tiny BERT, with grain, faiss and tensorflow unimportable (a
+    bare accelerator machine has none): every part appends its line, the engine's step trains, MFU follows from
+    the analytic FLOPs and the given peak, and the summary puts the train step beside PyTorch's."""
     pytest.importorskip("torch")
-    out = tmp_path / "acc.json"
+    out = tmp_path / "acc.jsonl"
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    code = ("import sys; sys.modules.update(dict.fromkeys(('grain', 'faiss', 'tensorflow'))); "
+            "from benchmarks.accelerator import main; main()")
     args = ["--tiny", "--layers", "1", "--batch", "4", "--lq", "8", "--lp", "16", "--encode-batch", "8",
             "--steps", "3", "--warmup", "1", "--parts", "train", "torch_train", "encode", "--prng", "rbg",
-            "--attention-dropout", "0", "--peak-tflops", "1", "--json", str(out)]
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.accelerator", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+            "--attention-dropout", "0", "--peak-tflops", "1", "--in-process", "--label", "smoke", "--jsonl", str(out)]
+    proc = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    r = json.loads(out.read_text())
-    assert not [k for k in r if k.endswith("_error")], r
-    for key in ("jax_train_step_ms", "torch_train_step_ms", "jax_encode_ms", "torch_encode_ms",
-                "trainer_flops_per_step", "analytic_flops_per_step", "xla_lowered_flops"):
-        assert _positive(r[key]), key
-    assert r["model"]["num_hidden_layers"] == 1 and r["model"]["attention_probs_dropout_prob"] == 0
-    assert r["prng"] == "rbg" and math.isfinite(r["jax_first_loss"]) and math.isfinite(r["jax_last_loss"])
-    expected = C.dpr_step_flops(r["model"], 4, 8, 16)   # the trainer's count of the engine's step
-    assert r["analytic_flops_per_step"] == expected == r["trainer_flops_per_step"]
-    assert r["jax_train_mfu"] == round(expected / (r["jax_train_step_ms"] / 1000) / 1e12, 4)
-    assert r["train_ratio_torch_over_jax"] == round(r["torch_train_step_ms"] / r["jax_train_step_ms"], 3)
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    parts = {r["part"]: r for r in lines}
+    assert [r["part"] for r in lines] == ["train", "torch_train", "encode"], lines
+    assert not [r for r in lines if "error" in r], lines
+    assert all(r["label"] == "smoke" and r["model"]["num_hidden_layers"] == 1 for r in lines)
+    train = parts["train"]
+    for key in ("jax_train_step_ms", "jax_compile_s", "jax_lower_s", "trainer_flops_per_step",
+                "xla_lowered_flops", "hlo_fusions", "hlo_dots"):
+        assert _positive(train[key]), key
+    assert train["model"]["attention_probs_dropout_prob"] == 0 and train["attention"] == "auto"
+    assert train["hlo_cudnn_attention_calls"] == 0  # the CPU runs the reference path
+    assert train["prng"] == "rbg" and math.isfinite(train["jax_first_loss"]) and math.isfinite(train["jax_last_loss"])
+    expected = C.dpr_step_flops(train["model"], 4, 8, 16)   # the trainer's count of the engine's step
+    assert train["trainer_flops_per_step"] == expected
+    assert train["jax_train_mfu"] == round(expected / (train["jax_train_step_ms"] / 1000) / 1e12, 4)
+    torch_train = parts["torch_train"]
+    assert torch_train["torch_flops_per_step"] > expected  # its last layer computes every position
+    assert _positive(torch_train["torch_train_step_ms"])
+    assert torch_train["torch_train_mfu"] == round(
+        torch_train["torch_flops_per_step"] / (torch_train["torch_train_step_ms"] / 1000) / 1e12, 4)
+    for key in ("jax_encode_ms", "torch_encode_ms", "encode_analytic_flops"):
+        assert _positive(parts["encode"][key]), key
+    ratio = round(torch_train["torch_train_step_ms"] / train["jax_train_step_ms"], 3)
+    from benchmarks.accelerator import summarize
+
+    table = summarize(lines)
+    assert f"| smoke | train | auto | {train['jax_train_step_ms']} |" in table and f"| {ratio} |" in table, table

@@ -1,4 +1,5 @@
-"""Layers shared by every model family: parameters with logical axes, dense, embeddings, norms, attention.
+"""Layers shared by every model family: parameters with logical axes, dense, embeddings, norms (attention:
+:mod:`rdr_jax.models.attention`, its names re-exported here).
 
 Every parameter carries logical axis names (``vocab``, ``embed``, ``heads``, ``kv``, ``mlp``, ...). The
 training engine maps them onto mesh axes with one rules table (``rdr_jax.training.partitioning``), so no
@@ -12,12 +13,15 @@ MaxText, so tensor parallelism shards heads without reshapes; conversion reshape
 from __future__ import annotations
 
 import math
-import os
 from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+# Attention lives in its own module (kernel dispatch); these names stay importable from here.
+from rdr_jax.models.attention import (  # noqa: F401
+    ATTENTION_ENV, AttentionDropout, cudnn_attention, dot_product_attention, heads_first, reference_attention)
 
 Axes = tuple[str | None, ...]
 
@@ -157,93 +161,18 @@ def padding_mask(attention_mask: jax.Array) -> jax.Array:
     return attention_mask.astype(bool)[:, None, None, :]
 
 
-def heads_first(x: jax.Array) -> jax.Array:
-    """``[batch, length, heads, kv]`` <-> ``[batch, heads, length, kv]``: the layout attention's matmuls run in
-    (and the decoder cache is kept in)."""
-    return jnp.swapaxes(x, 1, 2)
-
-
-def active_dropout(dropout: nnx.Dropout, *, deterministic: bool, rngs) -> Callable | None:
+def active_dropout(dropout: nnx.Dropout, *, deterministic: bool, rngs) -> AttentionDropout | None:
     """``dropout`` as the ``dropout`` argument of :func:`dot_product_attention`: None when it would keep every
-    weight (inference, or rate 0), so the attention is free to run fused."""
+    weight (inference, or rate 0); otherwise an :class:`~rdr_jax.models.attention.AttentionDropout` that carries
+    the rate, so a fused kernel may apply it in place of the reference path's ``dropout(weights)``."""
     if deterministic or not dropout.rate:
         return None
-    return lambda x: dropout(x, deterministic=False, rngs=rngs)
 
+    def skip():  # the key dropout(weights) would draw, drawn and dropped
+        stream = rngs if rngs is not None else dropout.rngs
+        if isinstance(stream, nnx.Rngs):
+            stream[dropout.rng_collection]()
+        elif isinstance(stream, nnx.RngStream):
+            stream()
 
-# "cudnn": cuDNN's fused attention on NVIDIA GPUs where it applies (opt-in: not yet measured here on a GPU);
-# "xla" (default): the function below everywhere.
-ATTENTION_ENV = "RDR_JAX_ATTENTION"
-
-
-def cudnn_attention(query, key, value, mask, bias, scale):
-    """cuDNN's fused (flash) attention through ``jax.nn.dot_product_attention``, or None where it does not apply:
-    ``RDR_JAX_ATTENTION`` is not ``cudnn``, not a GPU, not bf16/fp16, or a shape cuDNN refuses. Same layout and
-    arguments as :func:`dot_product_attention` without dropout; the scores never reach device memory.
-
-    cuDNN takes a bias with the query length, so a ``[b, 1, 1, k]`` padding mask is broadcast to
-    ``[b, 1, q, k]`` (exact for any mask, not only right padding)."""
-    if (os.environ.get(ATTENTION_ENV, "xla") != "cudnn" or jax.default_backend() != "gpu"
-            or query.dtype not in (jnp.bfloat16, jnp.float16) or not key.dtype == value.dtype == query.dtype):
-        return None
-    q_len, k_len = query.shape[1], key.shape[1]
-    if mask is not None:
-        mask = jnp.broadcast_to(mask, mask.shape[:2] + (q_len, k_len))
-    if bias is not None:
-        bias = jnp.broadcast_to(bias, bias.shape[:2] + (q_len, k_len)).astype(query.dtype)
-    try:
-        return jax.nn.dot_product_attention(query, key, value, bias=bias, mask=mask, scale=scale,
-                                            implementation="cudnn")
-    except (NotImplementedError, ValueError, RuntimeError):  # shapes/versions cuDNN does not take: ours below
-        return None
-
-
-def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array, *, mask: jax.Array | None = None,
-                          bias: jax.Array | None = None, scale: float | None = None,
-                          dropout: Callable[[jax.Array], jax.Array] | None = None, dtype=jnp.float32,
-                          kv_heads_first: bool = False) -> jax.Array:
-    """Attention of ``[batch, q_len, heads, kv]`` queries; returns the same layout.
-
-    ``key``/``value`` are ``[batch, k_len, heads, kv]``, or ``[batch, heads, k_len, kv]`` with
-    ``kv_heads_first`` (a decoder cache kept in that layout is then read without a transpose). ``bias`` is
-    added to the scaled scores; ``mask`` (broadcast to ``[batch, heads, q_len, k_len]``) keeps the True keys.
-
-    Keys/values may have fewer rows than the queries, ``batch = rows * group``: query rows
-    ``r * group ... r * group + group - 1`` then all attend to key row ``r`` (the beams of one question reading
-    its encoder output), computed as ``group * q_len`` queries of that row; ``mask`` and ``bias`` are then per
-    key row and the same for every query (``[rows or 1, heads or 1, 1, k_len]``).
-
-    With ``RDR_JAX_ATTENTION=cudnn``, without dropout, on a GPU in bf16/fp16, cuDNN's fused attention runs
-    instead where it applies (:func:`cudnn_attention`). Otherwise both matmuls run heads-first
-    (``[b, h, len, kv]``): with the heads axis in the middle XLA:CPU emits much slower batched matmuls.
-    The softmax is normalised after the value matmul, on ``[b, h, q, kv]`` instead of ``[b, h, q, k]``: the
-    same numbers up to rounding (dropout scales the kept entries, so it commutes with the division).
-    """
-    if scale is None:
-        scale = 1.0 / math.sqrt(query.shape[-1])
-    batch, q_len = query.shape[:2]
-    rows = key.shape[0]
-    if dropout is None and rows == batch and not kv_heads_first:
-        fused = cudnn_attention(query, key, value, mask, bias, scale)
-        if fused is not None:
-            return fused
-    if rows != batch:
-        if batch % rows or any(m is not None and (m.ndim != 4 or m.shape[2] != 1) for m in (mask, bias)):
-            raise ValueError(f"{batch} query rows cannot share {rows} key rows (needs batch = rows * group and a "
-                             f"mask/bias without a query axis)")
-        query = query.reshape((rows, batch // rows * q_len) + query.shape[2:])
-    query = heads_first(query)
-    if not kv_heads_first:
-        key, value = heads_first(key), heads_first(value)
-    scores = jnp.einsum("bhqd,bhkd->bhqk", query, key) * jnp.asarray(scale, query.dtype)
-    if bias is not None:
-        scores = scores + bias
-    scores = scores.astype(jnp.float32)
-    if mask is not None:  # jnp.where, not a large negative bias: bf16 scores cannot overflow to -inf
-        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    weights = jnp.exp(scores - jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True)))
-    normaliser = jnp.sum(weights, axis=-1, keepdims=True)
-    if dropout is not None:
-        weights = dropout(weights)
-    context = jnp.einsum("bhqk,bhkd->bhqd", weights.astype(dtype), value) / normaliser.astype(dtype)
-    return heads_first(context).reshape((batch, q_len) + context.shape[1:2] + context.shape[3:])
+    return AttentionDropout(dropout.rate, lambda x: dropout(x, deterministic=False, rngs=rngs), skip)

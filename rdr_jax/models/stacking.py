@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from rdr_jax.models.attention import scanned_layers
 from rdr_jax.models.config import ComputeSettings
 from rdr_jax.models.layers import LAYERS
 
@@ -135,7 +136,8 @@ def run_layers(layers, step: Step, x, *, rt: ComputeSettings, keys=None, start: 
 
     if (start, stop) != (0, num_layers(layers)):
         params = jax.tree.map(lambda a: a[start:stop], params)
-    x, ys = jax.lax.scan(scan_body, x, (params, None if keys is None else keys[start:stop]))
+    with scanned_layers():  # traced once for every layer: cuDNN's dropout must not fuse there (models.attention)
+        x, ys = jax.lax.scan(scan_body, x, (params, None if keys is None else keys[start:stop]))
     if collect is not None:
         collected += [jax.tree.map(lambda a: a[i], ys) for i in range(stop - start)]
     return x, collected

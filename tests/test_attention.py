@@ -164,11 +164,13 @@ def select(**kw):
 
 
 @pytest.mark.parametrize("case, want", [
-    # NVIDIA GPU: cuDNN in bf16/fp16, dropout included, unless scanned, biased, cached or grouped
+    # NVIDIA GPU: cuDNN in bf16/fp16 unless biased, cached or grouped; with dropout only when asked for
+    # (its masks ignore the step's key, so the default keeps exact resume), and never in a scanned stack
     (dict(), "cudnn"),
-    (dict(dtype=jnp.float16, dropout_rate=0.1, mask="general", segments=True), "cudnn"),
+    (dict(dropout_rate=0.1), "xla"),
+    (dict(dtype=jnp.float16, dropout_rate=0.1, mask="general", segments=True, requested="cudnn"), "cudnn"),
     (dict(dtype=jnp.float32), "xla"),
-    (dict(dropout_rate=0.1, scanned=True), "xla"),
+    (dict(dropout_rate=0.1, scanned=True, requested="cudnn"), "xla"),
     (dict(scanned=True), "cudnn"),  # without dropout a scanned stack fuses too
     (dict(dropout_rate=float("nan")), "xla"),  # a bare callable: its rate is unknown
     (dict(bias=True), "xla"),  # DeBERTa's relative terms, T5's position bias
@@ -209,7 +211,7 @@ def test_dispatch_at_trace_time_follows_the_backend_and_the_scan_mark(monkeypatc
     """With the backend name patched to "gpu", a bf16 call traces into the cuDNN path (here a recorder standing in
     for the kernel, which needs a GPU to lower), dropout skipping its draw; a scanned body or float32 does not."""
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    monkeypatch.delenv(A.ATTENTION_ENV, raising=False)
+    monkeypatch.setenv(A.ATTENTION_ENV, "cudnn")   # dropout fuses only when asked for
     calls = []
 
     def recorder(query, key, value, mask, bias, scale, rate=0.0):
@@ -298,7 +300,7 @@ def test_cudnn_dropout_backward_replays_the_forward_masks(monkeypatch):
     """With the values an identity matrix the output is the dropped-out attention matrix P', and the gradient of
     <out, G> with respect to the values is P'^T G: the backward's masks must be the forward's, within one jitted
     step and again in the next call (new masks), in an unrolled two-layer stack."""
-    monkeypatch.delenv(A.ATTENTION_ENV, raising=False)
+    monkeypatch.setenv(A.ATTENTION_ENV, "cudnn")
     q, k, _, _ = inputs(b=2, lq=64, lk=64, h=2, d=64, seed=2)
     qb, kb = jnp.asarray(q, jnp.bfloat16), jnp.asarray(k, jnp.bfloat16)
     eye = jnp.broadcast_to(jnp.eye(64, dtype=jnp.bfloat16)[None, :, None, :], (2, 64, 2, 64))
@@ -345,7 +347,7 @@ def test_the_cudnn_path_lowers_for_cuda_with_dropout_on_a_cpu_host(monkeypatch):
             pytest.skip(f"this jax has no {name} to patch")
         monkeypatch.setattr(fa, name, value)
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    monkeypatch.delenv(A.ATTENTION_ENV, raising=False)
+    monkeypatch.setenv(A.ATTENTION_ENV, "cudnn")   # dropout fuses only when asked for
     q = jnp.zeros((2, 64, 2, 64), jnp.bfloat16)
     mask = jnp.ones((2, 1, 1, 64), bool)
     drop = A.AttentionDropout(0.1, lambda w: w, lambda: None)

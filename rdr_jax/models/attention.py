@@ -126,6 +126,11 @@ def select_implementation(*, backend: str, dtype, dropout_rate: float | None, bi
             return "xla", "this jax has no cuDNN fused attention with dropout"
         if bias and requested != "cudnn":
             return "xla", "additive bias (relative positions): opt-in with cudnn"
+        if dropout and requested != "cudnn":
+            # jax's cuDNN kernel draws its masks from a seed fixed at compile time, not from the step's key: a
+            # resumed run would not repeat them and every data-parallel replica would draw the same ones, so the
+            # default keeps exact resume and fuses only where dropout is off
+            return "xla", "attention dropout (cuDNN's masks ignore the step's key): opt in with cudnn"
         if dropout and scanned:
             return "xla", "dropout in a scanned stack (cuDNN's backward would replay other masks)"
         return "cudnn", "cuDNN fused attention" + (" with dropout" if dropout else "")

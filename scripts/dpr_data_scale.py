@@ -50,9 +50,9 @@ def make_json(out: Path, questions: int, passages: int, words: int) -> None:
 def setup(src: str, cache: str | None, batches: int) -> None:
     from rdr_jax.data.dpr_data import DPRData
     from rdr_jax.data.tokenization import load_tokenizer
-    from rdr_jax.tasks.model_setup import MINILM_PACKAGE
+    from rdr_jax.tasks.model_setup import MINILM_PACKAGE, resolve_path
 
-    tokenizer = load_tokenizer(MINILM_PACKAGE)
+    tokenizer = load_tokenizer(resolve_path(MINILM_PACKAGE))
     base = peak_rss_mb()
     kw = dict(max_question_length=256, max_passage_length=256, hard_negatives=1)
     grain = "cache_dir" in inspect.signature(DPRData).parameters
@@ -92,7 +92,7 @@ class TimedIterator:
 
 
 def wait(workers: int, steps: int, batch_size: int, questions: int) -> None:
-    from rdr_jax.training.config import load_config
+    from rdr_jax.tasks import load_config
     from rdr_jax.training.loop import make_task, train
 
     root = Path(__file__).resolve().parents[1]

@@ -119,3 +119,17 @@ def test_questions_and_passages_have_their_own_buckets(dpr_file, tokenizer):
     assert batch["q_input_ids"].shape[1] == min(b for b in d.q_buckets if b >= lengths.max())
     assert batch["q_input_ids"].shape[1] < batch["p_input_ids"].shape[1]
     assert data(dpr_file, tokenizer).make_batch(np.arange(8), np.random.default_rng(0))["q_input_ids"].shape[1] == 24
+
+
+def test_reader_stand_in_negatives_do_not_depend_on_the_process_split(dpr_file, tokenizer):
+    from rdr_jax.data.reader_data import ReaderData
+
+    d = ReaderData(str(dpr_file), tokenizer, passages=5, max_length=48, max_spans=3)   # 3 negatives: 1 stand-in
+    whole = EpochIterator(len(d), 8, 1, d.make_batch)
+    parts = [EpochIterator(len(d), 8, 1, d.make_batch) for _ in range(2)]
+    for i, it in enumerate(parts):
+        it.set_shard(i, 2)
+    for _ in range(2):
+        expected, blocks = next(whole), [next(it) for it in parts]
+        for key in expected:
+            np.testing.assert_array_equal(np.concatenate([b[key] for b in blocks]), expected[key], err_msg=key)

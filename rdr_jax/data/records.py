@@ -82,7 +82,7 @@ def write_records(records: Iterable[dict], out: Path, fmt: str, source: str, pro
     count = 0
     try:
         for record in tqdm(records, desc=f"preparing {fmt} records", unit=" rec", mininterval=2.0,
-                           disable=not progress):
+                           disable=None if progress else True):   # None: shown on a terminal only
             writer.write(json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode())
             count += 1
     finally:

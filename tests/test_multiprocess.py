@@ -1,6 +1,9 @@
 """Multi-process training equals one process: 2 local processes x 4 CPU devices (jax.distributed, gloo) against
 1 process x 8 devices, through `rdr-jax train`, on the tiny RDR config with precomputed teacher scores and the
-NLL term on (so the re-based ``positive_index`` of process 1's block is exercised).
+NLL term on (so the re-based ``positive_index`` of process 1's block is exercised), on DGR, and on DPR with
+sampled hard negatives (sampled per example, so the same on any process split; questions bucketed to their
+own length, agreed between the processes each step); the 2-process DPR run resumed from a checkpoint with its
+batches built by grain worker processes repeats its last steps bit for bit.
 
 Tolerances as in tests/test_sharding.py: the same SPMD program runs in both, but cross-process all-reduces
 (gloo) may sum in another order, so losses and parameters agree to a relative 1e-5 (parameters relative to
@@ -13,6 +16,7 @@ over processes.
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -47,25 +51,33 @@ def train_command(task, workdir, overrides):
     return cmd
 
 
-def run_one_and_two_processes(task, tmp, overrides):
-    """1 process x 8 devices and 2 processes x 4 devices, at the same time (all three are mostly idle waits)."""
+def two_processes(task, workdir, overrides):
     port = free_port()
-    single = subprocess.Popen(train_command(task, tmp / "single", overrides), env=cpu_env(8),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    multi = [subprocess.Popen(train_command(task, tmp / "multi", overrides)
-                              + ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
-                              env=cpu_env(4), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for i in range(2)]
+    return [subprocess.Popen(train_command(task, workdir, overrides)
+                             + ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
+                             env=cpu_env(4), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for i in range(2)]
+
+
+def wait_for(task, procs) -> list[str]:
     outputs = []
     try:
-        for proc in [single, *multi]:
+        for proc in procs:
             out, _ = proc.communicate(timeout=500)
             outputs.append(out)
             assert proc.returncode == 0, f"{task} training process failed:\n{out[-6000:]}"
     finally:
-        for proc in [single, *multi]:
+        for proc in procs:
             if proc.poll() is None:
                 proc.kill()
+    return outputs
+
+
+def run_one_and_two_processes(task, tmp, overrides):
+    """1 process x 8 devices and 2 processes x 4 devices, at the same time (all three are mostly idle waits)."""
+    single = subprocess.Popen(train_command(task, tmp / "single", overrides), env=cpu_env(8),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    outputs = wait_for(task, [single, *two_processes(task, tmp / "multi", overrides)])
     return {"single": tmp / "single", "multi": tmp / "multi", "logs": outputs}
 
 
@@ -86,6 +98,23 @@ def runs(tmp_path_factory):
 def dgr_runs(tmp_path_factory):
     """DGR's tiny config as is: a random T5 and its tokenizer built from model.init in the (shared) workdir."""
     return run_one_and_two_processes("dgr", tmp_path_factory.mktemp("multiprocess_dgr"), COMMON)
+
+
+@pytest.fixture(scope="module")
+def dpr_runs(tmp_path_factory):
+    """DPR (2 hard negatives per question, sampled per example) on 1 x 8 and 2 x 4; then the 2-process run
+    resumed from its step-2 checkpoint, its batches built by a grain worker process in each process."""
+    tmp = tmp_path_factory.mktemp("multiprocess_dpr")
+    bert = harness.tiny_bert_dir(tmp / "bert")
+    data = harness.write_biencoder_json(tmp / "dpr.json", 32)
+    overrides = harness.tiny_overrides("dpr", bert, data) + COMMON + ["data.hard_negatives=2"]
+    runs = run_one_and_two_processes("dpr", tmp, overrides)
+    resumed = tmp / "resumed"
+    shutil.copytree(runs["multi"], resumed, ignore=shutil.ignore_patterns("final"))
+    shutil.rmtree(resumed / "checkpoints" / str(STEPS))
+    runs["resumed_logs"] = wait_for("dpr", two_processes("dpr", resumed, overrides + ["data.workers=1"]))
+    runs["resumed"] = resumed
+    return runs
 
 
 def read_metrics(workdir):
@@ -130,6 +159,26 @@ def test_two_processes_train_dgr_as_one(dgr_runs):
     assert a.keys() == b.keys() and len(a) > 10
     worst = max((float(np.max(np.abs(a[k] - b[k])) / max(np.max(np.abs(b[k])), 0.02)), k) for k in a)
     assert worst[0] <= 1e-5, worst
+
+
+def test_two_processes_train_dpr_as_one_and_resume_exactly(dpr_runs):
+    single, multi = read_metrics(dpr_runs["single"]), read_metrics(dpr_runs["multi"])
+    assert [m["step"] for m in single] == [m["step"] for m in multi] == list(range(1, STEPS + 1))
+    assert single[0]["loss"] != single[-1]["loss"]
+    for a, b in zip(multi, single):
+        for key, rtol in (("loss", 1e-5), ("accuracy", 1e-6), ("grad_norm", 5e-5)):
+            assert abs(a[key] - b[key]) <= rtol * max(abs(b[key]), 1e-6), (a["step"], key, a[key], b[key])
+    # the resumed run (steps 3-4 from checkpoint 2, batches from grain workers) logs exactly what the
+    # uninterrupted one did, and ends on the same parameters
+    resumed = read_metrics(dpr_runs["resumed"])
+    assert "resumed from" in dpr_runs["resumed_logs"][0] and "grain worker" in dpr_runs["resumed_logs"][0]
+    assert [m["step"] for m in resumed] == list(range(1, STEPS + 1))
+    for a, b in zip(resumed[2:], multi[2:]):
+        assert {k: a[k] for k in ("loss", "accuracy", "grad_norm")} == {k: b[k] for k in ("loss", "accuracy",
+                                                                                          "grad_norm")}
+    a = load_file(dpr_runs["resumed"] / "final" / "question_encoder" / "model.safetensors")
+    b = load_file(dpr_runs["multi"] / "final" / "question_encoder" / "model.safetensors")
+    assert all(np.array_equal(a[k], b[k]) for k in b)
 
 
 def test_two_processes_write_shared_checkpoints(runs):

@@ -1,6 +1,7 @@
 """Subcommand registry: name -> (help, add_arguments(parser), run(args) -> exit code)."""
 
-from rdr_jax.commands import convert, demo, generate, pipeline, reader, rerank, tokenize_corpus, train
+from rdr_jax.commands import (convert, demo, generate, pipeline, prepare_data, reader, rerank, tokenize_corpus,
+                              train)
 
 COMMANDS = {
     "convert": (convert.HELP, convert.add_arguments, convert.run),
@@ -13,6 +14,7 @@ COMMANDS = {
     "teacher-scores": (reader.TEACHER_HELP, reader.add_teacher_arguments, reader.run_teacher_scores),
     "rerank": (rerank.RERANK_HELP, rerank.add_rerank_arguments, rerank.run_rerank),
     "generate": (generate.HELP, generate.add_arguments, generate.run),
+    "prepare-data": (prepare_data.HELP, prepare_data.add_arguments, prepare_data.run),
     "train": (train.HELP, train.add_arguments, train.run),
     "demo": (demo.HELP, demo.add_arguments, demo.run),
 }

@@ -7,6 +7,7 @@ import logging
 
 import numpy as np
 
+from rdr_jax.data.batching import example_rngs
 from rdr_jax.data.files import read_json_records
 from rdr_jax.data.tokenization import encode_reader_inputs
 
@@ -75,9 +76,11 @@ class ReaderData:
         b, s = len(idx), self.max_spans
         ids, masks, text_masks = [], [], []
         starts, ends, span_mask = (np.zeros((b, s), np.int32) for _ in range(3))
-        for row, i in enumerate(idx):
+        # one generator per example (from the batch's seed and the example's index): a batch split over
+        # processes draws the stand-in negatives one process does
+        for row, (i, example_rng) in enumerate(zip(idx, example_rngs(rng, idx))):
             ex = self.examples[int(i)]
-            ctxs = self._passages(int(i), rng)
+            ctxs = self._passages(int(i), example_rng)
             enc = encode_reader_inputs(self.tokenizer, ex["question"], [c.get("title") or "" for c in ctxs],
                                        [c["text"] for c in ctxs], self.length)
             positions = np.arange(self.length)[None, :]

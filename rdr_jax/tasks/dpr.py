@@ -8,7 +8,8 @@ Batch (``B`` questions, ``P = 1 + hard_negatives`` passages per question, questi
     positive_index                  [B]       row of the question's positive among the B * P passages
 
 Data: DPR's bi-encoder training JSON (a list of ``{question, answers, positive_ctxs, negative_ctxs,
-hard_negative_ctxs}``), tokenised with the fast tokenizer of the model directory: question
+hard_negative_ctxs}``), or its prepared ``.arrayrecord`` dataset (``rdr-jax prepare-data dpr``; a raw file is
+converted once into ``WORKDIR/data_cache``), read per batch by index and tokenised with the fast tokenizer of the model directory: question
 ``[CLS] q [SEP]``, passage ``[CLS] title [SEP] text [SEP]``, token types all 0 (as DPR's BertTensorizer).
 
 Dev recall during training: see :mod:`rdr_jax.tasks.bi_encoder`.
@@ -61,6 +62,10 @@ class DPRSettings(TaskSection):
 @dataclasses.dataclass(frozen=True)
 class DPRDataConfig(BiEncoderData):
     hard_negatives: int = option(1, min=0, doc="hard negatives per question (sampled per epoch)")
+    question_buckets: list[int] = option([16, 32, 64, 128], min=1,
+                                         doc="padded question lengths (up to max_question_length, always one): "
+                                             "a batch is padded to the smallest that holds its longest question")
+    passage_buckets: list[int] = option([], min=1, doc="the same for passages; [] pads to max_passage_length")
 
 
 @register_task
@@ -113,5 +118,7 @@ class DPRTask(BiEncoderTask):
     def _data(self, path) -> DPRData:
         d = self.config.data
         return DPRData(path, self.tokenizer, max_question_length=d.max_question_length,
-                       max_passage_length=d.max_passage_length, hard_negatives=d.hard_negatives)
+                       max_passage_length=d.max_passage_length, hard_negatives=d.hard_negatives,
+                       cache_dir=self.data_cache, question_buckets=d.question_buckets,
+                       passage_buckets=d.passage_buckets)
 

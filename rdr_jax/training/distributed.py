@@ -13,7 +13,8 @@ is harmless on GPU/TPU, so it is always set.
 Data: the batch's leading (example) axis is split over the mesh's data-parallel axes, so each process's
 devices hold one contiguous block of the global batch. ``data_shard`` finds that block from the sharding;
 each process's iterator tokenises only its block (``EpochIterator.set_shard``) with index fields local to
-the block, and ``globalize_index_fields`` re-bases them before ``shard_batch`` assembles the global arrays
+the block, ``agree_on_lengths`` pads the blocks' token fields to one length, and ``globalize_index_fields``
+re-bases the index fields before ``shard_batch`` assembles the global arrays
 (``jax.make_array_from_process_local_data``). Put together, the blocks are the 1-process batch in order.
 """
 
@@ -199,6 +200,31 @@ def globalize_index_fields(batch: dict[str, np.ndarray], task, shard_index: int)
     return out
 
 
+TOKEN_FIELDS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def agree_on_lengths(batch: dict[str, np.ndarray], pad_id: int) -> dict[str, np.ndarray]:
+    """Pad each token field of this process's block to the longest that any process's block has this step.
+
+    Blocks padded to length buckets of their own rows may differ in length; the global array needs one, and
+    the longest block's bucket is the one a single process picks for the whole batch (buckets are monotone),
+    so the shapes, and the numbers, are those of one process. One small all-gather of the lengths per step."""
+    from jax.experimental import multihost_utils
+
+    keys = sorted(k for k, v in batch.items() if k.endswith(TOKEN_FIELDS) and np.ndim(v) == 2)
+    if not keys:
+        return batch
+    local = np.array([np.shape(batch[k])[1] for k in keys], np.int32)
+    longest = np.max(np.asarray(multihost_utils.process_allgather(local)).reshape(-1, len(keys)), axis=0)
+    out = dict(batch)
+    for key, length in zip(keys, longest):
+        value = np.asarray(batch[key])
+        if value.shape[1] < length:
+            fill = pad_id if key.endswith("input_ids") else 0
+            out[key] = np.pad(value, ((0, 0), (0, int(length) - value.shape[1])), constant_values=fill)
+    return out
+
+
 def local_block(batch: dict[str, np.ndarray], task, shard_index: int, shard_count: int) -> dict[str, np.ndarray]:
     """This process's block of a global host batch (dev batches, which every process reads whole). Index
     fields keep their global values: they index the global batch."""
@@ -231,4 +257,4 @@ def gather_to_host(tree: Any) -> Any:
 
 
 __all__ = ["initialize", "detect_environment", "data_shard", "shard_iterator", "globalize_index_fields",
-           "local_block", "main_process_first", "barrier", "is_main_process", "gather_to_host"]
+           "agree_on_lengths", "local_block", "main_process_first", "barrier", "is_main_process", "gather_to_host"]

@@ -270,7 +270,10 @@ def train(config: Config, *, iterator=None, progress: bool = True) -> dict[str, 
         log.info("resumed from %s at step %d", checkpointer.directory, start)
 
     eval_step = None
-    dev_batches = task.dev_batches(t.batch_size) if t.eval_every or t.best_metric else None
+    with distributed.main_process_first("read_dev_data"):   # may convert the dev file into the workdir
+        dev_batches = task.dev_batches(t.batch_size) if t.eval_every or t.best_metric else None
+    tokenizer = task.tokenizer if shard[1] > 1 else None
+    pad_id = (getattr(tokenizer, "pad_token_id", None) or 0) if tokenizer is not None else 0
     if dev_batches is not None:
         eval_step = make_eval_step(task, setup, mesh)
     retrieval_eval = RetrievalEval(task, setup, is_main) if task.has_retrieval_eval() and t.eval_every else None
@@ -326,6 +329,7 @@ def train(config: Config, *, iterator=None, progress: bool = True) -> dict[str, 
             window_examples += stats["examples"] * shard[1]   # per process -> the global batch
             window.add_tokens(stats, shard[1])
             if shard[1] > 1:
+                host_batch = distributed.agree_on_lengths(host_batch, pad_id)
                 host_batch = distributed.globalize_index_fields(host_batch, task, shard[0])
             batch = shard_batch(host_batch, mesh)
             meter.add(batch)

@@ -225,6 +225,9 @@ class TrainFiles(Section):
     train_file: str = option(doc="the training examples")
     dev_file: str | None = option(None, doc="dev examples for the periodic dev loss")
     shuffle: bool = option(True)
+    workers: int = option(0, min=0, doc="grain worker processes building training batches ahead of the step "
+                                        "(0: built on the training thread when needed)")
+    prefetch: int = option(2, min=1, doc="batches each worker builds ahead")
 
 
 class FileDataTask(Task):
@@ -244,10 +247,16 @@ class FileDataTask(Task):
     def batch_maker(self, make_batch):
         return make_batch
 
+    @property
+    def data_cache(self) -> Path:
+        """Where raw data files are converted to random-access datasets (once; see ``data/records.py``)."""
+        return self.workdir / "data_cache"
+
     def train_iterator(self, batch_size: int, seed: int) -> Iterator[dict[str, np.ndarray]]:
         data = self.split_data("train")
-        return EpochIterator(len(data), batch_size, seed, self.batch_maker(data.make_batch),
-                             shuffle=self.config.data.shuffle)
+        d = self.config.data
+        return EpochIterator(len(data), batch_size, seed, self.batch_maker(data.make_batch), shuffle=d.shuffle,
+                             workers=getattr(d, "workers", 0), prefetch=getattr(d, "prefetch", 2))
 
     def dev_batches(self, batch_size):
         if not self.config.data.dev_file:

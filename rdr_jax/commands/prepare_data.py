@@ -1,0 +1,52 @@
+"""rdr-jax prepare-data: a task's raw training file -> a random-access dataset (array_record) built once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+HELP = """Convert a raw training file into a random-access dataset (NAME.arrayrecord + NAME.arrayrecord.json)
+that training reads by index, per process and per batch, instead of holding the whole file. The source is
+streamed (never read whole); only what training reads is kept. Point data.train_file (or data.dev_file) at
+the output. A task given the raw file converts it once into WORKDIR/data_cache instead.
+
+formats:
+  dpr   DPR's bi-encoder JSON list (or JSONL) of {question, positive_ctxs, hard_negative_ctxs, negative_ctxs}:
+        keeps the question, the first positive and the negative pool (hard negatives, else negatives);
+        questions without a positive are skipped, as DPR does
+
+examples:
+  rdr-jax prepare-data dpr biencoder-nq-train.json nq-train.arrayrecord"""
+
+
+def formats() -> dict:
+    from rdr_jax.data.dpr_data import FORMAT as DPR, dpr_record
+
+    return {DPR: dpr_record}
+
+
+def add_arguments(p):
+    p.add_argument("format", choices=("dpr",), help="the source file's layout (see formats above)")
+    p.add_argument("src", help="the raw training file (.json list or .jsonl; .gz also read)")
+    p.add_argument("out", help="the dataset to write; must end in .arrayrecord")
+    p.add_argument("--force", action="store_true", help="overwrite an existing OUT")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args) -> int:
+    import logging
+
+    from rdr_jax.data.files import resolve_data_path
+    from rdr_jax.data.records import SUFFIX, stream_converted, write_records
+
+    src, out = resolve_data_path(args.src), Path(args.out)
+    if not src.is_file():
+        raise ValueError(f"SRC {src}: file not found")
+    if not out.name.endswith(SUFFIX):
+        raise ValueError(f"OUT {out}: must end in {SUFFIX} (the tasks recognise a prepared dataset by it)")
+    if out.exists() and not args.force:
+        raise ValueError(f"OUT {out}: exists; pass --force to overwrite it")
+    count = write_records(stream_converted(src, formats()[args.format]), out, args.format, str(src),
+                          progress=not args.no_progress)
+    logging.getLogger(__name__).info("%s: %d %s records written", out, count, args.format)
+    print(f"{out}: {count} {args.format} records")
+    return 0

@@ -65,6 +65,13 @@ def add_teacher_arguments(p):
                    help="replace an existing dataset OUT/NAME (all its splits); without it that is an error")
 
 
+def _with_passages(results, source):
+    for i, r in enumerate(results):
+        if not r["ctxs"]:
+            raise ValueError(f"--results {source}: question {i + 1} ({r['question']!r:.60}) has no retrieved passages")
+        yield r
+
+
 def _load(args, passages_per_question: int):
     import itertools
 
@@ -78,13 +85,12 @@ def _load(args, passages_per_question: int):
     check_architecture("--model", model_dir, config, ("DPRReader",), "a DPR reader")
     check_max_length("--model", args.max_length, model_dir, config)
     corpus = input_file("--passages", args.passages) if args.passages else None
-    results = list(itertools.islice(iter_results(results_path, corpus), args.limit))
-    if not results:
+    # streamed: the questions are read as the runner gets to them, never all at once
+    stream = itertools.islice(iter_results(results_path, corpus), args.limit)
+    first = next(stream, None)
+    if first is None:
         raise ValueError(f"--results {args.results}: no questions")
-    empty = next((i for i, r in enumerate(results) if not r["ctxs"]), None)
-    if empty is not None:
-        raise ValueError(f"--results {args.results}: question {empty + 1} ({results[empty]['question']!r:.60}) has no "
-                         "retrieved passages")
+    results = _with_passages(itertools.chain([first], stream), args.results)
     tokenizer = load_tokenizer(model_dir)
     check_room_for_text(args.max_length, tokenizer, pair=True)
     model = DPRReader.from_pretrained(model_dir, dtype=compute_dtype(args.dtype), allow_fresh_heads=False)
@@ -138,6 +144,14 @@ def run_teacher_scores(args) -> int:
         for _ in rows:   # joins every step's gather; yields nothing here
             pass
         return 0
-    path = write_dataset(out, args.name, teacher_scores_features(), {args.split: rows}, overwrite=args.overwrite)
-    print(f"wrote teacher scores for {len(results)} questions to {path}")
+    written = [0]
+
+    def counted():
+        for row in rows:
+            written[0] += 1
+            yield row
+
+    path = write_dataset(out, args.name, teacher_scores_features(), {args.split: counted()},
+                         overwrite=args.overwrite)
+    print(f"wrote teacher scores for {written[0]} questions to {path}")
     return 0

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from rdr_jax.commands.args import (add_distributed_arguments, check_architecture, check_max_length,
                                    check_room_for_text, compute_dtype, input_file, model_config, nonnegative_int,
                                    output_file, positive_int, start_distributed)
@@ -122,27 +124,43 @@ def _rerank_trec(args) -> int:
 def _rerank_results(args) -> int:
     import jax
 
+    from rdr_jax.retrieval.metrics import answer_recall_from_ranks, format_results_table
+    from rdr_jax.retrieval.rerank import iter_reranked_results
     from rdr_jax.retrieval.results_io import iter_results
-    from rdr_jax.retrieval.metrics import format_results_table
-    from rdr_jax.retrieval.rerank import rerank_results
-    from rdr_jax.retrieval.retrieve import recall_of_results, write_results
+    from rdr_jax.retrieval.retrieve import write_results
 
     passages = _require_file("--passages", args.passages) if args.passages else None
-    results = list(iter_results(_require_file("--results", args.results), passages))
-    if not results:
+    results_path = _require_file("--results", args.results)
+    first = next(iter_results(results_path, passages), None)
+    if first is None:
         raise ValueError(f"--results {args.results}: no questions")
     scorer = load_scorer(args)
-    pairs = sum(min(args.depth, len(r["ctxs"])) for r in results)
-    reranked = rerank_results(scorer, results, args.depth, total_pairs=pairs)
-    if jax.process_index() != 0:   # process 0 writes the one output
+    before, after, depth = [], [], [0]   # first answer rank per question: all the recall needs
+
+    def first_hit(ctxs) -> int:
+        return next((i for i, c in enumerate(ctxs) if c.get("has_answer")), -1)
+
+    def read():   # streamed: one round of questions in memory, never the whole file
+        for r in iter_results(results_path, passages):
+            before.append(first_hit(r["ctxs"]))
+            depth[0] = max(depth[0], len(r["ctxs"]))
+            yield r
+
+    def reranked():
+        for r in iter_reranked_results(scorer, read(), args.depth):
+            after.append(first_hit(r["ctxs"]))
+            yield r
+
+    if jax.process_index() != 0:   # process 0 writes the one output; the others score their blocks
+        for _ in reranked():
+            pass
         return 0
-    write_results(args.out, reranked)
-    longest = max(len(r["ctxs"]) for r in results)
-    ks = [k for k in args.k if k <= longest] or [longest]
-    if longest:
-        print(format_results_table({"retriever": recall_of_results(results, ks),
-                                    "re-ranked": recall_of_results(reranked, ks)}))
-    print(f"re-ranked {len(results)} questions (top {args.depth}); wrote {args.out}")
+    write_results(args.out, reranked())
+    ks = [k for k in args.k if k <= depth[0]] or [depth[0]]
+    if depth[0]:
+        print(format_results_table({"retriever": answer_recall_from_ranks(np.array(before[:len(after)]), ks),
+                                    "re-ranked": answer_recall_from_ranks(np.array(after), ks)}))
+    print(f"re-ranked {len(after)} questions (top {args.depth}); wrote {args.out}")
     return 0
 
 

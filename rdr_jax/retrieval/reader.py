@@ -16,7 +16,6 @@ in the input order, and writes the one output.
 from __future__ import annotations
 
 import itertools
-import math
 from typing import Any, Iterable, Iterator, Sequence
 
 import jax
@@ -26,7 +25,7 @@ from tqdm import tqdm
 
 from rdr_jax.data.token_rows import TokenRows, reader_rows
 from rdr_jax.retrieval.answers import exact_match_score
-from rdr_jax.retrieval.multihost import allgather_objects
+from rdr_jax.retrieval.multihost import deal_and_merge
 from rdr_jax.retrieval.runner import InferenceRunner, TokenizePool
 from rdr_jax.retrieval.span_scores import best_span_scores
 from rdr_jax.retrieval.spans import ReaderSpanSelector
@@ -116,12 +115,17 @@ class ReaderRunner:
         index = jax.process_index() if process_index is None else process_index
         count = jax.process_count() if process_count is None else process_count
         mine = (block for b, block in enumerate(_batched(results, self.questions_per_step)) if b % count == index)
+        return self.run_blocks(mine, logits=logits)
 
-        def prepare(holder: dict) -> TokenRows:   # on the runner's producer thread
+    def run_blocks(self, blocks: Iterable[list[dict]], *, logits: bool = False
+                   ) -> Iterator[tuple[list[dict], TokenRows, dict]]:
+        """``(block, its rows, outputs)`` for each block of questions, in order; the blocks are read and
+        tokenised on the runner's producer thread, ahead of the devices."""
+        def prepare(holder: dict) -> TokenRows:
             holder["rows"] = self.tokenize(holder["block"])
             return holder["rows"]
 
-        chunks = ((holder, holder) for holder in ({"block": block} for block in mine))
+        chunks = ((holder, holder) for holder in ({"block": block} for block in blocks))
         for holder, outputs in self.runner(logits).map(chunks, max_length=self.max_length, prepare=prepare):
             yield holder["block"], holder["rows"], outputs
 
@@ -166,41 +170,34 @@ def _teacher_scores(runner: ReaderRunner, r: dict, rows: TokenRows, outputs: dic
     return {"relevance_logits": outputs["relevance_logits"][index], "span_scores": outputs["span_scores"][index]}
 
 
-def _merged(runner: ReaderRunner, results: Sequence[dict], per_question, *, logits: bool, desc: str,
+def _merged(runner: ReaderRunner, results: Iterable[dict], per_question, *, logits: bool, desc: str,
             progress: bool) -> Iterator[tuple[dict, Any]]:
     """``(result, per_question(...))`` for every question, in input order, on process 0 (other processes yield
-    nothing). Each process runs its share (:meth:`ReaderRunner.steps`); after every step the per-question
-    results of all processes are gathered (:func:`allgather_objects`), so every process calls the collective
-    the same number of times, also past its own last step."""
-    count, index = jax.process_count(), jax.process_index()
-    q, p = runner.questions_per_step, runner.passages
-    bar = tqdm(total=len(results), desc=desc, unit="q", disable=not progress or index != 0)
-    mine = runner.steps(results, logits=logits, process_index=index, process_count=count)
-    for s in range(math.ceil(len(results) / (q * count))):
-        step = next(mine, None)
-        local = []
-        if step is not None:
-            block, rows, outputs = step
+    nothing), streamed: blocks of ``questions_per_step`` questions are dealt to the processes in turn and each
+    round's values gathered (:func:`~rdr_jax.retrieval.multihost.deal_and_merge`)."""
+    p = runner.passages
+
+    def compute(my_blocks):
+        for block, rows, outputs in runner.run_blocks(my_blocks, logits=logits):
             ends = np.cumsum([min(len(r["ctxs"]), p) for r in block])
-            local = [per_question(runner, r, rows, outputs, slice(end - min(len(r["ctxs"]), p), end))
-                     for r, end in zip(block, ends)]
-        gathered = allgather_objects(local)   # process k holds block s * count + k
-        if index == 0:
-            first = s * q * count
-            for r, value in zip(results[first:first + q * count], itertools.chain.from_iterable(gathered)):
-                yield r, value
-                bar.update(1)
+            yield [per_question(runner, r, rows, outputs, slice(end - min(len(r["ctxs"]), p), end))
+                   for r, end in zip(block, ends)]
+
+    bar = tqdm(desc=desc, unit="q", disable=not progress or jax.process_index() != 0)
+    for r, value in deal_and_merge(_batched(results, runner.questions_per_step), compute):
+        yield r, value
+        bar.update(1)
     bar.close()
 
 
-def read_answers(runner: ReaderRunner, results: Sequence[dict], *, progress: bool = True) -> Iterator[dict]:
+def read_answers(runner: ReaderRunner, results: Iterable[dict], *, progress: bool = True) -> Iterator[dict]:
     """The reader's answer for each question of DPR retriever results, with EM against its answers (every
     question on process 0, nothing on the others)."""
     for _, answer in _merged(runner, results, _answer, logits=True, desc="reading", progress=progress):
         yield answer
 
 
-def teacher_score_rows(runner: ReaderRunner, results: Sequence[dict], *, progress: bool = True) -> Iterator[dict]:
+def teacher_score_rows(runner: ReaderRunner, results: Iterable[dict], *, progress: bool = True) -> Iterator[dict]:
     """RDR's teacher: the reader's relevance logit and best span score (computed on the device) for each
     retrieved passage; every question on process 0, nothing on the others."""
     p = runner.passages

@@ -15,9 +15,8 @@ below them, as is usual for re-ranking runs.
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
@@ -25,7 +24,7 @@ from tqdm import tqdm
 from rdr_jax.data.token_rows import TokenRows
 from rdr_jax.data.tokenization import DEFAULT_BUCKETS, bucket_length, passage_text
 from rdr_jax.retrieval.metrics import rank_documents
-from rdr_jax.retrieval.multihost import allgather_objects
+from rdr_jax.retrieval.multihost import deal_and_merge
 from rdr_jax.retrieval.runner import DEFAULT_LENGTH_STEP, InferenceRunner, TokenizePool
 
 # Pairs gathered before scoring: sorting a block by length keeps padding to the bucket small.
@@ -145,46 +144,40 @@ def _scores_below(reranked: Sequence[float], count: int) -> list[float]:
     return [floor - (i + 1) for i in range(count)]
 
 
-def _scored_blocks(scorer: CrossEncoderScorer, items: Sequence, pairs_of, count_of, bar):
+def _scored_blocks(scorer: CrossEncoderScorer, items: Iterable, pairs_of, bar):
     """Yields ``(item, scores)`` for each item of ``items``, ``pairs_of(item)`` giving its (query, [passage
-    texts]) and ``count_of(item)`` their number. Items are scored together in blocks of about
-    ``PAIRS_PER_BLOCK_FACTOR`` batches, so short lists share batches and the length sort has room to work;
-    a block's texts are built and tokenised on the runner's producer thread while the devices score the
-    previous one.
-
-    Several processes (``jax.distributed``) deal the blocks in turn; after each round the scores are gathered
-    and process 0 yields every item in order (the others yield nothing)."""
-    index, processes = jax.process_index(), jax.process_count()
+    texts]), streamed. Items are scored together in blocks of about ``PAIRS_PER_BLOCK_FACTOR`` batches, so short
+    lists share batches and the length sort has room to work; a block is tokenised on the runner's producer thread
+    while the devices score the previous one. Several processes (``jax.distributed``) are dealt the blocks in
+    turn and process 0 yields every item, in order (:func:`~rdr_jax.retrieval.multihost.deal_and_merge`; the
+    other processes yield nothing)."""
     block_pairs = scorer.batch_size * PAIRS_PER_BLOCK_FACTOR
-    bounds, pairs = [0], 0
-    for i, item in enumerate(items):
-        pairs += count_of(item)
-        if pairs >= block_pairs:
-            bounds.append(i + 1)
-            pairs = 0
-    if bounds[-1] != len(items):
-        bounds.append(len(items))
-    blocks = list(zip(bounds[:-1], bounds[1:]))
+
+    def blocks():
+        block, pairs = [], 0
+        for item in items:
+            query, texts = pairs_of(item)
+            block.append((item, query, list(texts)))
+            pairs += len(texts)
+            if pairs >= block_pairs:
+                yield block
+                block, pairs = [], 0
+        if block:
+            yield block
 
     def prepare(block) -> TokenRows:
-        start, end = block
-        query_texts = [pairs_of(item) for item in items[start:end]]
-        return scorer.rows([q for q, texts in query_texts for _ in texts], [t for _, ts in query_texts for t in ts])
+        return scorer.rows([q for _, q, texts in block for _ in texts], [t for _, _, texts in block for t in texts])
 
-    mine = scorer.runner.map(((b, blocks[b]) for b in range(index, len(blocks), processes)),
-                             max_length=scorer.max_length, prepare=prepare)
-    for round_start in range(0, len(blocks), processes):
-        step = next(mine, None) if round_start + index < len(blocks) else None
-        local = None if step is None else (step[1].tolist() if step[1] is not None else [])
-        for b, scores in enumerate(allgather_objects(local), start=round_start):
-            if index != 0 or b >= len(blocks):
-                continue
-            at = 0
-            for item in items[blocks[b][0]:blocks[b][1]]:
-                n = count_of(item)
-                yield item, scores[at:at + n]
-                at += n
-            bar.update(len(scores))
+    def compute(my_blocks):
+        for block, scores in scorer.runner.map(((b, b) for b in my_blocks), max_length=scorer.max_length,
+                                               prepare=prepare):
+            scores = scores.tolist() if scores is not None else []
+            ends = np.cumsum([len(texts) for _, _, texts in block])
+            yield [scores[end - len(texts):end] for (_, _, texts), end in zip(block, ends)]
+
+    for (item, _, _), scores in deal_and_merge(blocks(), compute):
+        yield item, scores
+        bar.update(len(scores))
 
 
 def rerank_run(scorer: CrossEncoderScorer, queries: Mapping[str, str], passages: Mapping[str, str | Mapping],
@@ -210,8 +203,7 @@ def rerank_run(scorer: CrossEncoderScorer, queries: Mapping[str, str], passages:
                disable=not progress, smoothing=0.1)
     out: dict[str, dict[str, float]] = {}
     pairs_of = lambda item: (queries[item[0]], [passage_text(passages[d]) for d in item[1][:depth]])
-    count_of = lambda item: min(depth, len(item[1]))
-    for (qid, ranking), scores in _scored_blocks(scorer, list(rankings.items()), pairs_of, count_of, bar):
+    for (qid, ranking), scores in _scored_blocks(scorer, rankings.items(), pairs_of, bar):
         top, rest = ranking[:depth], ranking[depth:]
         out[qid] = dict(zip(top, scores)) | dict(zip(rest, _scores_below(scores, len(rest))))
     bar.close()
@@ -220,7 +212,13 @@ def rerank_run(scorer: CrossEncoderScorer, queries: Mapping[str, str], passages:
 
 def rerank_results(scorer: CrossEncoderScorer, results: Iterable[Mapping], depth: int = 100, *,
                    total_pairs: int | None = None, progress: bool = True) -> list[dict]:
-    """Re-rank each question's ``ctxs`` of DPR retriever results (same layout back).
+    """:func:`iter_reranked_results` as a list."""
+    return list(iter_reranked_results(scorer, results, depth, total_pairs=total_pairs, progress=progress))
+
+
+def iter_reranked_results(scorer: CrossEncoderScorer, results: Iterable[Mapping], depth: int = 100, *,
+                          total_pairs: int | None = None, progress: bool = True) -> Iterator[dict]:
+    """Re-rank each question's ``ctxs`` of DPR retriever results (same layout back), streamed.
 
     The top ``depth`` ctxs are scored with ``question`` against ``title text`` and sorted by that score
     (stable: ties keep their retrieval order); the ctxs below keep their order after them. ``score`` becomes
@@ -230,15 +228,12 @@ def rerank_results(scorer: CrossEncoderScorer, results: Iterable[Mapping], depth
     if depth < 1:
         raise ValueError(f"depth must be >= 1, got {depth}")
     bar = tqdm(total=total_pairs, desc="re-ranking", unit="pair", disable=not progress, smoothing=0.1)
-    out = []
     pairs_of = lambda r: (r["question"], [passage_text(c) for c in r["ctxs"][:depth]])
-    count_of = lambda r: min(depth, len(r["ctxs"]))
-    for r, scores in _scored_blocks(scorer, list(results), pairs_of, count_of, bar):
+    for r, scores in _scored_blocks(scorer, results, pairs_of, bar):
         top, rest = list(r["ctxs"][:depth]), list(r["ctxs"][depth:])
         order = sorted(range(len(top)), key=lambda i: -scores[i])
         below = _scores_below(scores, len(rest))
         ctxs = ([{**top[i], "score": scores[i], "retriever_score": top[i]["score"]} for i in order]
                 + [{**c, "score": s, "retriever_score": c["score"]} for c, s in zip(rest, below)])
-        out.append({**r, "ctxs": ctxs})
+        yield {**r, "ctxs": ctxs}
     bar.close()
-    return out

@@ -21,7 +21,8 @@ import pytest
 from rdr_jax.cli import build_parser, main
 from rdr_jax.training import faults
 from rdr_jax.tasks import load_config
-from rdr_jax.training.loop import MetricsWriter, train
+from rdr_jax.training.loop import train
+from rdr_jax.training.metrics_log import MetricsWriter
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = "configs/tiny/dpr.yaml"

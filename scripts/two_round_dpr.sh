@@ -6,14 +6,16 @@
 #            question encoder and keeps the first NEGATIVES that hold no answer and are not gold;
 #   round 2: train DPR again from MiniLM (same config and steps) on the mined file; encode; dev recall.
 # Prints both rounds' dev recall; everything lands under WORKDIR and a rerun reuses the steps already done.
-# Settings (environment): WORKDIR (runs/two_round_dpr), STEPS per round (60), K (100), NEGATIVES (30),
+# Settings (environment): WORKDIR (runs/two_round_dpr), STEPS per round (30), K (100), NEGATIVES (30),
 # PYTHON (python). A JAX compilation cache under WORKDIR spares round 2 its compile.
+# Measured (2 shared CPU cores, defaults, 13 min): dev Top-1/5/20/100 round 1 88.00/98.55/99.64/100.00,
+# round 2 89.09/98.18/99.64/100.00 (275 questions: +3 at Top-1, -1 at Top-5; MiniLM starts near the ceiling).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 PY="${PYTHON:-python}"
 W="${WORKDIR:-runs/two_round_dpr}"
-STEPS="${STEPS:-60}" K="${K:-100}" NEGATIVES="${NEGATIVES:-30}"
+STEPS="${STEPS:-30}" K="${K:-100}" NEGATIVES="${NEGATIVES:-30}"
 DATA=rdr_jax/data/embedded
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$W/jax_cache}"

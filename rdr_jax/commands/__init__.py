@@ -1,7 +1,7 @@
 """Subcommand registry: name -> (help, add_arguments(parser), run(args) -> exit code)."""
 
-from rdr_jax.commands import (convert, demo, generate, pipeline, prepare_data, reader, rerank, tokenize_corpus,
-                              train)
+from rdr_jax.commands import (convert, demo, generate, mine, pipeline, prepare_data, reader, rerank,
+                              tokenize_corpus, train)
 
 COMMANDS = {
     "convert": (convert.HELP, convert.add_arguments, convert.run),
@@ -12,6 +12,7 @@ COMMANDS = {
     "evaluate": (pipeline.EVALUATE_HELP, pipeline.add_evaluate_arguments, pipeline.run_evaluate),
     "read": (reader.READ_HELP, reader.add_read_arguments, reader.run_read),
     "teacher-scores": (reader.TEACHER_HELP, reader.add_teacher_arguments, reader.run_teacher_scores),
+    "mine-negatives": (mine.HELP, mine.add_arguments, mine.run),
     "rerank": (rerank.RERANK_HELP, rerank.add_rerank_arguments, rerank.run_rerank),
     "generate": (generate.HELP, generate.add_arguments, generate.run),
     "prepare-data": (prepare_data.HELP, prepare_data.add_arguments, prepare_data.run),

@@ -97,6 +97,11 @@ class PassageRows:
             raise ValueError(f"{source}: has {n} passages but {what} has {expected_count}")
         return cls(path, np.frombuffer(offsets, np.int64), columns)
 
+    def reader(self):
+        """A function corpus row -> ``{id, title, text}`` (one open file, one seek per passage)."""
+        read = _PassageReader(str(self.path), self.columns)
+        return lambda row: read(self.offsets[row])
+
 
 class _LineOffsets:
     """Text lines of a file for ``csv.reader``, remembering where the last row started."""
@@ -307,9 +312,7 @@ class PassageLookup:
         if is_corpus_store(self.path):
             self.get = CorpusStore(self.path).passage
         else:
-            rows = PassageRows.scan(self.path)
-            reader = _PassageReader(str(self.path), rows.columns)
-            self.get = lambda row: reader(rows.offsets[row])
+            self.get = PassageRows.scan(self.path).reader()
 
 
 def iter_results(path: str | os.PathLike, passages: str | os.PathLike | PassageLookup | None = None

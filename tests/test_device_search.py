@@ -154,8 +154,8 @@ def test_retrieve_on_an_encoding_equals_faiss_flat_and_round_trips(cli, tmp_path
     assert main(retrieve(cli, "index", tmp_path / "faiss.jsonl", "--workers", "0")) == 0
     assert main(retrieve(cli, "emb", tmp_path / "dev.json", "--workers", "0")) == 0
     device, flat = read_jsonl(tmp_path / "dev.jsonl"), read_jsonl(tmp_path / "faiss.jsonl")
-    assert len(device) == 20 and set(device[0]) == {"qid", "question", "answers", "passage_ids", "scores",
-                                                    "has_answer"}
+    assert len(device) == 20 and set(device[0]) == {"qid", "question", "answers", "passage_ids", "passage_rows",
+                                                    "scores", "has_answer"}
     assert_same_ranking(device, flat)
     hits = sum(any(r["has_answer"]) for r in device)
     assert 0 < hits < 20  # random encoders: some questions find their answer in 10 of 90 passages, not all

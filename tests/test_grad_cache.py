@@ -164,7 +164,7 @@ def test_grad_cache_config_checks(tmp_path):
     assert build("dpr").train.grad_cache_chunk is None
     refused = {("dpr", "train.grad_cache_chunk=3"): "must be divisible by 'train.grad_cache_chunk' (3)",
                ("dpr", "train.grad_cache_chunk=4", "train.grad_accum_steps=2"): "set grad_accum_steps to 1",
-               ("rdr", "train.grad_cache_chunk=4", "model.unpad=true"): "cannot be split into 'train.grad_cache_chunk'",
+               ("rdr", "train.grad_cache_chunk=4", "model.unpad=true"): "'model.unpad' with 'train.grad_cache_chunk' is not supported",
                ("reader", "train.grad_cache_chunk=4"): "task 'reader' has none"}
     for (task, *overrides), message in refused.items():
         with pytest.raises(ConfigError) as err:

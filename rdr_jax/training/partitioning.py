@@ -1,16 +1,8 @@
-"""Device mesh and the one table that maps logical axis names onto mesh axes.
+"""The device mesh, and batches and parameters placed on it.
 
-Models name the axes of every parameter (``embed``, ``heads``, ``mlp``, ...; see ``rdr_jax.models.layers``).
-Here those names become ``NamedSharding``s over a ``(data, fsdp, tensor)`` mesh, as in MaxText/t5x, by the
-table in ``rdr_jax.models.sharding`` (re-exported here):
-
-- ``batch`` -> (data, fsdp): examples are split over both data-parallel axes;
-- ``embed`` -> fsdp: FSDP-style parameter (and optimizer state) sharding, gathered per layer by XLA;
-- ``heads``, ``mlp``, ``vocab`` -> tensor: Megatron-style tensor parallelism;
-- everything else is replicated.
-
-A dimension whose size is not divisible by its mesh axes is replicated instead (tiny models on many
-devices), and a mesh axis is used at most once per array.
+Parameters are sharded by the logical-axis table of :mod:`rdr_jax.models.sharding` (re-exported here:
+``LOGICAL_AXIS_RULES``, ``logical_to_spec``), which maps each parameter's named axes onto the ``(data, fsdp,
+tensor)`` mesh built below, as in MaxText/t5x; batches are split over both data-parallel axes.
 """
 
 from __future__ import annotations

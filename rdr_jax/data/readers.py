@@ -307,6 +307,30 @@ def dpr_passages_header(row: list[str]) -> dict[str, int] | None:
     return None
 
 
+def dpr_passage_rows(reader, path, each_row=None) -> Iterator[tuple[int, list[str], dict[str, int]]]:
+    """``(line, fields, columns)`` of each passage row of a ``csv.reader`` over a DPR passages TSV: blank lines
+    skipped, a header row read by name (:func:`dpr_passages_header`; without one the columns are id, text,
+    title), a row of other than 3 fields refused as ``FILE:LINE``. ``each_row(line)`` sees every row first,
+    blank ones included (a caller's own per-line check)."""
+    columns = {name: i for i, name in enumerate(DPR_PASSAGE_COLUMNS)}
+    first = True
+    for row in reader:
+        line = reader.line_num
+        if each_row is not None:
+            each_row(line)
+        if not row or (len(row) == 1 and not row[0].strip()):
+            continue
+        if first:
+            first = False
+            header = dpr_passages_header(row)
+            if header is not None:
+                columns = header
+                continue
+        if len(row) != 3:
+            raise FormatError(path, line, f"expected 3 tab-separated fields (id, text, title), got {len(row)}")
+        yield line, row, columns
+
+
 def read_dpr_passages(path: str | os.PathLike, *, check_duplicates: bool = True) -> Iterator[dict]:
     """DPR passages TSV (`id<TAB>text<TAB>title`, csv quoting as in psgs_w100.tsv, header optional).
 
@@ -315,23 +339,9 @@ def read_dpr_passages(path: str | os.PathLike, *, check_duplicates: bool = True)
     Yields {"id": str, "title": str, "text": str}.
     """
     _allow_long_csv_fields()
-    columns = {name: i for i, name in enumerate(DPR_PASSAGE_COLUMNS)}
     seen: set[str] = set()
     with open_text(path, newline="") as handle:
-        reader = csv.reader(handle, delimiter="\t")
-        first = True
-        for row in reader:
-            line = reader.line_num
-            if not row or (len(row) == 1 and not row[0].strip()):
-                continue
-            if first:
-                first = False
-                header = dpr_passages_header(row)
-                if header is not None:
-                    columns = header
-                    continue
-            if len(row) != 3:
-                raise FormatError(path, line, f"expected 3 tab-separated fields (id, text, title), got {len(row)}")
+        for line, row, columns in dpr_passage_rows(csv.reader(handle, delimiter="\t"), path):
             passage_id = row[columns["id"]].strip()
             if not passage_id:
                 raise FormatError(path, line, "empty field 'id'")

@@ -29,7 +29,7 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from rdr_jax.data.readers import dpr_passages_header, iter_jsonl, read_retriever_results
+from rdr_jax.data.readers import dpr_passage_rows, iter_jsonl, read_retriever_results
 from rdr_jax.errors import FormatError
 from rdr_jax.retrieval.answers import AnswerMatcher, default_tokenizer
 
@@ -64,23 +64,15 @@ class PassageRows:
         expected = iter(expected_ids or ())
         columns = {"id": 0, "text": 1, "title": 2}
         lines = _LineOffsets(path)
-        reader = csv.reader(lines, delimiter="\t")
-        first, n, consumed = True, 0, 0
-        for row in tqdm(reader, desc="reading passages", unit=" rows", mininterval=2.0, delay=2.0):
-            line = reader.line_num
-            if lines.count - consumed != 1:
+        consumed, n = [0], 0
+
+        def one_line_each(line: int) -> None:
+            if lines.count - consumed[0] != 1:
                 raise FormatError(path, line, "a quoted field spans several lines; passages must be one per line")
-            consumed = lines.count
-            if not row or (len(row) == 1 and not row[0].strip()):
-                continue
-            if first:
-                first = False
-                header = dpr_passages_header(row)
-                if header is not None:
-                    columns = header
-                    continue
-            if len(row) != 3:
-                raise FormatError(path, line, f"expected 3 tab-separated fields (id, text, title), got {len(row)}")
+            consumed[0] = lines.count
+
+        rows = dpr_passage_rows(csv.reader(lines, delimiter="\t"), path, one_line_each)
+        for line, row, columns in tqdm(rows, desc="reading passages", unit=" rows", mininterval=2.0, delay=2.0):
             n += 1
             offsets.append(lines.last_offset)
             if expected_ids is None:

@@ -2,7 +2,8 @@
 once), a resumed run logs no step twice, a workdir holding another run is refused untouched; `--set` takes
 several pairs; `--version`, `--quiet`; no JAX backend-probe noise; the lazy subpackages of ``import rdr_jax``.
 
-The Ctrl-C runs are real `rdr-jax train configs/tiny/dpr.yaml` subprocesses (tiny random BERT, embedded data).
+The first Ctrl-C run is a real `rdr-jax train configs/tiny/dpr.yaml` subprocess (tiny random BERT, embedded data);
+the second-Ctrl-C run sends itself both signals from inside a batch, so its timing is fixed.
 """
 
 import hashlib
@@ -117,23 +118,37 @@ def test_ctrl_c_checkpoints_exits_75_and_the_rerun_logs_each_step_once(tmp_path,
     assert logging.root.manager.disable == logging.NOTSET              # and only for that command
 
 
-def test_second_ctrl_c_stops_at_once_without_a_checkpoint(tmp_path):
+def test_second_ctrl_c_stops_at_once_without_a_checkpoint(tmp_path, monkeypatch, capsys):
+    """Both Ctrl-Cs arrive while step 3's batch is built on the main thread (real signals, real handlers, the
+    real CLI in-process): the first asks for a checkpoint after step 3, the second stops before step 3 runs.
+    Sending them from outside (a subprocess) raced the run: on a fast or cache-warm machine the first Ctrl-C's
+    checkpoint and exit were done before the second arrived."""
+    from rdr_jax.data.dpr_data import DPRData
+
+    calls = []
+    make_batch = DPRData.make_batch
+
+    def interrupted_batch(self, idx, rng):
+        calls.append(len(idx))
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.2)        # the first handler runs here: checkpoint after this step
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)          # the second raises KeyboardInterrupt here: stop at once
+            raise AssertionError("the second Ctrl-C did not stop the run")
+        return make_batch(self, idx, rng)
+
+    monkeypatch.setattr(DPRData, "make_batch", interrupted_batch)
     workdir = tmp_path / "run"
-    run = Train(workdir, "train.steps=40", "train.checkpoint_every=1")
-    try:
-        # During the first step's compilation (seconds): the first Ctrl-C asks for a checkpoint after the step,
-        # the second one stops before that step ends.
-        run.wait_for(lambda: run.saw("SIGTERM or Ctrl-C checkpoints"), "the handlers are installed")
-        run.proc.send_signal(signal.SIGINT)
-        run.wait_for(lambda: run.saw("SIGINT (Ctrl-C) received"), "the first Ctrl-C is noticed", timeout=60)
-        run.proc.send_signal(signal.SIGINT)
-        code = run.finish(timeout=120)
-    finally:
-        if run.proc.poll() is None:
-            run.proc.kill()
-    assert code == 130, run.output[-4000:]
-    assert run.output.strip().splitlines()[-1] == "rdr-jax train: interrupted"
-    assert checkpoint_steps(workdir) == [] and read_steps(workdir) == []
+    code = main(["train", str(ROOT / TINY), "--workdir", str(workdir), "--no-progress", "--set", *QUICK,
+                 "train.steps=40", "train.checkpoint_every=100", "train.log_every=1", "data.workers=0"])
+    err = capsys.readouterr().err
+    assert code == 130, err[-4000:]
+    assert err.strip().splitlines()[-1] == "rdr-jax train: interrupted"
+    assert len(calls) == 3
+    assert checkpoint_steps(workdir) == []           # the first Ctrl-C alone would have checkpointed step 3
+    assert read_steps(workdir) == [1, 2]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler   # the handlers were put back
 
 
 def test_preemption_watcher_signals(tmp_path):

@@ -135,13 +135,8 @@ def test_workers_resume_and_process_blocks_give_the_one_process_batches(marco, t
     ref = EpochIterator(len(data), 4, 5, data.make_batch)
     batches = [next(ref) for _ in range(5)]          # crosses an epoch boundary (3 batches per epoch)
     state = ref.get_state()
-    resumed = EpochIterator(len(data), 4, 5, data.make_batch, workers=2, prefetch=2)
-    resumed.set_state({"epoch": 0, "position": 8})
-    for want in batches[2:]:
-        got = next(resumed)
-        assert all(np.array_equal(got[k], want[k]) for k in want)
-    assert resumed.get_state() == state
-    resumed.close()
+    harness.assert_resumes(EpochIterator(len(data), 4, 5, data.make_batch, workers=2, prefetch=2),
+                           {"epoch": 0, "position": 8}, batches[2:], state)
     parts = [EpochIterator(len(data), 4, 5, data.make_batch) for _ in range(2)]
     for i, it in enumerate(parts):
         it.set_shard(i, 2)

@@ -156,3 +156,30 @@ def test_missing_teacher_scores_are_refused_before_training(marco, tmp_path):
         task.split_data("train")
     records = list(list_records(d / "triples.text.tsv", ListSources(max_examples=3)))
     assert len(records) == 3
+
+
+def test_texts_by_id_reads_rows_by_offset(tmp_path):
+    from rdr_jax.data.id_texts import TextsById
+    from rdr_jax.errors import FormatError
+
+    (tmp_path / "ints.tsv").write_text("5\tfive\n\n9\tnine\twith a tab\n0\tzero\n")
+    texts = TextsById(tmp_path / "ints.tsv", "--collection")
+    assert (texts["5"], texts[0], texts.get(5, "here")) == ("five", "zero", "five")
+    for missing in ("7", "05", "x", "100"):   # "05" is not the row of id 5: ids are matched as strings
+        with pytest.raises(KeyError):
+            texts[missing]
+    with pytest.raises(FormatError, match="id '9' has 3 tab-separated fields"):
+        texts["9"]
+    with pytest.raises(ValueError, match="list 3: id '7' is not in --collection"):
+        texts.get("7", "list 3")
+    (tmp_path / "names.tsv").write_text("12\ttwelve\ndoc-a\tA\n007\tseven\n")   # any id that is not an integer
+    names = TextsById(tmp_path / "names.tsv", "data.collection")
+    assert (names["12"], names["doc-a"], names["007"]) == ("twelve", "A", "seven")
+    with pytest.raises(KeyError):
+        names["7"]
+    for rows in ("1\ta\n2\tb\n1\tc\n", "a\t1\nb\t2\na\t3\n"):
+        (tmp_path / "dup.tsv").write_text(rows)
+        with pytest.raises(FormatError, match=f"duplicate id '{rows[0]}'"):
+            TextsById(tmp_path / "dup.tsv", "data.collection")
+    with pytest.raises(ConfigError, match="uncompressed"):
+        TextsById(tmp_path / "x.tsv.gz", "data.collection")

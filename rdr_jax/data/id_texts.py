@@ -42,7 +42,10 @@ class TextsById:
                     else:   # an id that is not an integer: index every row by its id string instead
                         if by_name is None:
                             by_name = {str(i): o for i, o in zip(int_ids, offsets)}
-                        by_name[key.decode("utf-8")] = position
+                        name = key.decode("utf-8")
+                        if name in by_name:
+                            raise FormatError(self.path, None, f"duplicate id {name!r:.80}")
+                        by_name[name] = position
                     bar.update(1)
                 position += len(raw)
         self._by_name, self._handle = by_name, None

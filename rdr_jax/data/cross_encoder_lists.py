@@ -217,15 +217,14 @@ class CrossEncoderData:
             raise ConfigError(f"'data.list_size' {self.k} is more than the {kept} candidates per list {file} was "
                               "prepared with (`rdr-jax prepare-data ... --list-size`)")
         self.stand_in = stand_in
-        for field, needed, fix in (("teacher", need_teacher and not stand_in,
-                                    "set task.teacher_model, data.stand_in_teacher, or use a teacher-scored file"),
-                                   ("labels", need_labels, "this loss needs relevant passages: DPR positives, "
-                                                           "has_answer, triples, or data.qrels")):
-            i = meta.get(f"without_{field}")
+        for field, what, needed, fix in (
+                ("teacher", "teacher scores", need_teacher and not stand_in,
+                 "set task.teacher_model, data.stand_in_teacher, or use a teacher-scored file"),
+                ("labels", "labels", need_labels,
+                 "this loss needs relevant passages: DPR positives, has_answer, triples, or data.qrels")):
+            i = meta.get(f"without_{field}")   # the first record without them (None: every one has them)
             if needed and i is not None and i < self.n:
-                query = self.examples[i]["query"]
-                raise ValueError(f"{file}: example {i} ({query[:60]!r}) has no {field.replace('teacher', 'teacher scores')}"
-                                 f": {fix}")
+                raise ValueError(f"{file}: example {i} ({self.examples[i]['query'][:60]!r}) has no {what}: {fix}")
         self.pairs, self.teacher_pairs = pairs, teacher_pairs
         self.need_teacher, self.need_labels = need_teacher, need_labels
 

@@ -117,12 +117,12 @@ def file_key(path: str | Path) -> str:
 
 def cache_name(path: Path, fmt: str, options: str = "") -> str:
     """``options``: whatever else the records depend on (other files' :func:`file_key`, settings)."""
-    key = f"{file_key(path)}|{fmt}|{VERSION}|{options}"
+    key = f"{file_key(path)}|{fmt}|{VERSION}" + (f"|{options}" if options else "")
     return f"{path.name}.{hashlib.sha1(key.encode()).hexdigest()[:12]}{SUFFIX}"
 
 
-def prepared_records(path: str | Path, fmt: str | tuple[str, ...], convert: Callable[[object, str], dict | None] | None,
-                     cache_dir: str | Path, what: str, *,
+def prepared_records(path: str | Path, fmt: str | tuple[str, ...],
+                     convert: Callable[[object, str], dict | None] | None, cache_dir: str | Path, what: str, *,
                      stream: Callable[[Path, dict], Iterable[dict]] | None = None, options: str = "") -> RecordFile:
     """The prepared dataset of ``path``: itself when it is one, else its conversion in ``cache_dir`` (built
     here the first time, with a log line). ``fmt``: the format written (a prepared file may be any of a tuple's;

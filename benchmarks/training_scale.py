@@ -1,7 +1,8 @@
-"""Host memory of DPR and RDR training at NQ scale, measured on this CPU with synthetic data and tiny models.
+"""Host memory of DPR, RDR and cross-encoder training at NQ / MS MARCO scale, measured on this CPU with
+synthetic data and tiny models.
 
 ``python -m benchmarks.training_scale [--questions 60000] [--passages 1000000] [--dim 768] [--top-k 100]
-[--dpr-ctxs 10] [--words 100] [--steps 2] [--workdir DIR] [--json OUT]``  (or ``python -m benchmarks
+[--dpr-ctxs 10] [--words 100] [--triples 500000] [--steps 2] [--workdir DIR] [--json OUT]``  (or ``python -m benchmarks
 training_scale``: a smaller run)
 
 Writes synthetic data shaped like NQ's: an encoding of ``passages`` x ``dim`` fp16 vectors in 50k-row shards
@@ -15,7 +16,12 @@ after the task's set-up (data read, first batch built) and after ``steps`` train
 RDR is measured at (passages, questions), (passages/4, questions) and (passages/4, questions/4): the growth of
 the set-up's peak (less the file-backed pages: libraries and the encoding's map, shared page cache) per passage
 is what a per-process copy of the corpus costs, per question what the teacher data costs; extrapolated to NQ
-(21M passages, 58,880 questions) on 8 processes per node. The dev search (``exact_top_k`` over the whole encoding, a few queries) is measured
+(21M passages, 58,880 questions) on 8 processes per node. The cross-encoder's set-up is measured on a synthetic
+MS MARCO text triples file (``triples`` lines and a quarter of them, ``query<TAB>positive<TAB>negative``,
+~55-word passages), each twice:
+the first run converts it into WORKDIR/data_cache where the code does, the second reads what is there (what
+every later run and every other process costs); extrapolated to the 39M triples of MS MARCO's train file. The
+dev search (``exact_top_k`` over the whole encoding, a few queries) is measured
 the same way.
 """
 
@@ -33,6 +39,7 @@ from pathlib import Path
 import numpy as np
 
 NQ_PASSAGES, NQ_QUESTIONS, PROCESSES_PER_NODE = 21_015_324, 58_880, 8
+MARCO_TRIPLES = 39_780_811   # lines of MS MARCO's triples.train.small.tsv
 SHARD = 50_000
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma".split()
 
@@ -132,6 +139,21 @@ def write_dpr(path: Path, questions: int, ctxs: int, words: int, seed: int = 2) 
     return path
 
 
+def write_triples(path: Path, lines: int, words: int = 55, seed: int = 3) -> Path:
+    """MS MARCO-like text triples: a 6-word query, a positive and a negative of ``words`` words per line."""
+    if path.is_file():
+        return path
+    rng = np.random.default_rng(seed)
+    vocab = np.array(WORDS)
+    with path.open("w") as f:
+        for start in range(0, lines, 10_000):
+            n = min(10_000, lines - start)
+            picks = vocab[rng.integers(0, len(vocab), (n, 6 + 2 * words))]
+            f.write("".join(f"{' '.join(w[:6])} {start + i}\t{' '.join(w[6:6 + words])}\t{' '.join(w[6 + words:])}\n"
+                            for i, w in enumerate(picks)))
+    return path
+
+
 def configs(work: Path, dim: int) -> dict[str, Path]:
     """Tiny-model configs: RDR's question encoder as wide as the passage vectors (one layer), DPR's tiny."""
     common = textwrap.dedent("""
@@ -173,6 +195,39 @@ def measure(args: dict, env: dict, code: str) -> dict:
     return json.loads(line[len("RESULT "):])
 
 
+def cross_encoder_leg(work: Path, code: str, env: dict, lines: int) -> dict:
+    """Set-up peak of the tiny cross-encoder on ``lines`` and ``lines // 4`` text triples, each run twice (the
+    first converts into the run's data cache where the code does so; the second is what a later run costs)."""
+    config = str(Path(code) / "rdr_jax" / "configs" / "tiny" / "cross_encoder.yaml")
+    runs, sizes = {}, (lines, max(1000, lines // 4))
+    for n in sizes:
+        triples = write_triples(work / f"triples_{n}.tsv", n)
+        run_dir = work / f"run_cross_encoder_{n}"
+        for old in (run_dir / "data_cache").glob("*"):   # the first run converts (where the code does)
+            old.unlink()
+        runs[n] = [measure({"what": "cross_encoder", "config": config, "workdir": str(run_dir), "steps": 0,
+                            "overrides": [f"data.train_file={triples}", "data.list_size=2"]}, env, code)
+                   for _ in range(2)]
+        print(f"[training_scale] cross_encoder {n} triples: {json.dumps(runs[n])}", file=sys.stderr)
+
+    def own(r):   # the set-up's peak over the process after importing jax and rdr_jax
+        return r["setup"]["VmHWM"] - r["baseline"]["VmHWM"]
+    big, small = runs[sizes[0]], runs[sizes[1]]
+    per_triple = max(0.0, (own(big[1]) - own(small[1])) / (sizes[0] - sizes[1]))
+    size = (work / f"triples_{lines}.tsv").stat().st_size
+    return {
+        "triples": lines, "file_gib": gib(size), "baseline_gib": gib(big[0]["baseline"]["VmHWM"]),
+        "setup_peak_gib": {"first": gib(big[0]["setup"]["VmHWM"]), "again": gib(big[1]["setup"]["VmHWM"])},
+        "setup_peak_over_baseline_gib": {f"{n}_{k}": gib(own(r[i])) for n, r in runs.items()
+                                         for i, k in enumerate(("first", "again"))},
+        "setup_seconds": {f"{n}_{k}": round(r[i]["setup_s"], 1) for n, r in runs.items()
+                          for i, k in enumerate(("first", "again"))},
+        "setup_bytes_per_triple": round(per_triple, 1),
+        "setup_peak_over_file": round(own(big[1]) / size, 2),
+        "marco_setup_over_baseline_per_process_gib": gib(own(big[1]) + per_triple * (MARCO_TRIPLES - lines)),
+    }
+
+
 def gib(n: float) -> float:
     return round(n / 2**30, 3)
 
@@ -185,9 +240,10 @@ def main(argv=None) -> dict:
     p.add_argument("--top-k", type=int, default=100)
     p.add_argument("--dpr-ctxs", type=int, default=10, help="passages per DPR training question (NQ: 100+)")
     p.add_argument("--words", type=int, default=100, help="words per DPR passage text")
+    p.add_argument("--triples", type=int, default=500_000, help="lines of the cross-encoder's triples file")
     p.add_argument("--steps", type=int, default=2, help="training steps measured after the set-up (0: set-up only)")
     p.add_argument("--dev-queries", type=int, default=8, help="queries of the dev search measurement (0: skip)")
-    p.add_argument("--skip", nargs="*", default=[], choices=("rdr", "dpr", "dev_search"))
+    p.add_argument("--skip", nargs="*", default=[], choices=("rdr", "dpr", "cross_encoder", "dev_search"))
     p.add_argument("--workdir", type=Path, default=Path("/tmp/rdr_jax_training_scale"))
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
@@ -200,9 +256,11 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     small = max(SHARD, args.passages // 4 // SHARD * SHARD)
     few = max(100, args.questions // 4)
-    encodings = {n: write_encoding(work / f"enc_{n}_{args.dim}", n, args.dim) for n in (args.passages, small)}
+    # RDR's and the dev search's data only when measured (the 1M x 768 encoding alone is 1.5 GB)
+    encodings = {n: write_encoding(work / f"enc_{n}_{args.dim}", n, args.dim) for n in (args.passages, small)} \
+        if {"rdr", "dev_search"} - set(args.skip) else {}
     teachers = {q: write_teacher(work / f"teacher_{q}_{args.top_k}_{small}.jsonl", q, small, args.top_k)
-                for q in (args.questions, few)}
+                for q in (args.questions, few)} if "rdr" not in args.skip else {}
     print(f"[training_scale] data written in {time.perf_counter() - t0:.0f}s under {work}", file=sys.stderr)
     cfg = configs(work, args.dim)
     steps = [f"train.steps={args.steps}"]
@@ -252,6 +310,8 @@ def main(argv=None) -> dict:
                          "steps_peak_gib": gib(r["steps"]["VmHWM"]) if "steps" in r else None,
                          "setup_peak_over_file": round((r["setup"]["VmHWM"] - r["baseline"]["VmHWM"]) / size, 2),
                          "must_hold_per_process_at_8_gib": gib(size / PROCESSES_PER_NODE)}
+    if "cross_encoder" not in args.skip and args.triples:
+        report["cross_encoder"] = cross_encoder_leg(work, code, env, args.triples)
     if "dev_search" not in args.skip and args.dev_queries:
         r = measure({"what": "dev_search", "encoding": str(encodings[args.passages]), "queries": args.dev_queries},
                     env, code)

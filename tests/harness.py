@@ -219,3 +219,18 @@ def packing_collectives(mesh) -> dict[str, int]:
         for op in ops:
             counts[op] += len(re.findall(rf"\b{op}(-start)?\(", text))
     return counts
+
+
+def assert_resumes(iterator, state: dict, batches: list[dict], end_state: dict) -> None:
+    """``iterator`` set to ``state`` hands out exactly ``batches`` (every field, array-equal), then is at
+    ``end_state``; closed afterwards (it may run grain workers)."""
+    iterator.set_state(state)
+    try:
+        for want in batches:
+            got = next(iterator)
+            assert sorted(got) == sorted(want) and all(np.array_equal(got[k], want[k]) for k in want)
+        assert iterator.get_state() == end_state
+    finally:
+        close = getattr(iterator, "close", None)
+        if close:
+            close()

@@ -19,7 +19,7 @@ from flax import nnx
 
 from rdr_jax import losses as R
 from rdr_jax.retrieval.rerank import CrossEncoderScorer
-from rdr_jax.data.cross_encoder_lists import load_query_lists
+from rdr_jax.data.cross_encoder_lists import ListSources, query_lists
 from rdr_jax.tasks.cross_encoder import LOSSES, ranking_objective
 import harness
 from rdr_jax.tasks import load_config
@@ -168,13 +168,13 @@ def test_msmarco_teacher_lists_keep_the_teachers_top_k(tmp_path):
     config = tiny_config(tmp_path / "run", f"data.train_file={tmp_path / 'teacher.jsonl'}",
                          f"data.queries={tmp_path / 'queries.tsv'}", f"data.collection={tmp_path / 'collection.tsv'}",
                          f"data.qrels={tmp_path / 'qrels.tsv'}", "data.list_size=3")
-    [q] = load_query_lists(config.data.train_file, config.data, 3)
-    assert q.query == "what is a cross encoder"
-    assert q.passages == ["passage number 2", "passage number 4", "passage number 3"]
-    assert q.teacher == [0.9, 0.7, 0.5] and q.labels == [0, 0, 1]
+    [q], _ = query_lists(config.data.train_file, ListSources.of_config(config.data))
+    assert q["query"] == "what is a cross encoder"
+    assert q["passages"] == ["passage number 2", "passage number 4", "passage number 3"]
+    assert q["teacher"] == [0.9, 0.7, 0.5] and q["labels"] == [0, 0, 1]
     with pytest.raises(ConfigError, match="data.queries"):
-        load_query_lists(config.data.train_file, load_config(TINY, [f"data.train_file={tmp_path / 'teacher.jsonl'}"],
-                                                             workdir=str(tmp_path)).data, 3)
+        query_lists(config.data.train_file, ListSources.of_config(
+            load_config(TINY, [f"data.train_file={tmp_path / 'teacher.jsonl'}"], workdir=str(tmp_path)).data))
 
 
 def test_config_errors_name_the_key(tmp_path):
@@ -201,9 +201,14 @@ def test_plain_bert_checkpoint_gets_a_fresh_one_logit_head(tmp_path, minilm_dir)
 
 def test_tiny_config_trains_exports_and_reranks(tmp_path):
     workdir = tmp_path / "run"
-    # The same 4 lists every step (max_examples = batch size): the loss must go down.
-    config = tiny_config(workdir, "data.max_examples=4", "train.steps=12", "optim.learning_rate=3e-3",
-                         "optim.warmup_steps=0", *NO_DROPOUT[:2])
+    # From a prepared dataset (`rdr-jax prepare-data ce-lists`; the raw file reads into the same batches:
+    # test_cross_encoder_data.py). The same 4 lists every step (max_examples = batch size): the loss must go down.
+    from rdr_jax.cli import main
+    prepared = tmp_path / "lists.arrayrecord"
+    assert main(["prepare-data", "ce-lists", "rdr_jax/data/embedded/train.biencoder.json", str(prepared),
+                 "--list-size", "4", "--max-examples", "8", "--no-progress"]) == 0
+    config = tiny_config(workdir, f"data.train_file={prepared}", "data.max_examples=4", "train.steps=12",
+                         "optim.learning_rate=3e-3", "optim.warmup_steps=0", *NO_DROPOUT[:2])
     result = train(config, progress=False)
     assert result["step"] == 12
     metrics = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
@@ -223,7 +228,6 @@ def test_tiny_config_trains_exports_and_reranks(tmp_path):
                          enumerate(e["positive_ctxs"][:1] + e["hard_negative_ctxs"] + e["negative_ctxs"])]}
                for e in examples]
     (tmp_path / "results.json").write_text(json.dumps(results))
-    from rdr_jax.cli import main
     assert main(["rerank", "--model", str(final), "--results", str(tmp_path / "results.json"),
                  "--out", str(tmp_path / "reranked.json"), "--max-length", "96", "--batch-size", "8"]) == 0
     reranked = json.loads((tmp_path / "reranked.json").read_text())

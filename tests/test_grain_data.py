@@ -95,20 +95,11 @@ def test_resume_and_worker_processes_give_the_same_batches(dpr_file, tokenizer, 
     batches = [next(ref) for _ in range(7)]
     plan = BatchPlan(len(d), 8, 5)
     np.testing.assert_array_equal(batches[5]["q_input_ids"], d.make_batch(*plan.batch(5))["q_input_ids"])
-    resumed = EpochIterator(len(d), 8, 5, d.make_batch)
     state = dict(ref.get_state())
-    resumed.set_state({"epoch": 0, "position": 32})    # after 4 batches: the last of epoch 0
-    for want in batches[4:]:
-        got = next(resumed)
-        assert all(np.array_equal(got[k], want[k]) for k in want)
-    assert resumed.get_state() == state
-    workers = EpochIterator(len(d), 8, 5, d.make_batch, workers=2, prefetch=2)
-    workers.set_state({"epoch": 0, "position": 16})
-    for want in batches[2:]:
-        got = next(workers)
-        assert all(np.array_equal(got[k], want[k]) for k in want)
-    assert workers.get_state() == state
-    workers.close()
+    # after 4 batches: the last of epoch 0
+    harness.assert_resumes(EpochIterator(len(d), 8, 5, d.make_batch), {"epoch": 0, "position": 32}, batches[4:], state)
+    harness.assert_resumes(EpochIterator(len(d), 8, 5, d.make_batch, workers=2, prefetch=2),
+                           {"epoch": 0, "position": 16}, batches[2:], state)
 
 
 def test_questions_and_passages_have_their_own_buckets(dpr_file, tokenizer):

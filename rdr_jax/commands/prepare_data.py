@@ -10,26 +10,63 @@ streamed (never read whole); only what training reads is kept. Point data.train_
 the output. A task given the raw file converts it once into WORKDIR/data_cache instead.
 
 formats:
-  dpr   DPR's bi-encoder JSON list (or JSONL) of {question, positive_ctxs, hard_negative_ctxs, negative_ctxs}:
-        keeps the question, the first positive and the negative pool (hard negatives, else negatives);
-        questions without a positive are skipped, as DPR does
+  dpr         DPR's bi-encoder JSON list (or JSONL) of {question, positive_ctxs, hard_negative_ctxs,
+              negative_ctxs}: keeps the question, the first positive and the negative pool (hard negatives,
+              else negatives); questions without a positive are skipped, as DPR does
+  ce-lists    cross-encoder query lists, from teacher-score JSONL {qid, pids, scores} (MS MARCO ids: needs
+              --queries and --collection, --qrels adds labels; each list sorted by the teacher, best first),
+              DPR bi-encoder JSON ([positive, hard negatives, negatives], labels positive first) or retriever
+              results {question, ctxs: [{title, text, teacher_score?, has_answer?}]}: keeps per query its text,
+              the candidates' texts, teacher scores and labels
+  ce-triples  cross-encoder lists [positive, negative] from MS MARCO triples TSV: query<TAB>pos<TAB>neg texts,
+              or qid<TAB>pid+<TAB>pid- ids (needs --queries and --collection)
+  Texts named by id are resolved into the records here, read from the collection by byte offset (an index of
+  8 bytes per passage, not its text); training then holds no collection. --list-size keeps each list's first
+  N candidates (data.list_size must not exceed it); --max-examples keeps the first N lists.
 
 examples:
-  rdr-jax prepare-data dpr biencoder-nq-train.json nq-train.arrayrecord"""
+  rdr-jax prepare-data dpr biencoder-nq-train.json nq-train.arrayrecord
+  rdr-jax prepare-data ce-triples triples.train.small.tsv --max-examples 1000000 marco-triples.arrayrecord
+  rdr-jax prepare-data ce-lists teacher-top50.jsonl --queries queries.train.tsv --collection collection.tsv \\
+      --list-size 32 marco-teacher.arrayrecord"""
+
+FORMAT_NAMES = ("dpr", "ce-lists", "ce-triples")
 
 
 def formats() -> dict:
+    """{format: convert(raw JSON record, where) -> record | None}: formats made record by record."""
     from rdr_jax.data.dpr_data import FORMAT as DPR, dpr_record
 
     return {DPR: dpr_record}
 
 
+def streams() -> dict:
+    """{format: records(src, args, meta)}: formats whose conversion reads the source (and other files) itself;
+    ``meta`` receives what the dataset's .json keeps besides the count."""
+    from rdr_jax.data.cross_encoder_lists import CE_LISTS, CE_TRIPLES, ListSources, list_records
+
+    def cross_encoder(src, args, meta):
+        sources = ListSources(args.queries, args.collection, args.qrels, args.triples_form, args.list_size,
+                              args.max_examples, keys=("--queries", "--collection", "--qrels"))
+        return list_records(src, sources, meta, args.format)
+
+    return {CE_LISTS: cross_encoder, CE_TRIPLES: cross_encoder}
+
+
 def add_arguments(p):
-    p.add_argument("format", choices=("dpr",), help="the source file's layout (see formats above)")
-    p.add_argument("src", help="the raw training file (.json list or .jsonl; .gz also read)")
+    p.add_argument("format", choices=FORMAT_NAMES, help="the source file's layout (see formats above)")
+    p.add_argument("src", help="the raw training file (.json list, .jsonl or .tsv; .gz also read)")
     p.add_argument("out", help="the dataset to write; must end in .arrayrecord")
     p.add_argument("--force", action="store_true", help="overwrite an existing OUT")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ce = p.add_argument_group("ce-lists / ce-triples")
+    ce.add_argument("--queries", help="MS MARCO queries TSV (qid<TAB>text), for sources of ids")
+    ce.add_argument("--collection", help="MS MARCO collection.tsv (pid<TAB>text, uncompressed), for sources of ids")
+    ce.add_argument("--qrels", help="relevance judgements: labels for teacher-score lists")
+    ce.add_argument("--triples-form", default="auto", choices=("auto", "text", "ids"),
+                    help="ce-triples: texts or ids (auto: ids when the first row is three integers)")
+    ce.add_argument("--list-size", type=int, default=0, help="keep each list's first N candidates (0: all)")
+    ce.add_argument("--max-examples", type=int, default=0, help="keep the first N lists (0: all)")
 
 
 def run(args) -> int:
@@ -45,8 +82,13 @@ def run(args) -> int:
         raise ValueError(f"OUT {out}: must end in {SUFFIX} (the tasks recognise a prepared dataset by it)")
     if out.exists() and not args.force:
         raise ValueError(f"OUT {out}: exists; pass --force to overwrite it")
-    count = write_records(stream_converted(src, formats()[args.format]), out, args.format, str(src),
-                          progress=not args.no_progress)
+    for flag in ("list_size", "max_examples"):
+        if getattr(args, flag, 0) < 0:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
+    meta: dict = {}
+    stream = streams().get(args.format)
+    records = stream(src, args, meta) if stream else stream_converted(src, formats()[args.format])
+    count = write_records(records, out, args.format, str(src), progress=not args.no_progress, meta=meta)
     logging.getLogger(__name__).info("%s: %d %s records written", out, count, args.format)
     print(f"{out}: {count} {args.format} records")
     return 0

@@ -42,16 +42,17 @@ class RecordFile:
     """The records of a prepared dataset by index (``len``, ``[i]`` -> the decoded record). Picklable: a grain
     worker reopens the file instead of copying it."""
 
-    def __init__(self, path: str | Path, expect_format: str | None = None):
+    def __init__(self, path: str | Path, expect_format: str | tuple[str, ...] | None = None):
         self.path = Path(path)
         meta = meta_path(self.path)
         if not self.path.is_file() or not meta.is_file():
             raise ConfigError(f"{self.path}: no prepared dataset here (expected it and {meta.name}; build it with "
                               "`rdr-jax prepare-data`)")
         self.meta = json.loads(meta.read_text())
-        if expect_format and self.meta.get("format") != expect_format:
+        allowed = (expect_format,) if isinstance(expect_format, str) else expect_format
+        if allowed and self.meta.get("format") not in allowed:
             raise ConfigError(f"{self.path}: a prepared {self.meta.get('format')!r} dataset, but this task reads "
-                              f"{expect_format!r} data")
+                              f"{' or '.join(map(repr, allowed))} data")
         self._source = None
 
     def _open(self):
@@ -70,9 +71,12 @@ class RecordFile:
         return {"path": self.path, "meta": self.meta, "_source": None}
 
 
-def write_records(records: Iterable[dict], out: Path, fmt: str, source: str, progress: bool = True) -> int:
+def write_records(records: Iterable[dict], out: Path, fmt: str, source: str, progress: bool = True,
+                  meta: dict | None = None) -> int:
     """Write ``records`` to ``out`` (via a temporary file renamed at the end: an interrupted build leaves no
-    dataset that looks complete); returns the count."""
+    dataset that looks complete); returns the count. ``meta``: extra keys for the ``.json`` beside it, read once
+    the records are consumed (so a streaming converter can fill in what it saw, e.g. which fields every record
+    has)."""
     from array_record.python import array_record_module
     from tqdm import tqdm
 
@@ -91,7 +95,7 @@ def write_records(records: Iterable[dict], out: Path, fmt: str, source: str, pro
         tmp.unlink(missing_ok=True)
         raise ValueError(f"{source}: no usable {fmt} examples")
     os.replace(tmp, out)
-    meta = {"format": fmt, "version": VERSION, "records": count, "source": str(source)}
+    meta = {**(meta or {}), "format": fmt, "version": VERSION, "records": count, "source": str(source)}
     meta_path(out).write_text(json.dumps(meta, indent=1) + "\n")
     return count
 
@@ -104,27 +108,41 @@ def stream_converted(path: Path, convert: Callable[[object, str], dict | None]) 
             yield record
 
 
-def cache_name(path: Path, fmt: str) -> str:
+def file_key(path: str | Path) -> str:
+    """A file's identity for a cache key: its resolved path, size and modification time."""
+    path = Path(path)
     stat = path.stat()
-    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{fmt}|{VERSION}"
+    return f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+
+
+def cache_name(path: Path, fmt: str, options: str = "") -> str:
+    """``options``: whatever else the records depend on (other files' :func:`file_key`, settings)."""
+    key = f"{file_key(path)}|{fmt}|{VERSION}" + (f"|{options}" if options else "")
     return f"{path.name}.{hashlib.sha1(key.encode()).hexdigest()[:12]}{SUFFIX}"
 
 
-def prepared_records(path: str | Path, fmt: str, convert: Callable[[object, str], dict | None],
-                     cache_dir: str | Path, what: str) -> RecordFile:
+def prepared_records(path: str | Path, fmt: str | tuple[str, ...],
+                     convert: Callable[[object, str], dict | None] | None, cache_dir: str | Path, what: str, *,
+                     stream: Callable[[Path, dict], Iterable[dict]] | None = None, options: str = "") -> RecordFile:
     """The prepared dataset of ``path``: itself when it is one, else its conversion in ``cache_dir`` (built
-    here the first time, with a log line)."""
+    here the first time, with a log line). ``fmt``: the format written (a prepared file may be any of a tuple's;
+    the first is written). Records come from ``convert`` per JSON record, or from ``stream(path, meta)`` for
+    sources that are not JSON records or need other files (``meta``: extra keys it fills in for the ``.json``);
+    ``options`` names what else they depend on, so a change converts again."""
     path = resolve_data_path(path)
     if is_prepared(path):
         return RecordFile(path, fmt)
     if not path.is_file():
         raise ConfigError(f"{path}: {what} file not found")
-    out = Path(cache_dir) / cache_name(path, fmt)
+    written = fmt if isinstance(fmt, str) else fmt[0]
+    out = Path(cache_dir) / cache_name(path, written, options)
     if not (out.is_file() and meta_path(out).is_file()):
         log.info("%s: converting to a random-access dataset %s (once; `rdr-jax prepare-data` builds it ahead)",
                  path, out)
-        write_records(stream_converted(path, convert), out, fmt, str(path))
+        meta: dict = {}
+        records = stream(path, meta) if stream is not None else stream_converted(path, convert)
+        write_records(records, out, written, str(path), meta=meta)
     return RecordFile(out, fmt)
 
 
-__all__ = ["RecordFile", "write_records", "stream_converted", "prepared_records", "is_prepared", "SUFFIX"]
+__all__ = ["RecordFile", "write_records", "stream_converted", "prepared_records", "is_prepared", "file_key", "SUFFIX"]

@@ -26,19 +26,22 @@ classifier directory, run under stop_gradient and kept out of the optimizer; ``i
 smoke test only), a deterministic stand-in (``data.stand_in_teacher: lexical_overlap``: the share of the
 query's words found in the passage, for data that has no teacher), or the training file.
 
-Training data (``data.train_file``):
+Training data (``data.train_file``): a prepared dataset (``*.arrayrecord``, built by ``rdr-jax prepare-data
+ce-lists | ce-triples``) read by index, or one of these raw files, converted once into
+``WORKDIR/data_cache`` (texts resolved then: a process holds neither the collection nor an id -> text map; see
+:mod:`rdr_jax.data.cross_encoder_lists`):
 
 - ``*.jsonl`` of ``{qid, pids, scores}`` (teacher-scored candidates, as ``readers.read_teacher_scores``
-  reads them) with ``data.queries`` (qid<TAB>text) and ``data.collection`` (MS MARCO collection.tsv);
-  ``data.qrels`` adds labels. Each list keeps the teacher's top ``data.list_size`` candidates. The collection
-  (8.8M passages) is streamed once and only the pids the training lists reference are kept in a dict.
+  reads them) with ``data.queries`` (qid<TAB>text) and ``data.collection`` (MS MARCO collection.tsv, read
+  by byte offset); ``data.qrels`` adds labels. Each list keeps the teacher's top ``data.list_size``
+  candidates.
 - ``*.json`` / ``*.jsonl`` DPR bi-encoder records (``positive_ctxs``, ``hard_negative_ctxs``,
   ``negative_ctxs``: the list is [positive, hard negatives, negatives], labels positive first) or
   retriever-results records (``{question, ctxs: [{title, text, teacher_score?, has_answer?}]}``); a ``.json``
   array is streamed record by record.
 - ``*.tsv`` MS MARCO triples (``query<TAB>positive<TAB>negative`` text, or ``qid pid+ pid-`` ids with
   ``data.queries`` and ``data.collection``): lists [positive, negative]; a teacher comes from
-  ``task.teacher_model``. ``data.max_examples`` reads only the first N (the full file has 39M triples).
+  ``task.teacher_model``. ``data.max_examples`` keeps only the first N (the full file has 39M triples).
 """
 
 from __future__ import annotations
@@ -154,7 +157,7 @@ class CrossEncoderDataConfig(TrainFiles):
     max_length: int = option(256, min=8)
     teacher_max_length: int | None = option(None, min=8)
     stand_in_teacher: str | None = option(None, choices=(None,) + STAND_IN_TEACHERS)
-    max_examples: int = option(0, min=0, doc="read only the first N (0: all)")
+    max_examples: int = option(0, min=0, doc="keep only the first N lists (0: all)")
 
 
 @register_task
@@ -304,7 +307,7 @@ class CrossEncoderTask(FileDataTask):
         uses_file_scores = self.needs_teacher and self.teacher_dir is None
         return CrossEncoderData(file, d, PairTokenizer(self.tokenizer, d.max_length),
                                 need_teacher=uses_file_scores, need_labels=self.needs_labels,
-                                stand_in=d.stand_in_teacher, teacher_pairs=teacher_pairs)
+                                stand_in=d.stand_in_teacher, teacher_pairs=teacher_pairs, cache_dir=self.data_cache)
 
 
     # ---- export ----

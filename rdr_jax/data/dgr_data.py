@@ -1,19 +1,28 @@
 """DGR's training data: per question a candidate list ``[positive, negatives sorted by the teacher score]`` with
 the teacher's scores and each candidate's identifier tokens, from candidate JSONL, re-ranked retriever results
-(gold positives from ``data.gold_file``), or DPR bi-encoder JSON scored by the lexical-overlap stand-in."""
+(gold positives from ``data.gold_file``), or DPR bi-encoder JSON scored by the lexical-overlap stand-in.
+
+The lists are built once into a prepared dataset (:mod:`rdr_jax.data.records`, format ``dgr``: ``rdr-jax
+prepare-data dgr``, or converted into ``WORKDIR/data_cache`` on first use) and read by index; the gold file is
+streamed for its passage ids only, and identifiers are tokenised per batch, so a process holds none of the files."""
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
-from rdr_jax.data.files import read_json_records
+from rdr_jax.data.files import iter_json_records, read_json_records, require_file, resolve_data_path
+from rdr_jax.data.records import file_key, prepared_records, stream_converted
 from rdr_jax.data.seq2seq_inputs import encode_inputs, pad_rows, tokenize_identifiers
 from rdr_jax.data.stand_in_teacher import lexical_overlap
 from rdr_jax.errors import ConfigError
 
 log = logging.getLogger(__name__)
+
+FORMAT = "dgr"
 
 
 def _candidates_from_biencoder(r: dict) -> list[dict]:
@@ -29,18 +38,21 @@ def _candidates_from_biencoder(r: dict) -> list[dict]:
     return out
 
 
-def _gold_ids(path) -> dict[str, set[str]]:
-    """question text -> passage ids of its ``positive_ctxs`` (DPR bi-encoder JSON)."""
+def stream_gold_ids(path) -> dict[str, set[str]]:
+    """question text -> passage ids of its ``positive_ctxs`` (DPR bi-encoder JSON), streamed record by record:
+    only the ids are kept (tens of MB at NQ), never the file's passages (~15 GB)."""
     gold: dict[str, set[str]] = {}
-    for r in read_json_records(path, "gold positives ('data.gold_file')"):
-        ids = {str(c["passage_id"]) for c in r.get("positive_ctxs") or [] if c.get("passage_id") is not None}
+    for _, r in iter_json_records(require_file(path, "data.gold_file", "the gold positives")):
+        if not isinstance(r, dict):
+            continue
+        ids = {str(c["passage_id"]) for c in r.get("positive_ctxs") or []
+               if isinstance(c, dict) and c.get("passage_id") is not None}
         gold.setdefault(r.get("question", ""), set()).update(ids)
     return gold
 
 
-def normalise_record(r: dict, i: int, path, *, stand_in_teacher: str, gold: dict | None) -> list[dict]:
+def normalise_record(r: dict, where: str, *, stand_in_teacher: str, gold: dict | None) -> list[dict]:
     """The record's candidates as ``[{passage_id, identifier?, teacher_score, is_positive}]``."""
-    where = f"{path}: example {i}"
     if not isinstance(r, dict) or not isinstance(r.get("question"), str):
         raise ValueError(f"{where} has no 'question' string")
     if "candidates" in r:
@@ -73,8 +85,8 @@ def normalise_record(r: dict, i: int, path, *, stand_in_teacher: str, gold: dict
     raise ValueError(f"{where} has none of 'candidates', 'ctxs' or 'positive_ctxs'")
 
 
-def candidate_list(cands: list[dict], k: int) -> list[dict]:
-    """``[positive, negatives by teacher score]`` (at most k), or [] when there is no positive."""
+def candidate_list(cands: list[dict], k: int | None = None) -> list[dict]:
+    """``[positive, negatives by teacher score]`` (at most k; None: all), or [] when there is no positive."""
     positives = [c for c in cands if c["is_positive"]]
     if not positives:
         return []
@@ -86,60 +98,109 @@ def candidate_list(cands: list[dict], k: int) -> list[dict]:
         if c["passage_id"] not in seen:
             seen.add(c["passage_id"])
             negatives.append(c)
-    return [positive] + negatives[:k - 1]
+    return [positive] + (negatives if k is None else negatives[:k - 1])
+
+
+def dgr_record(raw, where: str, *, stand_in_teacher: str = "none", gold: dict | None = None) -> dict | None:
+    """A DGR training example as the prepared dataset keeps it: the question and its whole ordered candidate
+    list (positive first, then the negatives by teacher score; ``data.num_candidates`` cuts it when read) of
+    ``{passage_id, identifier (None: named by the identifiers file), teacher_score}``; None for a question
+    without a positive (skipped, as before)."""
+    cands = candidate_list(normalise_record(raw, where, stand_in_teacher=stand_in_teacher, gold=gold))
+    if not cands:
+        return None
+    return {"question": raw["question"],
+            "candidates": [{"passage_id": c["passage_id"], "identifier": c.get("identifier") or None,
+                            "teacher_score": c["teacher_score"]} for c in cands]}
+
+
+def conversion_options(stand_in_teacher: str, gold_file) -> str:
+    """What a conversion depends on beside the source file (the cache key's ``options``)."""
+    return f"stand_in_teacher={stand_in_teacher}|gold={file_key(resolve_data_path(gold_file)) if gold_file else ''}"
+
+
+def dgr_stream(path, *, stand_in_teacher: str = "none", gold_file=None) -> Iterator[dict]:
+    """The prepared records of a raw DGR training file, streamed (the gold file's ids first, when given)."""
+    gold = stream_gold_ids(gold_file) if gold_file else None
+    return stream_converted(Path(path), lambda raw, where: dgr_record(raw, where, stand_in_teacher=stand_in_teacher,
+                                                                        gold=gold))
+
+
+def dgr_records(path, cache_dir=None, *, stand_in_teacher: str = "none", gold_file=None):
+    """The examples of a DGR training file (raw or prepared ``.arrayrecord``) by index; ``cache_dir=None`` reads
+    a small file whole instead (library use)."""
+    if cache_dir is not None:
+        return prepared_records(path, FORMAT, dgr_record, cache_dir, "DGR training data",
+                                options=conversion_options(stand_in_teacher, gold_file),
+                                stream=lambda p: dgr_stream(p, stand_in_teacher=stand_in_teacher, gold_file=gold_file))
+    gold = stream_gold_ids(gold_file) if gold_file else None
+    out = (dgr_record(r, f"{path}: example {i}", stand_in_teacher=stand_in_teacher, gold=gold)
+           for i, r in enumerate(read_json_records(path, "DGR training data")))
+    return [r for r in out if r is not None]
 
 
 class DGRData:
-    """Candidate lists per question, their identifiers tokenised once at load time."""
+    """Candidate lists per question read by index; the identifiers of a batch's candidates tokenised with it."""
 
     def __init__(self, path, tokenizer, identifiers: dict[str, str] | None, *, num_candidates: int,
                  max_question_length: int, max_identifier_length: int, stand_in_teacher: str,
-                 gold_file: str | None):
-        gold = _gold_ids(gold_file) if gold_file else None
-        self.tokenizer, self.k, self.lq = tokenizer, num_candidates, max_question_length
-        self.questions, self.lists = [], []
-        skipped = 0
-        for i, r in enumerate(read_json_records(path, "DGR training data")):
-            cands = candidate_list(normalise_record(r, i, path, stand_in_teacher=stand_in_teacher, gold=gold),
-                                   num_candidates)
-            if not cands:
-                skipped += 1
-                continue
-            for c in cands:
-                if not c.get("identifier"):
-                    if identifiers is None or c["passage_id"] not in identifiers:
-                        raise ValueError(f"{path}: example {i}: passage {c['passage_id']!r} has no 'identifier' and "
-                                         "is not in the identifiers ('data.identifiers_file' / 'data.passages_file')")
-                    c["identifier"] = identifiers[c["passage_id"]]
-            self.questions.append(r["question"])
-            self.lists.append(cands)
-        if skipped:
-            log.info("%s: %d questions without a positive candidate were skipped", path, skipped)
-        if not self.lists:
+                 gold_file: str | None, cache_dir=None):
+        self.records = dgr_records(path, cache_dir, stand_in_teacher=stand_in_teacher, gold_file=gold_file)
+        if not len(self.records):
             raise ValueError(f"{path}: no question has a positive candidate ('is_positive', or 'data.gold_file')")
-        strings = list(dict.fromkeys(c["identifier"] for cands in self.lists for c in cands))
-        self.tokens = dict(zip(strings, tokenize_identifiers(tokenizer, strings)))
-        self.target_length = max_identifier_length or max(len(t) for t in self.tokens.values())
+        self.path, self.tokenizer, self.identifiers = path, tokenizer, identifiers
+        self.k, self.lq = num_candidates, max_question_length
+        self.target_length = max_identifier_length or self._longest_identifier()
 
     def __len__(self):
-        return len(self.lists)
+        return len(self.records)
+
+    def question(self, i: int) -> str:
+        return self.records[int(i)]["question"]
+
+    def candidates(self, i: int) -> list[dict]:
+        """Example ``i``'s first K candidates, each with its identifier (inline, else from the identifiers)."""
+        cands = self.records[int(i)]["candidates"][:self.k]
+        for c in cands:
+            if not c.get("identifier"):
+                if self.identifiers is None or c["passage_id"] not in self.identifiers:
+                    raise ValueError(f"{self.path}: example {i}: passage {c['passage_id']!r} has no 'identifier' and "
+                                     "is not in the identifiers ('data.identifiers_file' / 'data.passages_file')")
+                c["identifier"] = self.identifiers[c["passage_id"]]
+        return cands
+
+    def _longest_identifier(self) -> int:
+        """The longest candidate identifier in tokens (``data.max_identifier_length: 0``): one pass over the
+        examples, which also finds any unnamed passage before training starts. Set the length to skip it."""
+        from tqdm import tqdm
+
+        longest, chunk = 0, set()
+        for i in tqdm(range(len(self)), desc="identifier lengths", unit=" q", mininterval=2.0, delay=2.0,
+                      disable=len(self) < 10_000 or None):
+            chunk.update(c["identifier"] for c in self.candidates(i))
+            if len(chunk) >= 10_000 or i == len(self) - 1:
+                longest = max([longest, *map(len, tokenize_identifiers(self.tokenizer, sorted(chunk)))])
+                chunk = set()
+        if len(self) >= 10_000:
+            log.info("%s: the longest identifier has %d tokens (set 'data.max_identifier_length' to skip this pass)",
+                     self.path, longest)
+        return longest
 
     def make_batch(self, idx: np.ndarray, rng=None) -> dict[str, np.ndarray]:
         b, k = len(idx), self.k
         pad = self.tokenizer.pad_token_id
-        targets = []
+        strings = []
         cmask = np.zeros((b, k), np.int32)
         teacher = np.zeros((b, k), np.float32)
         for row, i in enumerate(idx):
-            cands = self.lists[int(i)]
-            for j in range(k):
-                if j < len(cands):
-                    targets.append(self.tokens[cands[j]["identifier"]])
-                    cmask[row, j] = 1
-                    teacher[row, j] = cands[j]["teacher_score"]
-                else:
-                    targets.append([])
-        q_ids, q_mask = encode_inputs(self.tokenizer, [self.questions[int(i)] for i in idx], self.lq)
+            cands = self.candidates(int(i))
+            cmask[row, :len(cands)] = 1
+            teacher[row, :len(cands)] = [c["teacher_score"] for c in cands]
+            strings += [c["identifier"] for c in cands] + [None] * (k - len(cands))
+        distinct = list(dict.fromkeys(s for s in strings if s is not None))
+        tokens = dict(zip(distinct, tokenize_identifiers(self.tokenizer, distinct))) if distinct else {}
+        targets = [tokens[s] if s is not None else [] for s in strings]
+        q_ids, q_mask = encode_inputs(self.tokenizer, [self.question(int(i)) for i in idx], self.lq)
         t_ids, t_mask = pad_rows(targets, self.target_length, pad, "identifier")
         return {"q_input_ids": q_ids, "q_attention_mask": q_mask, "target_ids": t_ids, "target_mask": t_mask,
                 "candidate_mask": cmask, "teacher_scores": teacher}

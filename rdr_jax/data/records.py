@@ -104,27 +104,36 @@ def stream_converted(path: Path, convert: Callable[[object, str], dict | None]) 
             yield record
 
 
-def cache_name(path: Path, fmt: str) -> str:
-    stat = path.stat()
-    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{fmt}|{VERSION}"
+def file_key(path: str | Path) -> str:
+    """What identifies a file's content for a cache: its resolved path, size and modification time."""
+    stat = Path(path).stat()
+    return f"{Path(path).resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+
+
+def cache_name(path: Path, fmt: str, options: str = "") -> str:
+    key = f"{file_key(path)}|{fmt}|{VERSION}|{options}"
     return f"{path.name}.{hashlib.sha1(key.encode()).hexdigest()[:12]}{SUFFIX}"
 
 
 def prepared_records(path: str | Path, fmt: str, convert: Callable[[object, str], dict | None],
-                     cache_dir: str | Path, what: str) -> RecordFile:
+                     cache_dir: str | Path, what: str, *, options: str = "",
+                     stream: Callable[[Path], Iterable[dict]] | None = None) -> RecordFile:
     """The prepared dataset of ``path``: itself when it is one, else its conversion in ``cache_dir`` (built
-    here the first time, with a log line)."""
+    here the first time, with a log line). ``options``: what else the conversion depends on (other files'
+    ``file_key``, settings), part of the cache key; ``stream(path)`` replaces the record-by-record
+    ``convert`` for a conversion that needs more than one record at a time."""
     path = resolve_data_path(path)
     if is_prepared(path):
         return RecordFile(path, fmt)
     if not path.is_file():
         raise ConfigError(f"{path}: {what} file not found")
-    out = Path(cache_dir) / cache_name(path, fmt)
+    out = Path(cache_dir) / cache_name(path, fmt, options)
     if not (out.is_file() and meta_path(out).is_file()):
         log.info("%s: converting to a random-access dataset %s (once; `rdr-jax prepare-data` builds it ahead)",
                  path, out)
-        write_records(stream_converted(path, convert), out, fmt, str(path))
+        records = stream(path) if stream is not None else stream_converted(path, convert)
+        write_records(records, out, fmt, str(path))
     return RecordFile(out, fmt)
 
 
-__all__ = ["RecordFile", "write_records", "stream_converted", "prepared_records", "is_prepared", "SUFFIX"]
+__all__ = ["RecordFile", "write_records", "stream_converted", "prepared_records", "is_prepared", "file_key", "SUFFIX"]

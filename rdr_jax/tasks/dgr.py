@@ -34,6 +34,11 @@ Data (``data.train_file``), one of:
   passage. A deterministic STAND-IN so the pipeline runs on the embedded data without a cross-encoder; it is
   not a teacher worth distilling.
 
+or a prepared dataset (``.arrayrecord``) that ``rdr-jax prepare-data dgr SRC OUT [--gold-file F]
+[--stand-in-teacher lexical_overlap]`` builds from any of them: per question the ordered candidate list, read by
+index. A raw file is converted once into ``WORKDIR/data_cache`` (keyed by the file, the gold file and the
+stand-in teacher); nothing is read whole, and identifiers are tokenised per batch.
+
 Candidates without an ``identifier`` are named through ``data.identifiers_file`` (passage_id<TAB>identifier)
 or identifiers built from ``data.passages_file`` by ``data.identifier_kind``. Per question the positive is the
 best-scored positive candidate; other positives are left out of the list (they are not negatives); questions
@@ -48,8 +53,7 @@ import jax
 import jax.numpy as jnp
 
 from rdr_jax import losses
-from rdr_jax.data.dgr_data import DGRData
-from rdr_jax.data.files import read_json_records
+from rdr_jax.data.dgr_data import DGRData, dgr_records
 from rdr_jax.decoding.scoring import passage_scores
 from rdr_jax.tasks.generative import RETRIEVER, GenerativeTask, GeneratorModel, IdentifierData, identifier_mapping
 from rdr_jax.training.config import ConfigError, TaskSection, option
@@ -101,8 +105,11 @@ class DGRTask(GenerativeTask):
         return {"task": DGRSettings, "model": GeneratorModel, "data": DGRDataConfig}
 
     def tokenizer_texts(self):
-        texts = super().tokenizer_texts()
-        return texts + [r.get("question", "") for r in read_json_records(self.config.data.train_file, "training data")]
+        """The passages' texts and the training questions, read from the prepared dataset (only a random model's
+        tokenizer is built from them; with model.path nothing is read)."""
+        d = self.config.data
+        records = dgr_records(d.train_file, self.data_cache, stand_in_teacher=d.stand_in_teacher, gold_file=d.gold_file)
+        return super().tokenizer_texts() + [records[i]["question"] for i in range(len(records))]
 
     def _data(self, path) -> DGRData:
         d = self.config.data
@@ -112,7 +119,7 @@ class DGRTask(GenerativeTask):
             self.identifiers_tsv()
         return DGRData(path, self.tokenizer, identifiers, num_candidates=d.num_candidates,
                        max_question_length=d.max_question_length, max_identifier_length=d.max_identifier_length,
-                       stand_in_teacher=d.stand_in_teacher, gold_file=d.gold_file)
+                       stand_in_teacher=d.stand_in_teacher, gold_file=d.gold_file, cache_dir=self.data_cache)
 
 
     def step_flops(self, batch_shapes):

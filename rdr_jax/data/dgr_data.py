@@ -15,6 +15,8 @@ from typing import Iterator
 import numpy as np
 
 from rdr_jax.data.files import iter_json_records, read_json_records, require_file, resolve_data_path
+from rdr_jax.data.identifier_views import ViewSpec, passage_views
+from rdr_jax.data.passage_lines import PassageLines, passage_offsets
 from rdr_jax.data.records import file_key, prepared_records, stream_converted
 from rdr_jax.data.seq2seq_inputs import encode_inputs, pad_rows, tokenize_identifiers
 from rdr_jax.data.stand_in_teacher import lexical_overlap
@@ -65,6 +67,8 @@ def normalise_record(r: dict, where: str, *, stand_in_teacher: str, gold: dict |
                 raise ValueError(f"{where}, candidates[{k}] needs 'passage_id' and 'teacher_score'")
             out.append({"passage_id": str(c["passage_id"]), "identifier": c.get("identifier"),
                         "teacher_score": float(c["teacher_score"]), "is_positive": bool(c.get("is_positive"))})
+            if c.get("pseudo_queries"):   # MINDER's pseudo-query views (identifier_kind: ngrams)
+                out[-1]["pseudo_queries"] = [str(q) for q in c["pseudo_queries"]]
         return out
     if "ctxs" in r:
         golds = (gold or {}).get(r["question"], set())
@@ -109,34 +113,55 @@ def dgr_record(raw, where: str, *, stand_in_teacher: str = "none", gold: dict | 
     cands = candidate_list(normalise_record(raw, where, stand_in_teacher=stand_in_teacher, gold=gold))
     if not cands:
         return None
-    return {"question": raw["question"],
-            "candidates": [{"passage_id": c["passage_id"], "identifier": c.get("identifier") or None,
-                            "teacher_score": c["teacher_score"]} for c in cands]}
+    kept = []
+    for c in cands:
+        kept.append({"passage_id": c["passage_id"], "identifier": c.get("identifier") or None,
+                     "teacher_score": c["teacher_score"]})
+        if c.get("pseudo_queries"):
+            kept[-1]["pseudo_queries"] = c["pseudo_queries"]
+    return {"question": raw["question"], "candidates": kept}
 
 
-def conversion_options(stand_in_teacher: str, gold_file) -> str:
+def conversion_options(stand_in_teacher: str, gold_file, passages_file=None) -> str:
     """What a conversion depends on beside the source file (the cache key's ``options``)."""
-    return f"stand_in_teacher={stand_in_teacher}|gold={file_key(resolve_data_path(gold_file)) if gold_file else ''}"
+    key = lambda f: file_key(resolve_data_path(f)) if f else ""
+    return f"stand_in_teacher={stand_in_teacher}|gold={key(gold_file)}|passages={key(passages_file)}"
 
 
-def dgr_stream(path, *, stand_in_teacher: str = "none", gold_file=None) -> Iterator[dict]:
-    """The prepared records of a raw DGR training file, streamed (the gold file's ids first, when given)."""
+def with_passage_offsets(records, offsets: dict[str, int]) -> Iterator[dict]:
+    for r in records:
+        yield {**r, "candidates": [{**c, "offset": offsets[c["passage_id"]]} for c in r["candidates"]]}
+
+
+def dgr_stream(path, *, stand_in_teacher: str = "none", gold_file=None, passages_file=None) -> Iterator[dict]:
+    """The prepared records of a raw DGR training file, streamed (the gold file's ids first, when given). With
+    ``passages_file`` each candidate also gets the byte offset of its passage's line there (the views of
+    ``identifier_kind: ngrams`` are read by it): one pass over the records for the passage ids they name, one over
+    the passages for those ids' offsets, then the records again."""
     gold = stream_gold_ids(gold_file) if gold_file else None
-    return stream_converted(Path(path), lambda raw, where: dgr_record(raw, where, stand_in_teacher=stand_in_teacher,
-                                                                        gold=gold))
+    records = lambda: stream_converted(Path(path), lambda raw, where: dgr_record(
+        raw, where, stand_in_teacher=stand_in_teacher, gold=gold))
+    if not passages_file:
+        return records()
+    wanted = {c["passage_id"] for r in records() for c in r["candidates"]}
+    return with_passage_offsets(records(), passage_offsets(passages_file, wanted))
 
 
-def dgr_records(path, cache_dir=None, *, stand_in_teacher: str = "none", gold_file=None):
+def dgr_records(path, cache_dir=None, *, stand_in_teacher: str = "none", gold_file=None, passages_file=None):
     """The examples of a DGR training file (raw or prepared ``.arrayrecord``) by index; ``cache_dir=None`` reads
     a small file whole instead (library use)."""
     if cache_dir is not None:
         return prepared_records(path, FORMAT, dgr_record, cache_dir, "DGR training data",
-                                options=conversion_options(stand_in_teacher, gold_file),
-                                stream=lambda p: dgr_stream(p, stand_in_teacher=stand_in_teacher, gold_file=gold_file))
+                                options=conversion_options(stand_in_teacher, gold_file, passages_file),
+                                stream=lambda p: dgr_stream(p, stand_in_teacher=stand_in_teacher, gold_file=gold_file,
+                                                            passages_file=passages_file))
     gold = stream_gold_ids(gold_file) if gold_file else None
-    out = (dgr_record(r, f"{path}: example {i}", stand_in_teacher=stand_in_teacher, gold=gold)
-           for i, r in enumerate(read_json_records(path, "DGR training data")))
-    return [r for r in out if r is not None]
+    out = [r for r in (dgr_record(r, f"{path}: example {i}", stand_in_teacher=stand_in_teacher, gold=gold)
+                       for i, r in enumerate(read_json_records(path, "DGR training data"))) if r is not None]
+    if passages_file:
+        out = list(with_passage_offsets(out, passage_offsets(passages_file, {c["passage_id"] for r in out
+                                                                             for c in r["candidates"]})))
+    return out
 
 
 class DGRData:
@@ -144,12 +169,20 @@ class DGRData:
 
     def __init__(self, path, tokenizer, identifiers: dict[str, str] | None, *, num_candidates: int,
                  max_question_length: int, max_identifier_length: int, stand_in_teacher: str,
-                 gold_file: str | None, cache_dir=None):
-        self.records = dgr_records(path, cache_dir, stand_in_teacher=stand_in_teacher, gold_file=gold_file)
+                 gold_file: str | None, cache_dir=None, views: ViewSpec | None = None, passages_file=None):
+        if views is not None and not (passages_file and max_identifier_length):
+            raise ConfigError("identifier views ('data.identifier_kind: ngrams') need 'data.passages_file' and "
+                              "'data.max_identifier_length' > 0 (views are cut to it)")
+        self.records = dgr_records(path, cache_dir, stand_in_teacher=stand_in_teacher, gold_file=gold_file,
+                                   passages_file=passages_file if views is not None else None)
         if not len(self.records):
             raise ValueError(f"{path}: no question has a positive candidate ('is_positive', or 'data.gold_file')")
         self.path, self.tokenizer, self.identifiers = path, tokenizer, identifiers
-        self.k, self.lq = num_candidates, max_question_length
+        self.k, self.lq, self.views = num_candidates, max_question_length, views
+        self.passages = PassageLines(passages_file) if views is not None else None
+        if views is not None and "offset" not in self.records[0]["candidates"][0]:
+            raise ValueError(f"{path}: a prepared dataset without passage offsets; rebuild it with "
+                             "`rdr-jax prepare-data dgr --passages PASSAGES_TSV` for identifier views")
         self.target_length = max_identifier_length or self._longest_identifier()
 
     def __len__(self):
@@ -187,6 +220,8 @@ class DGRData:
         return longest
 
     def make_batch(self, idx: np.ndarray, rng=None) -> dict[str, np.ndarray]:
+        if self.views is not None:
+            return self._view_batch(idx)
         b, k = len(idx), self.k
         pad = self.tokenizer.pad_token_id
         strings = []
@@ -204,3 +239,30 @@ class DGRData:
         t_ids, t_mask = pad_rows(targets, self.target_length, pad, "identifier")
         return {"q_input_ids": q_ids, "q_attention_mask": q_mask, "target_ids": t_ids, "target_mask": t_mask,
                 "candidate_mask": cmask, "teacher_scores": teacher}
+
+    def _view_batch(self, idx: np.ndarray) -> dict[str, np.ndarray]:
+        """The batch with a view axis: candidate ``j`` of question ``i`` has its V views at target rows
+        ``(i*K + j)*V ..``; ``view_mask [B*K, V]`` marks the real ones (a missing view, or a padding candidate's,
+        is an empty row). Views are cut to ``max_identifier_length - 1`` tokens + EOS: a prefix of an n-gram is
+        still a corpus substring."""
+        b, k, v = len(idx), self.k, self.views.count
+        strings: list[str | None] = []
+        cmask = np.zeros((b, k), np.int32)
+        teacher = np.zeros((b, k), np.float32)
+        for row, i in enumerate(idx):
+            question, cands = self.question(int(i)), self.records[int(i)]["candidates"][:k]
+            cmask[row, :len(cands)] = 1
+            teacher[row, :len(cands)] = [c["teacher_score"] for c in cands]
+            for c in cands:
+                strings += passage_views(self.views, question, self.passages(c["offset"]), c.get("pseudo_queries"))
+            strings += [None] * (v * (k - len(cands)))
+        distinct = list(dict.fromkeys(s for s in strings if s is not None))
+        eos, cut = self.tokenizer.eos_token_id, self.target_length - 1
+        tokens = {s: t if len(t) <= self.target_length else t[:cut] + [eos]
+                  for s, t in zip(distinct, tokenize_identifiers(self.tokenizer, distinct) if distinct else [])}
+        t_ids, t_mask = pad_rows([tokens[s] if s is not None else [] for s in strings], self.target_length,
+                                 self.tokenizer.pad_token_id, "view")
+        q_ids, q_mask = encode_inputs(self.tokenizer, [self.question(int(i)) for i in idx], self.lq)
+        view_mask = np.array([s is not None for s in strings], np.int32).reshape(b * k, v)
+        return {"q_input_ids": q_ids, "q_attention_mask": q_mask, "target_ids": t_ids, "target_mask": t_mask,
+                "view_mask": view_mask, "candidate_mask": cmask, "teacher_scores": teacher}

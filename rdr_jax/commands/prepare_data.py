@@ -18,8 +18,8 @@ formats:
         negatives by teacher score, as {passage_id, identifier or null, teacher_score}; --gold-file names the
         positives of re-ranked results (streamed: only the passage ids are kept); questions without a
         positive are skipped. --passages PSGS_TSV adds each candidate's line offset there (needed by
-        data.identifier_kind: ngrams, which reads passages by it). Training on OUT does not read data.gold_file / data.stand_in_teacher:
-        they were applied here
+        data.identifier_kind: ngrams, which reads passages by it). Training on OUT does not read
+        data.gold_file / data.stand_in_teacher: they were applied here
 
 examples:
   rdr-jax prepare-data dpr biencoder-nq-train.json nq-train.arrayrecord

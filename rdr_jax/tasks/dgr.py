@@ -39,6 +39,22 @@ or a prepared dataset (``.arrayrecord``) that ``rdr-jax prepare-data dgr SRC OUT
 index. A raw file is converted once into ``WORKDIR/data_cache`` (keyed by the file, the gold file and the
 stand-in teacher); nothing is read whole, and identifiers are tokenised per batch.
 
+Multi-view identifiers (``data.identifier_kind: ngrams``, MINDER's, on which DGR's released code builds): each
+candidate passage is named by V views: its title, ``data.ngram_views`` body n-grams of ``data.ngram_length``
+words (the non-overlapping spans sharing the most words with the question, as SEAL/MINDER choose training
+targets; deterministic: :mod:`rdr_jax.data.identifier_views`) and ``data.pseudo_query_views`` of the candidate's
+``pseudo_queries`` (candidate JSONL). The batch grows a view axis: ``target_ids``/``target_mask`` ``[B*K*V, Lt]``
+(candidate ``j`` of question ``i`` at rows ``(i*K + j)*V ..``) and ``view_mask [B*K, V]`` (0: a missing view). s(p)
+= the aggregation (``data.view_aggregation``) of the views' teacher-forced log-probabilities, and the CE runs over
+the gold passage's views. Default ``mean``: a sum grows more negative with every view a passage has, so a
+passage without a title (or with fewer pseudo-queries) would outrank one with them for having fewer terms; the
+mean keeps passages with different view counts comparable (``sum`` adds them up, as SEAL sums its n-gram weights).
+The passages come from ``data.passages_file`` by the byte offset of their line, found once when the data is
+prepared (``prepare-data dgr --passages``), never as a per-process dict of the corpus. Views are cut to
+``data.max_identifier_length`` (required) - 1 tokens + EOS: a prefix of a corpus n-gram is still one. No
+``identifiers.tsv`` is exported: after training, ``rdr-jax generate --ngram-index`` decodes any corpus substring.
+The single-identifier path (no ``view_mask``) is unchanged.
+
 Candidates without an ``identifier`` are named through ``data.identifiers_file`` (passage_id<TAB>identifier)
 or identifiers built from ``data.passages_file`` by ``data.identifier_kind``. Per question the positive is the
 best-scored positive candidate; other positives are left out of the list (they are not negatives); questions
@@ -149,8 +165,9 @@ class DGRTask(GenerativeTask):
         """The passages' texts and the training questions, read from the prepared dataset (only a random model's
         tokenizer is built from them; with model.path nothing is read)."""
         d = self.config.data
+        # the same conversion (cache entry) as training reads
         records = dgr_records(d.train_file, self.data_cache, stand_in_teacher=d.stand_in_teacher, gold_file=d.gold_file,
-                              passages_file=d.passages_file if d.view_spec() else None)   # the conversion training reads
+                              passages_file=d.passages_file if d.view_spec() else None)
         return super().tokenizer_texts() + [records[i]["question"] for i in range(len(records))]
 
     def _data(self, path) -> DGRData:

@@ -13,7 +13,7 @@ from flax import nnx
 
 import harness
 from parity import assert_close
-from rdr_jax.data.identifier_views import ViewSpec, best_ngrams, passage_views
+from rdr_jax.data.identifier_views import ViewSpec, best_ngrams, passage_views, view_texts
 from rdr_jax.data.passage_lines import PassageLines, passage_offsets
 from rdr_jax.data.readers import read_dpr_passages
 from rdr_jax.models.seq2seq import sequence_log_probs
@@ -29,18 +29,22 @@ pytestmark = pytest.mark.usefixtures("compilation_cache")
 
 
 def test_best_ngrams_overlap_most_with_the_question():
-    text = "a b c d e f g h i j k l"
-    # windows of 3 words: "d e f", "i j k" and "j k l" hold 2 question words each; ties go to the earlier window,
-    # and a window overlapping a chosen one is passed over ("j k l"), so the third is the first free one
-    assert best_ngrams("D, f and j? k!", text, 2, 3) == ["d e f", "i j k"]
-    assert best_ngrams("D, f and j? k!", text, 3, 3) == ["d e f", "i j k", "a b c"]
-    assert best_ngrams("x", "short text", 2, 5) == ["short text"]           # shorter than a window: one view
-    assert best_ngrams("x", "", 2, 5) == []
+    body = list(range(10, 22))                      # 12 tokens: 10 .. 21
+    question = [13, 15, 19, 20, 99]
+    # windows of 3 tokens: [13 14 15], [18 19 20] and [19 20 21] hold 2 question tokens each; ties go to the
+    # earlier window, one overlapping a chosen window is passed over ([19 20 21]), the third is the first free one
+    assert best_ngrams(question, body, 2, 3) == [[13, 14, 15], [18, 19, 20]]
+    assert best_ngrams(question, body, 3, 3) == [[13, 14, 15], [18, 19, 20], [10, 11, 12]]
+    assert best_ngrams(question, [5, 6], 2, 5) == [[5, 6]]                # shorter than a window: one view
+    assert best_ngrams(question, [], 2, 5) == []
     spec = ViewSpec(ngrams=2, ngram_length=3, pseudo_queries=2)
     assert spec.count == 5
-    views = passage_views(spec, "d f", {"title": "  The  Title ", "text": "a b c d e f"}, ["who wrote it", " "])
-    assert views == ["The Title", "d e f", "a b c", "who wrote it", None]
-    assert passage_views(spec, "q", {"title": "", "text": "one"}) == [None, "one", None, None, None]
+    assert view_texts(spec, {"title": " T ", "text": "body"}, ["who", " ", "what", "x"]) == (" T ", "body",
+                                                                                              ["who", "what"])
+    assert view_texts(spec, {"title": "  ", "text": "body"})[0] is None
+    assert passage_views(spec, question, [7, 8], body[:6], [[1, 2]]) == [[7, 8], [13, 14, 15], [10, 11, 12],
+                                                                         [1, 2], None]
+    assert passage_views(spec, question, None, [4], []) == [None, [4], None, None, None]
 
 
 def test_passages_read_by_line_offset(tmp_path):
@@ -79,15 +83,20 @@ def test_passage_score_aggregates_per_view_log_probs(t5_dir, tmp_path, aggregati
     on its own; the generation CE = the gold passage's view tokens' mean NLL."""
     from rdr_jax.tasks.dgr import DGRTask
 
+    queries = {p["id"]: [f"who wrote {p['title']}"] for n, p in enumerate(read_dpr_passages(PASSAGES)) if n % 2}
+    (tmp_path / "pq.jsonl").write_text("".join(json.dumps({"id": i, "queries": q}) + "\n" for i, q in queries.items()))
     task = DGRTask(load_config(CONFIG, [f"model.path={t5_dir}", f"data.view_aggregation={aggregation}",
-                                        "data.pseudo_query_views=1"], workdir=str(tmp_path)), tmp_path)
+                                        "data.pseudo_query_views=1", f"data.pseudo_queries_file={tmp_path / 'pq.jsonl'}"],
+                               workdir=str(tmp_path)), tmp_path)
     model = task.build_model()
     data = task.split_data("train")
     batch = data.make_batch(np.array([3, 0]))
     b, k = batch["candidate_mask"].shape
     v = batch["view_mask"].shape[1]
     assert v == 4 and batch["target_ids"].shape[0] == b * k * v
-    assert batch["view_mask"][:, 3].sum() == 0 and batch["view_mask"][:, :3].sum() > 0   # no pseudo-queries given
+    ids = [c["passage_id"] for i in (3, 0) for c in data.records[i]["candidates"][:k]]
+    assert len(ids) == b * k and batch["view_mask"][:, :3].all()
+    np.testing.assert_array_equal(batch["view_mask"][:, 3], [i in queries for i in ids])   # the pseudo-query view
     _, metrics = nnx.jit(lambda m, x: task.loss(m, x, rngs=None, deterministic=True))(
         model, jax.tree.map(jnp.asarray, batch))
 
@@ -101,6 +110,17 @@ def test_passage_score_aggregates_per_view_log_probs(t5_dir, tmp_path, aggregati
                                            batch["target_mask"][row:row + 1])[0])
     views = batch["view_mask"].reshape(b, k, v)
     expected = per_view.sum(-1) if aggregation == "sum" else per_view.sum(-1) / np.maximum(views.sum(-1), 1)
+
+    # every n-gram view is a substring of the corpus n-gram index's views, so the trained model can decode it
+    from rdr_jax.decoding.substring_index import SubstringIndex
+
+    passages = [data.passages(c["offset"]) for i in (3, 0) for c in data.records[i]["candidates"][:k]]
+    index = SubstringIndex.from_passages(passages, task.tokenizer, pseudo_queries=queries,
+                                         max_ngram=task.config.data.max_identifier_length)
+    eos = task.tokenizer.eos_token_id
+    for row, mask in zip(batch["target_ids"], batch["target_mask"]):
+        tokens = [int(t) for t in row[mask == 1] if t != eos]
+        assert not tokens or index.count(tokens) > 0, task.tokenizer.decode(tokens)
 
     from rdr_jax.decoding.scoring import passage_scores
     from rdr_jax.tasks.dgr import view_scores

@@ -18,8 +18,9 @@ formats:
         negatives by teacher score, as {passage_id, identifier or null, teacher_score}; --gold-file names the
         positives of re-ranked results (streamed: only the passage ids are kept); questions without a
         positive are skipped. --passages PSGS_TSV adds each candidate's line offset there (needed by
-        data.identifier_kind: ngrams, which reads passages by it). Training on OUT does not read
-        data.gold_file / data.stand_in_teacher: they were applied here
+        data.identifier_kind: ngrams, which reads passages by it), and --pseudo-queries JSONL {id, queries}
+        their pseudo-queries. Training on OUT does not read data.gold_file / data.stand_in_teacher /
+        data.pseudo_queries_file: they were applied here
 
 examples:
   rdr-jax prepare-data dpr biencoder-nq-train.json nq-train.arrayrecord
@@ -43,6 +44,8 @@ def add_arguments(p):
                    help="dgr: score DPR bi-encoder examples by lexical overlap (a smoke-run stand-in, not a teacher)")
     p.add_argument("--passages", help="dgr: the passages TSV the n-gram views (data.identifier_kind: ngrams) are read "
                                       "from: each candidate gets its passage's line offset")
+    p.add_argument("--pseudo-queries", help="dgr, with --passages: JSONL {id, queries: [...]} of the passages' "
+                                            "pseudo-queries (kept for the candidates only)")
     p.add_argument("--force", action="store_true", help="overwrite an existing OUT")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -60,13 +63,16 @@ def run(args) -> int:
         raise ValueError(f"OUT {out}: must end in {SUFFIX} (the tasks recognise a prepared dataset by it)")
     if out.exists() and not args.force:
         raise ValueError(f"OUT {out}: exists; pass --force to overwrite it")
+    if args.pseudo_queries and not args.passages:
+        raise ValueError("--pseudo-queries are views of the passages: give --passages too")
     if args.format == "dgr":
         from rdr_jax.data.dgr_data import dgr_stream
         records = dgr_stream(src, stand_in_teacher=args.stand_in_teacher, gold_file=args.gold_file,
-                             passages_file=args.passages)
+                             passages_file=args.passages, pseudo_queries_file=args.pseudo_queries)
     else:
-        if args.gold_file or args.passages or args.stand_in_teacher != "none":
-            raise ValueError(f"--gold-file, --passages and --stand-in-teacher are dgr options, not {args.format}'s")
+        if args.gold_file or args.passages or args.pseudo_queries or args.stand_in_teacher != "none":
+            raise ValueError(f"--gold-file, --passages, --pseudo-queries and --stand-in-teacher are dgr options, "
+                             f"not {args.format}'s")
         records = stream_converted(src, formats()[args.format])
     count = write_records(records, out, args.format, str(src), progress=not args.no_progress)
     logging.getLogger(__name__).info("%s: %d %s records written", out, count, args.format)

@@ -15,7 +15,7 @@ from typing import Iterator
 import numpy as np
 
 from rdr_jax.data.files import iter_json_records, read_json_records, require_file, resolve_data_path
-from rdr_jax.data.identifier_views import ViewSpec, passage_views
+from rdr_jax.data.identifier_views import ViewSpec, passage_views, view_texts
 from rdr_jax.data.passage_lines import PassageLines, passage_offsets
 from rdr_jax.data.records import file_key, prepared_records, stream_converted
 from rdr_jax.data.seq2seq_inputs import encode_inputs, pad_rows, tokenize_identifiers
@@ -122,46 +122,69 @@ def dgr_record(raw, where: str, *, stand_in_teacher: str = "none", gold: dict | 
     return {"question": raw["question"], "candidates": kept}
 
 
-def conversion_options(stand_in_teacher: str, gold_file, passages_file=None) -> str:
+def conversion_options(stand_in_teacher: str, gold_file, passages_file=None, pseudo_queries_file=None) -> str:
     """What a conversion depends on beside the source file (the cache key's ``options``)."""
     key = lambda f: file_key(resolve_data_path(f)) if f else ""
-    return f"stand_in_teacher={stand_in_teacher}|gold={key(gold_file)}|passages={key(passages_file)}"
+    return (f"stand_in_teacher={stand_in_teacher}|gold={key(gold_file)}|passages={key(passages_file)}"
+            f"|pseudo_queries={key(pseudo_queries_file)}")
 
 
-def with_passage_offsets(records, offsets: dict[str, int]) -> Iterator[dict]:
-    for r in records:
-        yield {**r, "candidates": [{**c, "offset": offsets[c["passage_id"]]} for c in r["candidates"]]}
+def stream_pseudo_queries(path, wanted: set[str]) -> dict[str, list[str]]:
+    """{passage id: queries} of the ``wanted`` passages from a JSONL of ``{id, queries: [...]}`` rows (the layout
+    of ``rdr-jax generate --pseudo-queries``), streamed: the other passages' queries are not kept."""
+    out: dict[str, list[str]] = {}
+    path = require_file(path, "data.pseudo_queries_file")
+    for line, row in iter_json_records(path):
+        if not isinstance(row, dict) or "id" not in row or not isinstance(row.get("queries"), list):
+            raise ValueError(f"{path}:{line}: not {{id, queries: [...]}}")
+        if str(row["id"]) in wanted:
+            out.setdefault(str(row["id"]), []).extend(map(str, row["queries"]))
+    return out
 
 
-def dgr_stream(path, *, stand_in_teacher: str = "none", gold_file=None, passages_file=None) -> Iterator[dict]:
+def with_passages(records, passages_file, pseudo_queries_file=None) -> Iterator[dict]:
+    """The records with each candidate's passage line offset in ``passages_file`` and, from
+    ``pseudo_queries_file``, its passage's pseudo-queries (unless the candidate has its own). ``records()``
+    is iterated twice: for the passage ids it names, then to write."""
+    wanted = {c["passage_id"] for r in records() for c in r["candidates"]}
+    offsets = passage_offsets(passages_file, wanted)
+    queries = stream_pseudo_queries(pseudo_queries_file, wanted) if pseudo_queries_file else {}
+    for r in records():
+        cands = []
+        for c in r["candidates"]:
+            c = {**c, "offset": offsets[c["passage_id"]]}
+            if not c.get("pseudo_queries") and queries.get(c["passage_id"]):
+                c["pseudo_queries"] = queries[c["passage_id"]]
+            cands.append(c)
+        yield {**r, "candidates": cands}
+
+
+def dgr_stream(path, *, stand_in_teacher: str = "none", gold_file=None, passages_file=None,
+               pseudo_queries_file=None) -> Iterator[dict]:
     """The prepared records of a raw DGR training file, streamed (the gold file's ids first, when given). With
     ``passages_file`` each candidate also gets the byte offset of its passage's line there (the views of
-    ``identifier_kind: ngrams`` are read by it): one pass over the records for the passage ids they name, one over
-    the passages for those ids' offsets, then the records again."""
+    ``identifier_kind: ngrams`` are read by it) and its pseudo-queries (:func:`with_passages`)."""
     gold = stream_gold_ids(gold_file) if gold_file else None
     records = lambda: stream_converted(Path(path), lambda raw, where: dgr_record(
         raw, where, stand_in_teacher=stand_in_teacher, gold=gold))
-    if not passages_file:
-        return records()
-    wanted = {c["passage_id"] for r in records() for c in r["candidates"]}
-    return with_passage_offsets(records(), passage_offsets(passages_file, wanted))
+    return with_passages(records, passages_file, pseudo_queries_file) if passages_file else records()
 
 
-def dgr_records(path, cache_dir=None, *, stand_in_teacher: str = "none", gold_file=None, passages_file=None):
+def dgr_records(path, cache_dir=None, *, stand_in_teacher: str = "none", gold_file=None, passages_file=None,
+                pseudo_queries_file=None):
     """The examples of a DGR training file (raw or prepared ``.arrayrecord``) by index; ``cache_dir=None`` reads
     a small file whole instead (library use)."""
     if cache_dir is not None:
         return prepared_records(path, FORMAT, dgr_record, cache_dir, "DGR training data",
-                                options=conversion_options(stand_in_teacher, gold_file, passages_file),
+                                options=conversion_options(stand_in_teacher, gold_file, passages_file,
+                                                           pseudo_queries_file),
                                 stream=lambda p: dgr_stream(p, stand_in_teacher=stand_in_teacher, gold_file=gold_file,
-                                                            passages_file=passages_file))
+                                                            passages_file=passages_file,
+                                                            pseudo_queries_file=pseudo_queries_file))
     gold = stream_gold_ids(gold_file) if gold_file else None
     out = [r for r in (dgr_record(r, f"{path}: example {i}", stand_in_teacher=stand_in_teacher, gold=gold)
                        for i, r in enumerate(read_json_records(path, "DGR training data"))) if r is not None]
-    if passages_file:
-        out = list(with_passage_offsets(out, passage_offsets(passages_file, {c["passage_id"] for r in out
-                                                                             for c in r["candidates"]})))
-    return out
+    return list(with_passages(lambda: out, passages_file, pseudo_queries_file)) if passages_file else out
 
 
 class DGRData:
@@ -169,12 +192,14 @@ class DGRData:
 
     def __init__(self, path, tokenizer, identifiers: dict[str, str] | None, *, num_candidates: int,
                  max_question_length: int, max_identifier_length: int, stand_in_teacher: str,
-                 gold_file: str | None, cache_dir=None, views: ViewSpec | None = None, passages_file=None):
+                 gold_file: str | None, cache_dir=None, views: ViewSpec | None = None, passages_file=None,
+                 pseudo_queries_file=None):
         if views is not None and not (passages_file and max_identifier_length):
             raise ConfigError("identifier views ('data.identifier_kind: ngrams') need 'data.passages_file' and "
                               "'data.max_identifier_length' > 0 (views are cut to it)")
         self.records = dgr_records(path, cache_dir, stand_in_teacher=stand_in_teacher, gold_file=gold_file,
-                                   passages_file=passages_file if views is not None else None)
+                                   passages_file=passages_file if views is not None else None,
+                                   pseudo_queries_file=pseudo_queries_file if views is not None else None)
         if not len(self.records):
             raise ValueError(f"{path}: no question has a positive candidate ('is_positive', or 'data.gold_file')")
         self.path, self.tokenizer, self.identifiers = path, tokenizer, identifiers
@@ -243,26 +268,37 @@ class DGRData:
     def _view_batch(self, idx: np.ndarray) -> dict[str, np.ndarray]:
         """The batch with a view axis: candidate ``j`` of question ``i`` has its V views at target rows
         ``(i*K + j)*V ..``; ``view_mask [B*K, V]`` marks the real ones (a missing view, or a padding candidate's,
-        is an empty row). Views are cut to ``max_identifier_length - 1`` tokens + EOS: a prefix of an n-gram is
-        still a corpus substring."""
-        b, k, v = len(idx), self.k, self.views.count
-        strings: list[str | None] = []
+        is an empty row). Views are cut to ``max_identifier_length - 1`` tokens + EOS: a prefix of a corpus
+        n-gram is still one."""
+        b, k, spec = len(idx), self.k, self.views
         cmask = np.zeros((b, k), np.int32)
         teacher = np.zeros((b, k), np.float32)
+        texts: list[str] = []   # tokenised in one call: each question, then its candidates' title?, body, queries
+        plan = []               # per question: (its text's position, per candidate (title?, body, [queries]) positions)
         for row, i in enumerate(idx):
-            question, cands = self.question(int(i)), self.records[int(i)]["candidates"][:k]
+            cands = self.records[int(i)]["candidates"][:k]
             cmask[row, :len(cands)] = 1
             teacher[row, :len(cands)] = [c["teacher_score"] for c in cands]
+            plan.append((len(texts), []))
+            texts.append(self.question(int(i)))
             for c in cands:
-                strings += passage_views(self.views, question, self.passages(c["offset"]), c.get("pseudo_queries"))
-            strings += [None] * (v * (k - len(cands)))
-        distinct = list(dict.fromkeys(s for s in strings if s is not None))
+                title, body, queries = view_texts(spec, self.passages(c["offset"]), c.get("pseudo_queries"))
+                start = len(texts)
+                texts += ([title] if title is not None else []) + [body] + queries
+                positions = list(range(start, len(texts)))
+                plan[-1][1].append((positions[0] if title is not None else None,
+                                    positions[int(title is not None)], positions[1 + int(title is not None):]))
+        ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
         eos, cut = self.tokenizer.eos_token_id, self.target_length - 1
-        tokens = {s: t if len(t) <= self.target_length else t[:cut] + [eos]
-                  for s, t in zip(distinct, tokenize_identifiers(self.tokenizer, distinct) if distinct else [])}
-        t_ids, t_mask = pad_rows([tokens[s] if s is not None else [] for s in strings], self.target_length,
-                                 self.tokenizer.pad_token_id, "view")
+        rows: list[list[int]] = []
+        for q, candidates in plan:
+            for title, body, queries in candidates:
+                views = passage_views(spec, ids[q], None if title is None else ids[title], ids[body],
+                                      [ids[j] for j in queries])
+                rows += [list(v[:cut]) + [eos] if v else [] for v in views]
+            rows += [[]] * (spec.count * (k - len(candidates)))
+        t_ids, t_mask = pad_rows(rows, self.target_length, self.tokenizer.pad_token_id, "view")
         q_ids, q_mask = encode_inputs(self.tokenizer, [self.question(int(i)) for i in idx], self.lq)
-        view_mask = np.array([s is not None for s in strings], np.int32).reshape(b * k, v)
+        view_mask = np.array([len(r) > 0 for r in rows], np.int32).reshape(b * k, spec.count)
         return {"q_input_ids": q_ids, "q_attention_mask": q_mask, "target_ids": t_ids, "target_mask": t_mask,
                 "view_mask": view_mask, "candidate_mask": cmask, "teacher_scores": teacher}

@@ -40,10 +40,12 @@ index. A raw file is converted once into ``WORKDIR/data_cache`` (keyed by the fi
 stand-in teacher); nothing is read whole, and identifiers are tokenised per batch.
 
 Multi-view identifiers (``data.identifier_kind: ngrams``, MINDER's, on which DGR's released code builds): each
-candidate passage is named by V views: its title, ``data.ngram_views`` body n-grams of ``data.ngram_length``
-words (the non-overlapping spans sharing the most words with the question, as SEAL/MINDER choose training
-targets; deterministic: :mod:`rdr_jax.data.identifier_views`) and ``data.pseudo_query_views`` of the candidate's
-``pseudo_queries`` (candidate JSONL). The batch grows a view axis: ``target_ids``/``target_mask`` ``[B*K*V, Lt]``
+candidate passage is named by V views, tokenised as the corpus n-gram index tokenises its views (so each
+n-gram view is a substring it can decode): its title, ``data.ngram_views`` body n-grams of ``data.ngram_length``
+tokens (the non-overlapping spans holding the most question tokens, as SEAL/MINDER choose training targets;
+deterministic: :mod:`rdr_jax.data.identifier_views`) and ``data.pseudo_query_views`` of the candidate's
+``pseudo_queries`` (inline in candidate JSONL, else from ``data.pseudo_queries_file``, the JSONL ``{id, queries}``
+that ``rdr-jax generate --pseudo-queries`` indexes; only the candidates' queries are kept, in the records). The batch grows a view axis: ``target_ids``/``target_mask`` ``[B*K*V, Lt]``
 (candidate ``j`` of question ``i`` at rows ``(i*K + j)*V ..``) and ``view_mask [B*K, V]`` (0: a missing view). s(p)
 = the aggregation (``data.view_aggregation``) of the views' teacher-forced log-probabilities, and the CE runs over
 the gold passage's views. Default ``mean``: a sum grows more negative with every view a passage has, so a
@@ -128,8 +130,11 @@ class DGRDataConfig(IdentifierData, TrainFiles):
                                   doc="atomic | title: one identifier per passage; ngrams: MINDER's views (title, "
                                       "body n-grams, pseudo-queries) read from data.passages_file")
     ngram_views: int = option(3, min=0, doc="ngrams: body n-grams per passage (those overlapping the question most)")
-    ngram_length: int = option(10, min=1, doc="ngrams: words per body n-gram")
-    pseudo_query_views: int = option(0, min=0, doc="ngrams: views from a candidate's 'pseudo_queries' list")
+    ngram_length: int = option(10, min=1, doc="ngrams: tokens per body n-gram (the n-gram index's max_ngram)")
+    pseudo_query_views: int = option(0, min=0, doc="ngrams: views from a candidate's 'pseudo_queries' (inline in "
+                                                   "candidate JSONL, or from data.pseudo_queries_file)")
+    pseudo_queries_file: str | None = option(None, doc="ngrams: JSONL {id, queries: [...]} (as `rdr-jax generate "
+                                                       "--pseudo-queries` reads): the passages' pseudo-queries")
     view_aggregation: str = option("mean", choices=VIEW_AGGREGATIONS,
                                    doc="ngrams: s(p) = mean | sum of the views' log-probabilities")
 
@@ -167,7 +172,8 @@ class DGRTask(GenerativeTask):
         d = self.config.data
         # the same conversion (cache entry) as training reads
         records = dgr_records(d.train_file, self.data_cache, stand_in_teacher=d.stand_in_teacher, gold_file=d.gold_file,
-                              passages_file=d.passages_file if d.view_spec() else None)
+                              passages_file=d.passages_file if d.view_spec() else None,
+                              pseudo_queries_file=d.pseudo_queries_file if d.view_spec() else None)
         return super().tokenizer_texts() + [records[i]["question"] for i in range(len(records))]
 
     def _data(self, path) -> DGRData:
@@ -179,7 +185,7 @@ class DGRTask(GenerativeTask):
         return DGRData(path, self.tokenizer, identifiers, num_candidates=d.num_candidates,
                        max_question_length=d.max_question_length, max_identifier_length=d.max_identifier_length,
                        stand_in_teacher=d.stand_in_teacher, gold_file=d.gold_file, cache_dir=self.data_cache,
-                       views=views, passages_file=d.passages_file)
+                       views=views, passages_file=d.passages_file, pseudo_queries_file=d.pseudo_queries_file)
 
     def identifiers_tsv(self):
         """None with n-gram views: any corpus substring is an identifier (``rdr-jax generate --ngram-index``)."""

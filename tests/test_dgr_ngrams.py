@@ -144,3 +144,28 @@ def test_training_on_views_lowers_the_loss(t5_dir, tmp_path):
     assert np.mean(losses[-2:]) < np.mean(losses[:2]), losses
     assert (workdir / "final" / "retriever" / "model.safetensors").is_file()
     assert not (workdir / "final" / "retriever" / "identifiers.tsv").exists()   # any corpus substring names a passage
+
+
+def test_prepared_offsets_refused_against_another_passages_file(tmp_path):
+    """`prepare-data dgr --passages A` keeps line offsets into A; training with passages B stops at once."""
+    from rdr_jax.cli import main
+    from rdr_jax.data.dgr_data import DGRData
+    from rdr_jax.data.seq2seq_inputs import build_word_tokenizer
+
+    lines = PASSAGES.read_text().splitlines(keepends=True)[:21]
+    a, b = tmp_path / "a.tsv", tmp_path / "b.tsv"
+    a.write_text("".join(lines))
+    b.write_text("".join([lines[0]] + lines[:0:-1]))                      # the same passages, other order
+    ids = [line.split("\t")[0] for line in lines[1:]]
+    train = tmp_path / "train.jsonl"
+    train.write_text(json.dumps({"question": "q", "candidates": [
+        {"passage_id": pid, "teacher_score": float(j), "is_positive": j == 0} for j, pid in enumerate(ids[:3])]}))
+    out = tmp_path / "dgr.arrayrecord"
+    assert main(["prepare-data", "dgr", str(train), str(out), "--passages", str(a), "--no-progress"]) == 0
+    tok = build_word_tokenizer([line for line in lines], "t5")
+    kw = dict(num_candidates=3, max_question_length=8, max_identifier_length=12, stand_in_teacher="none",
+              gold_file=None, cache_dir=tmp_path / "cache", views=ViewSpec(ngrams=1, ngram_length=4))
+    batch = DGRData(out, tok, None, **kw, passages_file=str(a)).make_batch(np.array([0]))
+    assert batch["view_mask"].shape == (3, 2) and batch["view_mask"].all()
+    with pytest.raises(ValueError, match="prepared with another passages file"):
+        DGRData(out, tok, None, **kw, passages_file=str(b)).make_batch(np.array([0]))

@@ -282,7 +282,12 @@ class DGRData:
             plan.append((len(texts), []))
             texts.append(self.question(int(i)))
             for c in cands:
-                title, body, queries = view_texts(spec, self.passages(c["offset"]), c.get("pseudo_queries"))
+                passage = self.passages(c["offset"])
+                if passage["id"] != c["passage_id"]:
+                    raise ValueError(f"{self.path}: example {i}: passage {c['passage_id']!r} is not at its recorded "
+                                     f"offset in {self.passages.path} (found {passage['id']!r}): the dataset was "
+                                     "prepared with another passages file; rebuild it with this one")
+                title, body, queries = view_texts(spec, passage, c.get("pseudo_queries"))
                 start = len(texts)
                 texts += ([title] if title is not None else []) + [body] + queries
                 positions = list(range(start, len(texts)))

@@ -85,9 +85,9 @@ def test_passage_score_aggregates_per_view_log_probs(t5_dir, tmp_path, aggregati
 
     queries = {p["id"]: [f"who wrote {p['title']}"] for n, p in enumerate(read_dpr_passages(PASSAGES)) if n % 2}
     (tmp_path / "pq.jsonl").write_text("".join(json.dumps({"id": i, "queries": q}) + "\n" for i, q in queries.items()))
-    task = DGRTask(load_config(CONFIG, [f"model.path={t5_dir}", f"data.view_aggregation={aggregation}",
-                                        "data.pseudo_query_views=1", f"data.pseudo_queries_file={tmp_path / 'pq.jsonl'}"],
-                               workdir=str(tmp_path)), tmp_path)
+    overrides = [f"model.path={t5_dir}", f"data.view_aggregation={aggregation}", "data.pseudo_query_views=1",
+                 f"data.pseudo_queries_file={tmp_path / 'pq.jsonl'}"]
+    task = DGRTask(load_config(CONFIG, overrides, workdir=str(tmp_path)), tmp_path)
     model = task.build_model()
     data = task.split_data("train")
     batch = data.make_batch(np.array([3, 0]))

@@ -45,10 +45,11 @@ n-gram view is a substring it can decode): its title, ``data.ngram_views`` body 
 tokens (the non-overlapping spans holding the most question tokens, as SEAL/MINDER choose training targets;
 deterministic: :mod:`rdr_jax.data.identifier_views`) and ``data.pseudo_query_views`` of the candidate's
 ``pseudo_queries`` (inline in candidate JSONL, else from ``data.pseudo_queries_file``, the JSONL ``{id, queries}``
-that ``rdr-jax generate --pseudo-queries`` indexes; only the candidates' queries are kept, in the records). The batch grows a view axis: ``target_ids``/``target_mask`` ``[B*K*V, Lt]``
-(candidate ``j`` of question ``i`` at rows ``(i*K + j)*V ..``) and ``view_mask [B*K, V]`` (0: a missing view). s(p)
-= the aggregation (``data.view_aggregation``) of the views' teacher-forced log-probabilities, and the CE runs over
-the gold passage's views. Default ``mean``: a sum grows more negative with every view a passage has, so a
+that ``rdr-jax generate --pseudo-queries`` indexes; only the candidates' queries are kept, in the records).
+The batch grows a view axis: ``target_ids``/``target_mask`` ``[B*K*V, Lt]`` (candidate ``j`` of question ``i`` at
+rows ``(i*K + j)*V ..``) and ``view_mask [B*K, V]`` (0: a missing view). s(p) = the aggregation
+(``data.view_aggregation``) of the views' teacher-forced log-probabilities, and the CE runs over the gold
+passage's views. Default ``mean``: a sum grows more negative with every view a passage has, so a
 passage without a title (or with fewer pseudo-queries) would outrank one with them for having fewer terms; the
 mean keeps passages with different view counts comparable (``sum`` adds them up, as SEAL sums its n-gram weights).
 The passages come from ``data.passages_file`` by the byte offset of their line, found once when the data is

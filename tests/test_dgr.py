@@ -15,7 +15,9 @@ import transformers
 from safetensors.numpy import load_file
 
 from rdr_jax.models.seq2seq import sequence_log_probs
-from rdr_jax.data.dgr_data import DGRData, candidate_list
+from rdr_jax.data.dgr_data import DGRData, candidate_list, dgr_records, normalise_record
+from rdr_jax.data.files import read_json_records
+from rdr_jax.data.records import RecordFile
 from rdr_jax.decoding.scoring import passage_scores
 import harness
 from rdr_jax.tasks import load_config
@@ -209,10 +211,10 @@ def test_candidate_lists_positive_first_then_teacher_order(tmp_path):
     ids = {str(i): str(i) for i in range(10, 15)}
     data = DGRData(path, _Tok(), ids, num_candidates=4, max_question_length=8, max_identifier_length=0,
                    stand_in_teacher="none", gold_file=None)
-    assert data.questions == ["q1", "q3"]                      # the question without a positive is skipped
+    assert [data.question(i) for i in range(len(data))] == ["q1", "q3"]   # the one without a positive is skipped
     # best positive first; the other positive is no negative; negatives by teacher score, deduplicated, cut at K
-    assert [c["passage_id"] for c in data.lists[0]] == ["11", "13", "12", "10"]
-    assert [c["identifier"] for c in data.lists[1]] == ["777", "10"]
+    assert [c["passage_id"] for c in data.candidates(0)] == ["11", "13", "12", "10"]
+    assert [c["identifier"] for c in data.candidates(1)] == ["777", "10"]
     batch = data.make_batch(np.array([0, 1]))
     assert batch["target_ids"].shape == (8, 4) and batch["q_input_ids"].shape == (2, 8)
     np.testing.assert_array_equal(batch["candidate_mask"], [[1, 1, 1, 1], [1, 1, 0, 0]])
@@ -237,8 +239,64 @@ def test_reranked_results_with_gold_file(tmp_path):
     (tmp_path / "gold.json").write_text(json.dumps([{"question": "q1", "positive_ctxs": [{"passage_id": "7", "text": ""}]}]))
     data = DGRData(tmp_path / "r.json", _Tok(), {p: p for p in "567"}, num_candidates=3, max_question_length=4,
                    max_identifier_length=0, stand_in_teacher="none", gold_file=str(tmp_path / "gold.json"))
-    assert [c["passage_id"] for c in data.lists[0]] == ["7", "6", "5"]
+    assert [c["passage_id"] for c in data.candidates(0)] == ["7", "6", "5"]
     assert candidate_list([{"passage_id": "1", "teacher_score": 0.0, "is_positive": False}], 3) == []
+
+
+EMBEDDED_TRAIN = harness.TINY_CONFIGS.parents[1] / "data" / "embedded" / "train.biencoder.json"
+
+
+def test_prepared_lists_equal_the_whole_file_lists(tmp_path, capsys):
+    """`prepare-data dgr` and the data_cache conversion keep per question what the whole-file read builds (the
+    candidate lists as before: normalise + candidate_list cut at K), and their batches are the same arrays."""
+    from rdr_jax.cli import main
+
+    raw = json.loads(EMBEDDED_TRAIN.read_text())
+    raw[2] = dict(raw[2], positive_ctxs=[])                          # no positive: skipped
+    src = tmp_path / "train.json"
+    src.write_text(json.dumps(raw))
+    out = tmp_path / "dgr.arrayrecord"
+    assert main(["prepare-data", "dgr", str(src), str(out), "--stand-in-teacher", "lexical_overlap",
+                 "--no-progress"]) == 0
+    assert f"{len(raw) - 1} dgr records" in capsys.readouterr().out
+    kw = dict(num_candidates=3, max_question_length=8, max_identifier_length=0, stand_in_teacher="lexical_overlap",
+              gold_file=None)
+    ids = {str(c["passage_id"]): str(c["passage_id"]) for r in raw
+           for key in ("positive_ctxs", "hard_negative_ctxs", "negative_ctxs") for c in r.get(key) or []}
+    whole = DGRData(src, _Tok(), ids, **kw)
+    prepared = DGRData(out, _Tok(), ids, **kw, cache_dir=tmp_path / "unused")
+    cached = DGRData(src, _Tok(), ids, **kw, cache_dir=tmp_path / "cache")
+    assert not (tmp_path / "unused").exists() and len(list((tmp_path / "cache").glob("*.arrayrecord"))) == 1
+    old = [candidate_list(normalise_record(r, "x", stand_in_teacher="lexical_overlap", gold=None), 3)
+           for r in read_json_records(src, "x")]
+    old = [[{k: c[k] for k in ("passage_id", "teacher_score")} for c in cands] for cands in old if cands]
+    assert len(prepared) == len(cached) == len(old) == len(raw) - 1
+    for data in (whole, prepared, cached):
+        assert [[{k: c[k] for k in ("passage_id", "teacher_score")} for c in data.candidates(i)]
+                for i in range(len(data))] == old
+    idx = np.array([4, 0, 7])
+    for key, value in whole.make_batch(idx).items():
+        np.testing.assert_array_equal(prepared.make_batch(idx)[key], value, err_msg=key)
+        np.testing.assert_array_equal(cached.make_batch(idx)[key], value, err_msg=key)
+    assert RecordFile(out, "dgr").meta["records"] == len(raw) - 1
+
+
+def test_gold_file_streamed_into_prepared_results(tmp_path):
+    """Re-ranked results whose positives come from the gold file: the conversion's cache key follows the gold file."""
+    results = [{"question": f"q{i}", "answers": [], "ctxs": [
+        {"id": str(5 + j), "title": "", "text": "", "score": float((i + 2 * j) % 3)} for j in range(3)]}
+        for i in range(3)]
+    (tmp_path / "r.json").write_text(json.dumps(results))
+    gold = tmp_path / "gold.json"
+    gold.write_text(json.dumps([{"question": "q0", "positive_ctxs": [{"passage_id": "7"}]},
+                                {"question": "q2", "positive_ctxs": [{"passage_id": "5"}, {"passage_id": "9"}]}]))
+    records = dgr_records(tmp_path / "r.json", tmp_path / "cache", gold_file=str(gold))
+    assert [records[i]["question"] for i in range(len(records))] == ["q0", "q2"]
+    assert [c["passage_id"] for c in records[0]["candidates"]] == ["7", "6", "5"]
+    assert [c["passage_id"] for c in records[1]["candidates"]][0] == "5"
+    gold.write_text(json.dumps([{"question": "q1", "positive_ctxs": [{"passage_id": "6"}]}]))
+    records = dgr_records(tmp_path / "r.json", tmp_path / "cache", gold_file=str(gold))
+    assert [records[i]["question"] for i in range(len(records))] == ["q1"]
 
 
 # ---- sharded vs 1 device -----------------------------------------------------------------------------------------
@@ -270,12 +328,22 @@ def test_sharded_steps_match_single_device(tmp_path, t5_dir):
 
 # ---- resume ------------------------------------------------------------------------------------------------------
 def test_resumed_run_equals_uninterrupted_run(tmp_path, t5_dir):
+    """The uninterrupted run reads the raw file (converted into its data_cache); the interrupted one reads the
+    `prepare-data dgr` dataset with its batches built by 2 grain worker processes: the same losses and weights."""
+    from rdr_jax.cli import main
+
     base = tiny(t5_dir, "train.checkpoint_every=2", "optim.decay_steps=10", "train.tensorboard=false")
     full = tmp_path / "full"
     train(load_config(CONFIG, base + ["train.steps=3"], workdir=str(full)), progress=False)
+    assert len(list((full / "data_cache").glob("*.arrayrecord"))) == 1
+    prepared = tmp_path / "train.arrayrecord"
+    assert main(["prepare-data", "dgr", str(EMBEDDED_TRAIN), str(prepared), "--stand-in-teacher", "lexical_overlap",
+                 "--no-progress"]) == 0
+    base += [f"data.train_file={prepared}", "data.workers=2"]
     resumed = tmp_path / "resumed"
     assert train(load_config(CONFIG, base + ["train.steps=2"], workdir=str(resumed)), progress=False)["step"] == 2
     assert train(load_config(CONFIG, base + ["train.steps=3"], workdir=str(resumed)), progress=False)["step"] == 3
+    assert not (resumed / "data_cache").exists()
 
     a = load_file(full / "final" / "retriever" / "model.safetensors")
     b = load_file(resumed / "final" / "retriever" / "model.safetensors")

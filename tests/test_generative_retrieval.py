@@ -147,7 +147,7 @@ def test_distillation_candidates_feed_dgr(trained, tmp_path):
                    num_candidates=5, max_question_length=32, max_identifier_length=0, stand_in_teacher="none",
                    gold_file=str(gold_file))
     assert len(data) == 6
-    for ex, r, cands in zip(examples, reranked, data.lists):
+    for ex, r, cands in zip(examples, reranked, map(data.candidates, range(len(data)))):
         gold = ex["positive_ctxs"][0]["passage_id"]
         assert cands[0]["passage_id"] == gold
         teacher = [c["teacher_score"] for c in cands[1:]]

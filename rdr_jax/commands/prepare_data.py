@@ -20,17 +20,26 @@ formats:
               the candidates' texts, teacher scores and labels
   ce-triples  cross-encoder lists [positive, negative] from MS MARCO triples TSV: query<TAB>pos<TAB>neg texts,
               or qid<TAB>pid+<TAB>pid- ids (needs --queries and --collection)
+  dgr         DGR's training data (candidate JSONL, re-ranked retriever results, or DPR bi-encoder JSON with
+              --stand-in-teacher lexical_overlap): per question its candidate list, positive first, then the
+              negatives by teacher score, as {passage_id, identifier or null, teacher_score}; --gold-file names
+              the positives of re-ranked results (streamed: only the passage ids are kept); questions without a
+              positive are skipped. --passages PSGS_TSV adds each candidate's line offset there (needed by
+              data.identifier_kind: ngrams, which reads passages by it), and --pseudo-queries JSONL {id, queries}
+              their pseudo-queries. Training on OUT does not read data.gold_file / data.stand_in_teacher /
+              data.pseudo_queries_file: they were applied here
   Texts named by id are resolved into the records here, read from the collection by byte offset (an index of
   8 bytes per passage, not its text); training then holds no collection. --list-size keeps each list's first
   N candidates (data.list_size must not exceed it); --max-examples keeps the first N lists.
 
 examples:
   rdr-jax prepare-data dpr biencoder-nq-train.json nq-train.arrayrecord
+  rdr-jax prepare-data dgr reranked-nq-train.json dgr-nq-train.arrayrecord --gold-file biencoder-nq-train.json
   rdr-jax prepare-data ce-triples triples.train.small.tsv --max-examples 1000000 marco-triples.arrayrecord
   rdr-jax prepare-data ce-lists teacher-top50.jsonl --queries queries.train.tsv --collection collection.tsv \\
       --list-size 32 marco-teacher.arrayrecord"""
 
-FORMAT_NAMES = ("dpr", "ce-lists", "ce-triples")
+FORMAT_NAMES = ("dpr", "dgr", "ce-lists", "ce-triples")
 
 
 def formats() -> dict:
@@ -50,7 +59,12 @@ def streams() -> dict:
                               args.max_examples, keys=("--queries", "--collection", "--qrels"))
         return list_records(src, sources, meta, args.format)
 
-    return {CE_LISTS: cross_encoder, CE_TRIPLES: cross_encoder}
+    def dgr(src, args, meta):
+        from rdr_jax.data.dgr_data import dgr_stream
+        return dgr_stream(src, stand_in_teacher=args.stand_in_teacher, gold_file=args.gold_file,
+                          passages_file=args.passages, pseudo_queries_file=args.pseudo_queries)
+
+    return {CE_LISTS: cross_encoder, CE_TRIPLES: cross_encoder, "dgr": dgr}
 
 
 def add_arguments(p):
@@ -59,6 +73,15 @@ def add_arguments(p):
     p.add_argument("out", help="the dataset to write; must end in .arrayrecord")
     p.add_argument("--force", action="store_true", help="overwrite an existing OUT")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    dgr = p.add_argument_group("dgr")
+    dgr.add_argument("--gold-file", help="DPR bi-encoder JSON whose positive_ctxs name the gold passages of "
+                                         "re-ranked results (matched by question text)")
+    dgr.add_argument("--stand-in-teacher", choices=("none", "lexical_overlap"), default="none",
+                     help="score DPR bi-encoder examples by lexical overlap (a smoke-run stand-in, not a teacher)")
+    dgr.add_argument("--passages", help="the passages TSV the n-gram views (data.identifier_kind: ngrams) are read "
+                                        "from: each candidate gets its passage's line offset")
+    dgr.add_argument("--pseudo-queries", help="with --passages: JSONL {id, queries: [...]} of the passages' "
+                                              "pseudo-queries (kept for the candidates only)")
     ce = p.add_argument_group("ce-lists / ce-triples")
     ce.add_argument("--queries", help="MS MARCO queries TSV (qid<TAB>text), for sources of ids")
     ce.add_argument("--collection", help="MS MARCO collection.tsv (pid<TAB>text, uncompressed), for sources of ids")
@@ -85,6 +108,12 @@ def run(args) -> int:
     for flag in ("list_size", "max_examples"):
         if getattr(args, flag, 0) < 0:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
+    if args.pseudo_queries and not args.passages:
+        raise ValueError("--pseudo-queries are views of the passages: give --passages too")
+    if args.format != "dgr" and (args.gold_file or args.passages or args.pseudo_queries
+                                 or args.stand_in_teacher != "none"):
+        raise ValueError(f"--gold-file, --passages, --pseudo-queries and --stand-in-teacher are dgr options, "
+                         f"not {args.format}'s")
     meta: dict = {}
     stream = streams().get(args.format)
     records = stream(src, args, meta) if stream else stream_converted(src, formats()[args.format])

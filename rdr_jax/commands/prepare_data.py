@@ -68,6 +68,8 @@ def streams() -> dict:
 
 
 def add_arguments(p):
+    from rdr_jax.commands.args import nonnegative_int
+
     p.add_argument("format", choices=FORMAT_NAMES, help="the source file's layout (see formats above)")
     p.add_argument("src", help="the raw training file (.json list, .jsonl or .tsv; .gz also read)")
     p.add_argument("out", help="the dataset to write; must end in .arrayrecord")
@@ -88,8 +90,8 @@ def add_arguments(p):
     ce.add_argument("--qrels", help="relevance judgements: labels for teacher-score lists")
     ce.add_argument("--triples-form", default="auto", choices=("auto", "text", "ids"),
                     help="ce-triples: texts or ids (auto: ids when the first row is three integers)")
-    ce.add_argument("--list-size", type=int, default=0, help="keep each list's first N candidates (0: all)")
-    ce.add_argument("--max-examples", type=int, default=0, help="keep the first N lists (0: all)")
+    ce.add_argument("--list-size", type=nonnegative_int, default=0, help="keep each list's first N candidates (0: all)")
+    ce.add_argument("--max-examples", type=nonnegative_int, default=0, help="keep the first N lists (0: all)")
 
 
 def run(args) -> int:
@@ -105,9 +107,6 @@ def run(args) -> int:
         raise ValueError(f"OUT {out}: must end in {SUFFIX} (the tasks recognise a prepared dataset by it)")
     if out.exists() and not args.force:
         raise ValueError(f"OUT {out}: exists; pass --force to overwrite it")
-    for flag in ("list_size", "max_examples"):
-        if getattr(args, flag, 0) < 0:
-            raise ValueError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
     if args.pseudo_queries and not args.passages:
         raise ValueError("--pseudo-queries are views of the passages: give --passages too")
     if args.format != "dgr" and (args.gold_file or args.passages or args.pseudo_queries

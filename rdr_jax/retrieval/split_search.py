@@ -21,6 +21,7 @@ from typing import Iterator
 
 import jax
 import numpy as np
+from tqdm import tqdm
 
 from rdr_jax.retrieval.dev_recall import exact_top_k_scores
 from rdr_jax.retrieval.device_search import DeviceSearch, merge_top_k, process_rows
@@ -70,9 +71,14 @@ class ProcessRows:
             yield a - lo, self.source[a:min(a + size, hi)]
 
 
-def _exact_scores(queries: np.ndarray, vectors: np.ndarray) -> np.ndarray:
-    """``exact_top_k``'s scores of ``vectors [n, m, dim]`` for ``queries [n, dim]``: float64, rounded once."""
-    return np.einsum("nd,nmd->nm", np.asarray(queries, np.float64), vectors).astype(np.float32)
+def _exact_scores(queries: np.ndarray, local: ProcessRows, rows: np.ndarray, block: int = 32) -> np.ndarray:
+    """``exact_top_k``'s scores (float64, rounded once) of global ``rows [n, m]`` for ``queries [n, dim]``, read
+    ``block`` questions at a time (a float64 copy of only their candidates)."""
+    out = np.empty(rows.shape, np.float32)
+    for i in range(0, len(rows), block):
+        vectors = local.take(rows[i:i + block])
+        out[i:i + block] = np.einsum("nd,nmd->nm", np.asarray(queries[i:i + block], np.float64), vectors)
+    return out
 
 
 class SplitSearch:
@@ -109,7 +115,7 @@ class SplitSearch:
             cand = np.where(np.isfinite(dev_s), dev_r, -1)
             if (cand < 0).any():
                 raise RuntimeError("the device search returned padding among a process's candidates")
-            s = _exact_scores(queries, local.take(cand))
+            s = _exact_scores(queries, local, cand)
             order = np.lexsort((cand, -s), axis=1)[:, :kl]
             scores[:, :kl] = np.take_along_axis(s, order, 1)
             rows[:, :kl] = np.take_along_axis(cand, order, 1)
@@ -122,12 +128,14 @@ class SplitSearch:
             scores[on_host, :kl], rows[on_host, :kl] = s, r + local.start
         return scores, rows
 
-    def iter_search(self, queries: np.ndarray, k: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def iter_search(self, queries: np.ndarray, k: int, *, progress: bool = False
+                    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """``(scores, rows)`` of ``exact_top_k`` over the whole corpus, per block of ``query_block`` questions, the
         same on every process. ``k`` is capped at the corpus size."""
         queries = np.asarray(queries, np.float32)
         k = min(k, self.num_rows)
-        for q0 in range(0, len(queries), self.query_block):
+        for q0 in tqdm(range(0, len(queries), self.query_block), desc="searching", unit="batch",
+                       disable=not progress):
             scores, rows = self._local_top_k(queries[q0:q0 + self.query_block], k)
             if jax.process_count() > 1:
                 from jax.experimental import multihost_utils

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -210,7 +211,7 @@ def main(argv=None) -> dict:
                 for q in (args.questions, few)}
     print(f"[training_scale] data written in {time.perf_counter() - t0:.0f}s under {work}", file=sys.stderr)
     cfg = configs(work, args.dim)
-    steps = [f"train.steps={args.steps}"]
+    steps = [f"train.steps={max(1, args.steps)}"]  # --steps 0 (set-up only) still needs a valid config
 
     if "rdr" not in args.skip:
         # (passages, questions): the full size (and its first steps), a quarter of the corpus, a quarter of both
@@ -254,6 +255,7 @@ def main(argv=None) -> dict:
         for q in (args.questions, few):
             dpr = write_dpr(work / f"dpr_{q}_{args.dpr_ctxs}_{args.words}.json", q, args.dpr_ctxs, args.words)
             run_dir = work / f"run_dpr_{q}_{args.dpr_ctxs}_{args.words}"
+            shutil.rmtree(run_dir, ignore_errors=True)   # every size converts its raw JSON: same work measured
             r = measure({"what": "dpr", "config": str(cfg["dpr"]), "workdir": str(run_dir),
                          "steps": args.steps if q == args.questions else 0,
                          "overrides": [f"data.train_file={dpr}"] + steps}, env, code)

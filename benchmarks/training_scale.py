@@ -23,6 +23,11 @@ the first run converts it into WORKDIR/data_cache where the code does, the secon
 every later run and every other process costs); extrapolated to the 39M triples of MS MARCO's train file. The
 dev search (``exact_top_k`` over the whole encoding, a few queries) is measured
 the same way.
+
+DPR is measured at ``questions`` and ``questions/4`` (its raw JSON converted by the task into the prepared
+``.arrayrecord`` dataset, then the first batch): the target is a process's host memory beyond its baseline under
+1.2x its data shard, a process's data shard being its 1/processes of the prepared dataset's bytes; extrapolated
+to NQ (58,880 questions) on 8 processes per node with the measured growth per question.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -263,7 +269,7 @@ def main(argv=None) -> dict:
                 for q in (args.questions, few)} if "rdr" not in args.skip else {}
     print(f"[training_scale] data written in {time.perf_counter() - t0:.0f}s under {work}", file=sys.stderr)
     cfg = configs(work, args.dim)
-    steps = [f"train.steps={args.steps}"]
+    steps = [f"train.steps={max(1, args.steps)}"]  # --steps 0 (set-up only) still needs a valid config
 
     if "rdr" not in args.skip:
         # (passages, questions): the full size (and its first steps), a quarter of the corpus, a quarter of both
@@ -300,16 +306,42 @@ def main(argv=None) -> dict:
             "nq_map_shared_per_node_gib": gib(NQ_PASSAGES * args.dim * 2),
         }
     if "dpr" not in args.skip:
-        dpr = write_dpr(work / f"dpr_{args.questions}_{args.dpr_ctxs}_{args.words}.json", args.questions,
-                        args.dpr_ctxs, args.words)
-        r = measure({"what": "dpr", "config": str(cfg["dpr"]), "workdir": str(work / "run_dpr"), "steps": args.steps,
-                     "overrides": [f"data.train_file={dpr}"] + steps}, env, code)
-        size = dpr.stat().st_size
+        # a process's data shard: its 1/processes of the prepared dataset (the .arrayrecord the task converts the raw
+        # JSON into, what training reads by index); measured at two sizes, so that the growth per question can be
+        # told from the fixed cost and extrapolated to NQ
+        dpr_runs = {}
+        for q in (args.questions, few):
+            dpr = write_dpr(work / f"dpr_{q}_{args.dpr_ctxs}_{args.words}.json", q, args.dpr_ctxs, args.words)
+            run_dir = work / f"run_dpr_{q}_{args.dpr_ctxs}_{args.words}"
+            shutil.rmtree(run_dir, ignore_errors=True)   # every size converts its raw JSON: same work measured
+            r = measure({"what": "dpr", "config": str(cfg["dpr"]), "workdir": str(run_dir),
+                         "steps": args.steps if q == args.questions else 0,
+                         "overrides": [f"data.train_file={dpr}"] + steps}, env, code)
+            prepared = sum(f.stat().st_size for f in (run_dir / "data_cache").rglob("*") if f.is_file())
+            dpr_runs[q] = (r, dpr.stat().st_size, prepared)
+            print(f"[training_scale] dpr {q} questions: {json.dumps(r)}", file=sys.stderr)
+        (r, size, prepared), (r_few, _, prepared_few) = dpr_runs[args.questions], dpr_runs[few]
+        own = {q: x[0]["setup"]["VmHWM"] - x[0]["baseline"]["VmHWM"] for q, x in dpr_runs.items()}
+        per_question = max(0.0, (own[args.questions] - own[few]) / (args.questions - few))
+        prepared_per_question = prepared / args.questions
+        # NQ on 8 processes: each process's growth = fixed cost + per-question growth x the questions it holds
+        # (conservatively all of them: a process reads its batches by index from the whole dataset)
+        nq_own = own[few] - per_question * few + per_question * NQ_QUESTIONS
+        nq_shard = prepared_per_question * NQ_QUESTIONS / PROCESSES_PER_NODE
         report["dpr"] = {"file_gib": gib(size), "baseline_gib": gib(r["baseline"]["VmHWM"]),
                          "setup_peak_gib": gib(r["setup"]["VmHWM"]), "setup_seconds": round(r["setup_s"], 1),
                          "steps_peak_gib": gib(r["steps"]["VmHWM"]) if "steps" in r else None,
                          "setup_peak_over_file": round((r["setup"]["VmHWM"] - r["baseline"]["VmHWM"]) / size, 2),
-                         "must_hold_per_process_at_8_gib": gib(size / PROCESSES_PER_NODE)}
+                         "must_hold_per_process_at_8_gib": gib(size / PROCESSES_PER_NODE),
+                         "prepared_gib": gib(prepared), "prepared_few_gib": gib(prepared_few),
+                         "setup_growth_gib": {f"{q}q": gib(v) for q, v in own.items()},
+                         "steps_growth_gib": gib(r["steps"]["VmHWM"] - r["baseline"]["VmHWM"]) if "steps" in r
+                         else None,
+                         "setup_bytes_per_question": round(per_question, 1),
+                         "prepared_bytes_per_question": round(prepared_per_question, 1),
+                         "nq_growth_per_process_gib": gib(nq_own),
+                         "nq_shard_per_process_at_8_gib": gib(nq_shard),
+                         "nq_growth_over_shard_at_8": round(nq_own / nq_shard, 2)}
     if "cross_encoder" not in args.skip and args.triples:
         report["cross_encoder"] = cross_encoder_leg(work, code, env, args.triples)
     if "dev_search" not in args.skip and args.dev_queries:

@@ -116,3 +116,43 @@ def test_mine_negatives_refuses_its_own_input_and_a_foreign_encoder(mined, tmp_p
     assert "is the --train file" in capsys.readouterr().err
     assert main([*args[:4], str(root), *args[5:], "--out", str(tmp_path / "x.json")]) != 0
     assert "not an encoding directory" in capsys.readouterr().err
+
+
+def test_two_processes_mine_the_file_of_one(mined, tmp_path):
+    """`rdr-jax mine-negatives` as 2 processes x 4 CPU devices (jax.distributed, gloo; each holds half of the
+    encoding, process 0 writes) writes the same bytes as 1 process x 4 devices. Both encode the questions with the
+    same per-device program (4 local devices) and score the same chunk shapes (--chunk-rows 64), so the device
+    scores are the same floats and equal files show the split over processes and the merge on process 0 are exact."""
+    import subprocess
+    import sys
+
+    from test_multiprocess import cpu_env, free_port
+
+    root, model, examples = mined[0], mined[1], mined[2]
+    train = tmp_path / "train.json"   # 96 questions keep the three processes' start-up the bulk of the time
+    train.write_text(json.dumps(examples[:96]))
+    cmd = [sys.executable, "-m", "rdr_jax.cli", "mine-negatives", "--model", str(model), "--passages",
+           str(embedded_dir() / "passages.tsv"), "--k", str(K), "--max-length", "32", "--embeddings",
+           str(root / "emb"), "--train", str(train), "--negatives", str(NEGATIVES), "--chunk-rows", "64",
+           "--query-batch", "32", "--batch-size", "32"]
+    port = free_port()
+    runs = [cmd + ["--out", str(tmp_path / "one.json")]]
+    runs += [cmd + ["--out", str(tmp_path / "two.json"), "--coordinator", f"127.0.0.1:{port}", "--num-processes",
+                    "2", "--process-id", str(i)] for i in range(2)]
+    logs = [open(tmp_path / f"log{i}.txt", "w") for i in range(3)]  # files, not pipes: no process blocks on one
+    procs = [subprocess.Popen(c, env=cpu_env(4), stdout=log, stderr=subprocess.STDOUT) for c, log in zip(runs, logs)]
+    try:
+        for i, proc in enumerate(procs):
+            proc.wait(timeout=300)
+            logs[i].close()
+            assert proc.returncode == 0, (tmp_path / f"log{i}.txt").read_text()[-4000:]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    one, two = (tmp_path / "one.json").read_bytes(), (tmp_path / "two.json").read_bytes()
+    assert one == two and len(json.loads(one)) == 96
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".json" or p.name.endswith(".tmp")) == \
+        ["one.json", "train.json", "two.json"]
+    assert "[mine-negatives]" in (tmp_path / "log1.txt").read_text()   # process 0 wrote and reported
+    assert "[mine-negatives]" not in (tmp_path / "log2.txt").read_text()

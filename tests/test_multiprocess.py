@@ -90,8 +90,22 @@ def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("multiprocess")
     bert = harness.tiny_bert_dir(tmp / "bert")
     data = harness.write_rdr_jsonl(tmp / "rdr.jsonl", 32, k=4)
+    dev_qa, dev_passages = write_dev_recall_files(tmp, 24)
     return run_one_and_two_processes("rdr", tmp, harness.tiny_overrides("rdr", bert, data)
-                                     + COMMON + ["task.nll_weight=0.5"])
+                                     + COMMON + ["task.nll_weight=0.5", f"data.dev_qa={dev_qa}",
+                                                 f"data.dev_passages={dev_passages}", "data.dev_k=[1,5]",
+                                                 f"train.eval_every={STEPS}"])
+
+
+def write_dev_recall_files(tmp, n):
+    """Dev recall data: the first ``n`` dev questions of the embedded data and their passages (each process
+    encodes and ranks its share of them; the top-k are merged)."""
+    dev = json.loads((harness.REPO_ROOT / "rdr_jax" / "data" / "embedded" / "dev.biencoder.json").read_text())[:n]
+    passages = {str(c["passage_id"]): {"id": str(c["passage_id"]), "title": c["title"], "text": c["text"]}
+                for ex in dev for c in ex["positive_ctxs"][:1] + ex["hard_negative_ctxs"] + ex["negative_ctxs"]}
+    (tmp / "dev.qa.jsonl").write_text("".join(json.dumps({"question": ex["question"], "answers": ex["answers"]})
+                                              + "\n" for ex in dev))
+    return tmp / "dev.qa.jsonl", harness.write_passages_tsv(tmp / "dev.passages.tsv", list(passages.values()))
 
 
 @pytest.fixture(scope="module")
@@ -134,6 +148,16 @@ def test_two_processes_log_the_losses_of_one(runs):
             assert abs(a[key] - b[key]) <= rtol * max(abs(b[key]), 1e-6), (a["step"], key, a[key], b[key])
     # throughput counts the global batch, not one process's block
     assert "data shard 1 of 2" in runs["logs"][2] and "data shard 0 of 1" in runs["logs"][0]
+
+
+def test_two_processes_measure_the_dev_recall_of_one(runs):
+    """Dev recall split over the processes (each encodes and ranks its half of the dev passages, the top-k merged)
+    logs the numbers of one process; process 1 took part (the recall is computed on every process)."""
+    single, multi = read_metrics(runs["single"]), read_metrics(runs["multi"])
+    keys = ("dev_top1", "dev_top5")
+    assert all(k in single[-1] for k in keys) and not any(k in single[0] for k in keys)
+    assert {k: multi[-1][k] for k in keys} == {k: single[-1][k] for k in keys}
+    assert single[-1]["dev_top5"] > 0
 
 
 def test_two_processes_train_the_parameters_of_one(runs):

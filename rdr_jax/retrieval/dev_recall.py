@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Iterator
 
+import jax
 import numpy as np
 
 from rdr_jax.data.files import resolve_data_path
@@ -49,9 +50,16 @@ def exact_top_k(queries: np.ndarray, vectors, k: int, *, query_block: int = 256,
     sort); exact, in blocks so a large corpus never needs a [queries, corpus] score matrix nor a float copy of
     itself: ``vectors`` (an array or ``PassageEmbeddings``) is read a block at a time (fp16 converted per
     block), so memory is bounded by the blocks whatever the corpus size."""
+    return exact_top_k_scores(queries, vectors, k, query_block=query_block, corpus_block=corpus_block)[1]
+
+
+def exact_top_k_scores(queries: np.ndarray, vectors, k: int, *, query_block: int = 256,
+                       corpus_block: int = 32_768) -> tuple[np.ndarray, np.ndarray]:
+    """``exact_top_k``'s (scores float32, rows) ``[queries, min(k, rows)]``; rows count from ``vectors``' first."""
     n = len(vectors)
     k = min(k, n)
     out = np.zeros((len(queries), k), np.int64)
+    out_scores = np.zeros((len(queries), k), np.float32)
     for q0 in range(0, len(queries), query_block):
         # float64 products and sums, rounded to float32 once: identical passages get identical scores whatever
         # BLAS kernel a block's shape picks (float32 GEMM and GEMV round differently, which broke ties)
@@ -65,7 +73,8 @@ def exact_top_k(queries: np.ndarray, vectors, k: int, *, query_block: int = 256,
                                   axis=1)
             best_scores, best_rows = _best_k(scores, rows, k)
         out[q0:q0 + len(q)] = best_rows
-    return out
+        out_scores[q0:q0 + len(q)] = best_scores
+    return out_scores, out
 
 
 class DevRecall:
@@ -109,12 +118,20 @@ class DevRecall:
         return self._texts
 
     def __call__(self, question_vectors: np.ndarray, passage_vectors, passage_ids) -> dict[str, float]:
-        """``passage_vectors``: an array or ``PassageEmbeddings`` (searched a block at a time); ``passage_ids``: a
-        list, or ``EncodedIds`` (only the ids of the top rows are read)."""
+        """``passage_vectors``: an array or ``PassageEmbeddings`` (searched a block at a time by ``exact_top_k`` on
+        this process), or a search over rows split between processes (``split_search.SplitSearch``: its
+        ``search(queries, k)`` is a collective, so every process calls this; only process 0 reads texts and
+        returns the numbers, the others ``{}``). ``passage_ids``: a list, or ``EncodedIds`` (only the ids of the
+        top rows are read)."""
         if question_vectors.shape[1] != passage_vectors.shape[1]:
             raise ValueError(f"question embeddings have {question_vectors.shape[1]} dims but the dev passage "
                              f"embeddings {passage_vectors.shape[1]}")
-        rows = exact_top_k(question_vectors, passage_vectors, max(self.ks))
+        if hasattr(passage_vectors, "search"):
+            rows = passage_vectors.search(question_vectors, max(self.ks))[1]
+            if jax.process_index() != 0:
+                return {}
+        else:
+            rows = exact_top_k(question_vectors, passage_vectors, max(self.ks))
         if hasattr(passage_ids, "ids_of"):   # ids read on demand (an encoding's): all of them in one pass
             flat = passage_ids.ids_of(rows.reshape(-1))
             ranked = [flat[i:i + rows.shape[1]] for i in range(0, len(flat), rows.shape[1])]

@@ -99,7 +99,7 @@ class DeviceSearch:
         self.process_index = jax.process_index() if process_index is None else process_index
         self.process_count = jax.process_count() if process_count is None else process_count
         self.query_batch, self.query_dtype = query_batch, query_dtype
-        start, stop = process_rows(self.num_rows, self.process_index, self.process_count)
+        self.start, self.stop = start, stop = process_rows(self.num_rows, self.process_index, self.process_count)
         n_dev = len(self.devices)
         per_device = max(1, -(-(stop - start) // n_dev))
         self.chunk_rows = min(chunk_rows, -(-per_device // 8) * 8)
@@ -109,11 +109,21 @@ class DeviceSearch:
         self.mesh = Mesh(np.array(self.devices), (AXIS,))
         self.embeddings = self._load(files, progress)
         self._compiled = {}
+        self._max_norm = None
 
     @property
     def nbytes(self) -> int:
         """Bytes of the vectors this process holds on its devices (padding included)."""
         return len(self.devices) * self.device_rows * self.dim * self.storage_dtype.itemsize
+
+    @property
+    def max_norm(self) -> float:
+        """The largest L2 norm of this process's rows (computed once on the devices; padding rows are zero), for
+        bounding the float32 error of a score."""
+        if self._max_norm is None:
+            squares = jax.jit(lambda e: jnp.max(jnp.sum(jnp.square(e.astype(jnp.float32)), axis=1)))(self.embeddings)
+            self._max_norm = float(np.sqrt(float(squares)))
+        return self._max_norm
 
     def _load(self, files, progress: bool) -> jax.Array:
         """Each device's rows, read block by block from the shard files into a donated device buffer."""
@@ -185,9 +195,11 @@ class DeviceSearch:
         self._compiled[k] = fn
         return fn
 
-    def iter_search(self, queries: np.ndarray, k: int, *, progress: bool = False
+    def iter_search(self, queries: np.ndarray, k: int, *, progress: bool = False, merge_processes: bool = True
                     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """``(scores, rows)`` per batch of ``query_batch`` questions, in order (for streaming the results)."""
+        """``(scores, rows)`` per batch of ``query_batch`` questions, in order (for streaming the results).
+        ``merge_processes=False``: this process's own top-k of its rows (no collective; rows past them are -1
+        with score -inf when it holds fewer than ``k``)."""
         queries = np.asarray(queries, np.float32)
         if queries.ndim != 2 or queries.shape[1] != self.dim:
             raise ValueError(f"queries of shape {queries.shape} do not fit vectors of dim {self.dim}")
@@ -203,7 +215,7 @@ class DeviceSearch:
             padded[:len(chunk)] = chunk
             scores, rows = fn(self.embeddings, jax.device_put(padded, replicated))
             scores, rows = np.asarray(scores)[:len(chunk)], np.asarray(rows)[:len(chunk)].astype(np.int64)
-            if self.process_count > 1:
+            if self.process_count > 1 and merge_processes:
                 from jax.experimental import multihost_utils
 
                 scores, rows = multihost_utils.process_allgather((scores, rows))  # [processes, n, k]
@@ -212,8 +224,9 @@ class DeviceSearch:
                 scores, rows = merge_top_k(scores, rows, k)
             yield scores, rows
 
-    def search(self, queries: np.ndarray, k: int, *, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        parts = list(self.iter_search(queries, k, progress=progress))
+    def search(self, queries: np.ndarray, k: int, *, progress: bool = False, merge_processes: bool = True
+               ) -> tuple[np.ndarray, np.ndarray]:
+        parts = list(self.iter_search(queries, k, progress=progress, merge_processes=merge_processes))
         k = min(k, self.num_rows)
         if not parts:
             return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)

@@ -4,7 +4,9 @@ BERT, dtypes, remat, unpadded encoders), the tokenizer, the embedding of a batch
 Dev recall (``Task.retrieval_eval``, every ``train.eval_every`` steps): with ``data.dev_qa`` and
 ``data.dev_passages``, top-k answer recall (``dev_top{k}``, ``data.dev_k``) of the current encoders, the dev
 passages being re-encoded by the (training) context encoder at every evaluation: meant for a small dev corpus
-(the embedded one: seconds); evaluate a full Wikipedia index offline (``rdr-jax encode``/``retrieve``).
+(the embedded one: seconds); evaluate a full Wikipedia index offline (``rdr-jax encode``/``retrieve``), or give
+RDR the frozen index (``data.passage_embeddings``: searched on the devices). Every process encodes and ranks its
+share of the dev passages; the per-process top-k are merged into exactly the one-process ranking.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from rdr_jax.data.tokenization import load_tokenizer
 from rdr_jax.models.packing import TokenPacking, block_maps, packed_per_row
 from rdr_jax.retrieval.answers import MATCH_TYPES
 from rdr_jax.retrieval.dev_recall import DevRecall
+from rdr_jax.retrieval.device_search import process_rows
 from rdr_jax.retrieval.encode import Encoder, encode_texts
+from rdr_jax.retrieval.split_search import ProcessRows, SplitSearch
 from rdr_jax.tasks.model_setup import ModelSpec, encoder_paths
 from rdr_jax.training.config import ConfigError, option
 from rdr_jax.training.partitioning import mesh_shape
@@ -154,7 +158,7 @@ class BiEncoderTask(FileDataTask):
         self._tokenizer = None
         self._dev_recall: DevRecall | None = None          # built at the first retrieval_eval
         self._dev_encoders: dict[str, Encoder] = {}
-        self._dev_passage_cache: tuple[np.ndarray, list[str]] | None = None
+        self._dev_passage_cache: tuple[SplitSearch, list[str]] | None = None
 
     def batch_maker(self, make_batch):
         """``make_batch``, adding the packing maps of the encoders' inputs when ``model.unpad`` is set: one block
@@ -198,7 +202,8 @@ class BiEncoderTask(FileDataTask):
     def retrieval_eval(self, model) -> dict[str, float] | None:
         """Top-k answer recall (``dev_top{k}``) of the current question encoder on ``data.dev_qa``: questions
         encoded in batches of ``train.batch_size`` (fixed length, one compile per run), exact inner-product
-        search over the dev passages' embeddings (``dev_passage_embeddings``)."""
+        search over the dev passages' embeddings (``dev_passage_embeddings``), split over the processes: a
+        collective that every process calls; process 0 returns the numbers, the others ``{}``."""
         if not self.has_retrieval_eval():
             return None
         d = self.config.data
@@ -207,22 +212,33 @@ class BiEncoderTask(FileDataTask):
         dev = self._dev_recall
         questions = encode_texts(self._dev_encoder("question_encoder", model), self.tokenizer, dev.questions,
                                  max_length=d.max_question_length, as_questions=True, buckets=(), progress=False)
-        vectors, ids = self.dev_passage_embeddings(model, dev)
-        return dev(questions, vectors, ids)
+        search, ids = self.dev_passage_embeddings(model, dev)
+        return dev(questions, search, ids)
 
-    def dev_passage_embeddings(self, model, dev: DevRecall) -> tuple[np.ndarray, list[str]]:
-        """(embeddings, passage ids) of the dev passages: encoded with the current context encoder, again at
-        every evaluation while it trains (fine for a small dev corpus; for a large one freeze it), once when it
-        is frozen."""
+    def dev_passage_embeddings(self, model, dev: DevRecall) -> tuple[SplitSearch, list[str]]:
+        """(search over the dev passages' embeddings, passage ids): this process encodes its share of the dev
+        passages (``process_rows``) with the current context encoder, again at every evaluation while it trains
+        (fine for a small dev corpus; for a large one freeze it), once when it is frozen; they are ranked on the
+        host (``exact_top_k`` over its rows) and merged over the processes."""
         trained = "context_encoder" in self.trainable_submodules()
         if self._dev_passage_cache is not None and not trained:
             return self._dev_passage_cache
         passages = dev.passages()
-        vectors = encode_texts(self._dev_encoder("context_encoder", model), self.tokenizer,
-                               [p["text"] for p in passages], titles=[p["title"] for p in passages],
-                               max_length=self.config.data.max_passage_length, buckets=(), progress=False)
-        self._dev_passage_cache = (vectors, [p["id"] for p in passages])
+        start, stop = process_rows(len(passages), jax.process_index(), jax.process_count())
+        mine = passages[start:stop]
+        encoder = self._dev_encoder("context_encoder", model)
+        vectors = encode_texts(encoder, self.tokenizer, [p["text"] for p in mine], titles=[p["title"] for p in mine],
+                               max_length=self.config.data.max_passage_length, buckets=(), progress=False) \
+            if mine else np.zeros((0, self._dev_dim(model)), np.float32)
+        search = SplitSearch(ProcessRows(vectors, start, stop, source_first=start), len(passages))
+        self._dev_passage_cache = (search, [p["id"] for p in passages])
         return self._dev_passage_cache
+
+    def _dev_dim(self, model) -> int:
+        """The context encoder's embedding width, for a process with no dev passage to encode."""
+        return int(encode_texts(self._dev_encoder("context_encoder", model), self.tokenizer, ["x"], titles=[""],
+                                max_length=self.config.data.max_passage_length, buckets=(),
+                                progress=False).shape[1])
 
     def _dev_encoder(self, name: str, model):
         """A jit-compiled ``Encoder`` of submodule ``name`` on this process's devices, built once; later calls

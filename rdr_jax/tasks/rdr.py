@@ -31,7 +31,10 @@ builds a random DPRReader from ``model.init`` (a smoke test of the in-step teach
 Dev recall (``Task.retrieval_eval``, every ``train.eval_every`` steps): with ``data.dev_qa`` (DPR's QA CSV/TSV or
 JSONL) and ``data.dev_passages`` (the passages TSV of the index), the current question encoder's top-k answer
 recall (``dev_top{k}`` for ``data.dev_k``, default [1, 5, 20]) over ``data.passage_embeddings`` (else over the
-dev passages encoded once by the frozen context encoder, or at every evaluation when it trains). Select the
+dev passages encoded once by the frozen context encoder, or at every evaluation when it trains). Over
+``data.passage_embeddings`` every process holds its share of the vectors on its devices for the run
+(``data.dev_search: device``, 1/processes of the encoding's bytes per process) and the ranking is exactly the
+host's ``exact_top_k`` over the whole encoding. Select the
 best checkpoint by it with ``train.best_metric: dev_top1`` and ``train.best_mode: max``.
 """
 
@@ -46,7 +49,9 @@ from rdr_jax import losses
 from rdr_jax.data.rdr_data import RDRData
 from rdr_jax.models.dpr import DPRContextEncoder, DPRQuestionEncoder, DPRReader
 from rdr_jax.retrieval.dev_recall import DevRecall
+from rdr_jax.retrieval.device_search import DeviceSearch
 from rdr_jax.retrieval.passage_embeddings import PassageEmbeddings
+from rdr_jax.retrieval.split_search import ProcessRows, SplitSearch
 from rdr_jax.tasks.bi_encoder import (BiEncoderData, BiEncoderTask, EncoderModel, encode,
                                       packed_tokens)
 from rdr_jax.tasks.model_setup import model_runtime_kwargs, random_model_dir, resolve_path
@@ -76,6 +81,11 @@ class RDRDataConfig(BiEncoderData):
     teacher_score: str = option("relevance", choices=("relevance", "relevance+span"))
     passage_embeddings: str | None = option(None, doc="the directory `rdr-jax encode` wrote: frozen passage "
                                                       "vectors looked up instead of re-encoded")
+    dev_search: str = option("device", choices=("device", "host"),
+                             doc="dev recall over data.passage_embeddings: each process's share of the vectors "
+                                 "held on its devices for the run (exact: candidates rescored on the host), or "
+                                 "ranked on the host from the memory map (no device memory; slow at 21M)")
+    dev_chunk_rows: int = option(16384, min=8, doc="dev_search: device: passages scored per matmul on a device")
     top_k: int = option(100, min=1, doc="passages per question")
     max_reader_length: int = option(350, min=4, doc="reader input length (with task.teacher_model)")
 
@@ -99,6 +109,7 @@ class RDRTask(BiEncoderTask):
     def __init__(self, config, workdir):
         super().__init__(config, workdir)
         self._embeddings = None
+        self._dev_search = None     # SplitSearch over data.passage_embeddings, built at the first evaluation
 
     @property
     def teacher_path(self):
@@ -202,12 +213,20 @@ class RDRTask(BiEncoderTask):
 
     def dev_passage_embeddings(self, model, dev: DevRecall):
         """The frozen index embeddings (``data.passage_embeddings``) when given: exact for the frozen context
-        encoder, and no corpus encoding per evaluation; memory-mapped, with the ids read on demand, so the
-        search streams over the shards. Else the dev passages encoded (see BiEncoderTask)."""
-        if not self.config.data.passage_embeddings:
+        encoder, and no corpus encoding per evaluation. Each process's share of the rows (``process_rows``) is
+        loaded onto its devices once (``data.dev_search: device``, kept for the run) and searched there, the
+        candidates rescored exactly from the memory map (``split_search``); or ranked on the host from the map
+        (``host``). Ids are read on demand. Else the dev passages encoded (see BiEncoderTask)."""
+        d = self.config.data
+        if not d.passage_embeddings:
             return super().dev_passage_embeddings(model, dev)
-        embeddings = self.passage_embeddings()
-        return embeddings, embeddings.ids
+        if self._dev_search is None:
+            embeddings = self.passage_embeddings()
+            rows = ProcessRows.of_process(embeddings)
+            device = DeviceSearch(embeddings.path, chunk_rows=d.dev_chunk_rows, progress=False) \
+                if d.dev_search == "device" else None
+            self._dev_search = SplitSearch(rows, len(embeddings), device)
+        return self._dev_search, self.passage_embeddings().ids
 
     def passage_embeddings(self) -> PassageEmbeddings:
         """``data.passage_embeddings`` memory-mapped, opened once (the page cache is shared by every process)."""

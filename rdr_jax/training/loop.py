@@ -72,12 +72,13 @@ def evaluate(eval_step, params, frozen, batches: Iterable[dict[str, np.ndarray]]
 
 
 class RetrievalEval:
-    """``Task.retrieval_eval`` on the current parameters, run on process 0; its numbers are then sent to every
+    """``Task.retrieval_eval`` on the current parameters, run on every process (a collective: each process
+    searches its share of the dev corpus and the top-k are merged); process 0's numbers are then sent to every
     process (each saves the same checkpoint metrics, which ``train.best_metric`` reads).
 
     One process: the sharded parameters are merged into the model as they are (the task's encoder reshards
-    them onto its devices). Several: every process takes part in gathering them to host arrays first (the
-    frozen ones once), as no process can address the others' shards."""
+    them onto its devices). Several: every process gathers them to host arrays first (the frozen ones once), as
+    no process can address the others' shards, and runs the encoders on its own devices."""
 
     # JSON of the metrics, broadcast as a fixed-size byte buffer (the other processes do not know the keys)
     BUFFER_BYTES = 8192
@@ -92,11 +93,9 @@ class RetrievalEval:
         params = distributed.gather_to_host(self.setup.state["params"])
         if self._host_frozen is None:
             self._host_frozen = distributed.gather_to_host(self.setup.frozen)
-        result = {}
-        if self.is_main:
-            model = nnx.merge(self.setup.graphdef, params, self._host_frozen)
-            result = dict(self.task.retrieval_eval(model) or {})
-        return self._broadcast(result)
+        model = nnx.merge(self.setup.graphdef, params, self._host_frozen)
+        result = dict(self.task.retrieval_eval(model) or {})
+        return self._broadcast(result if self.is_main else {})
 
     def _broadcast(self, result: dict[str, float]) -> dict[str, float]:
         from jax.experimental import multihost_utils

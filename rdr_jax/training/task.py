@@ -189,9 +189,10 @@ class Task:
         """The pipeline's metrics of the current model on a dev set, e.g. ``{"dev_top1": 45.2, "dev_top5": ..}``
         (top-k answer recall, percent), or None.
 
-        Called by the loop every ``train.eval_every`` steps and at the last step, on process 0 only, with the
-        current parameters merged into ``model`` (host arrays when there are several processes: use
-        ``jax.local_devices()``). The numbers go to metrics.jsonl and TensorBoard, and ``train.best_metric`` may
+        Called by the loop every ``train.eval_every`` steps and at the last step, on every process (so it may
+        split its work over them and gather, e.g. ``split_search``), with the current parameters merged into
+        ``model`` (host arrays when there are several processes: use ``jax.local_devices()``). Process 0's
+        numbers are sent to all processes and go to metrics.jsonl and TensorBoard, and ``train.best_metric`` may
         name one of them (with ``train.best_mode: max``)."""
         return None
 

@@ -70,9 +70,11 @@ class RecordFile:
         return {"path": self.path, "meta": self.meta, "_source": None}
 
 
-def write_records(records: Iterable[dict], out: Path, fmt: str, source: str, progress: bool = True) -> int:
+def write_records(records: Iterable[dict], out: Path, fmt: str, source: str, progress: bool = True,
+                  meta: dict | None = None) -> int:
     """Write ``records`` to ``out`` (via a temporary file renamed at the end: an interrupted build leaves no
-    dataset that looks complete); returns the count."""
+    dataset that looks complete); returns the count. ``meta``: the format's own settings (e.g. how many
+    negatives a record keeps), saved beside the count."""
     from array_record.python import array_record_module
     from tqdm import tqdm
 
@@ -91,8 +93,8 @@ def write_records(records: Iterable[dict], out: Path, fmt: str, source: str, pro
         tmp.unlink(missing_ok=True)
         raise ValueError(f"{source}: no usable {fmt} examples")
     os.replace(tmp, out)
-    meta = {"format": fmt, "version": VERSION, "records": count, "source": str(source)}
-    meta_path(out).write_text(json.dumps(meta, indent=1) + "\n")
+    info = {"format": fmt, "version": VERSION, "records": count, "source": str(source), **(meta or {})}
+    meta_path(out).write_text(json.dumps(info, indent=1) + "\n")
     return count
 
 
@@ -104,26 +106,27 @@ def stream_converted(path: Path, convert: Callable[[object, str], dict | None]) 
             yield record
 
 
-def cache_name(path: Path, fmt: str) -> str:
+def cache_name(path: Path, fmt: str, settings: str = "") -> str:
     stat = path.stat()
-    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{fmt}|{VERSION}"
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{fmt}|{VERSION}" + (f"|{settings}" if settings else "")
     return f"{path.name}.{hashlib.sha1(key.encode()).hexdigest()[:12]}{SUFFIX}"
 
 
 def prepared_records(path: str | Path, fmt: str, convert: Callable[[object, str], dict | None],
-                     cache_dir: str | Path, what: str) -> RecordFile:
+                     cache_dir: str | Path, what: str, key: str = "", meta: dict | None = None) -> RecordFile:
     """The prepared dataset of ``path``: itself when it is one, else its conversion in ``cache_dir`` (built
-    here the first time, with a log line)."""
+    here the first time, with a log line). ``key``: the conversion's settings, part of the cached file's name
+    (another setting converts anew); ``meta``: saved in its description (:func:`write_records`)."""
     path = resolve_data_path(path)
     if is_prepared(path):
         return RecordFile(path, fmt)
     if not path.is_file():
         raise ConfigError(f"{path}: {what} file not found")
-    out = Path(cache_dir) / cache_name(path, fmt)
+    out = Path(cache_dir) / cache_name(path, fmt, key)
     if not (out.is_file() and meta_path(out).is_file()):
         log.info("%s: converting to a random-access dataset %s (once; `rdr-jax prepare-data` builds it ahead)",
                  path, out)
-        write_records(stream_converted(path, convert), out, fmt, str(path))
+        write_records(stream_converted(path, convert), out, fmt, str(path), meta=meta)
     return RecordFile(out, fmt)
 
 

@@ -43,7 +43,7 @@ def query_record(raw, where: str) -> dict | None:
 
 def query_records(path, cache_dir=None):
     """The retrieval examples of a DPR bi-encoder file (raw JSON/JSONL or prepared ``.arrayrecord``) by index."""
-    if cache_dir is not None:
+    if cache_dir is not None or is_prepared(path):  # a prepared file is read as is
         return prepared_records(path, FORMAT, query_record, cache_dir, "seq2seq_index training data")
     out = [query_record(r, f"{path}: example {i}")
            for i, r in enumerate(read_json_records(path, "seq2seq_index training data"))]

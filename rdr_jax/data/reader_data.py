@@ -17,7 +17,7 @@ import numpy as np
 
 from rdr_jax.data.batching import example_rngs
 from rdr_jax.data.files import read_json_records
-from rdr_jax.data.records import RecordFile, prepared_records
+from rdr_jax.data.records import RecordFile, is_prepared, prepared_records
 from rdr_jax.data.tokenization import encode_reader_inputs
 from rdr_jax.errors import ConfigError
 
@@ -77,7 +77,7 @@ def reader_record(raw, where: str, max_negatives: int = MAX_NEGATIVES) -> dict |
 
 def reader_records(path, cache_dir=None, max_negatives: int = MAX_NEGATIVES):
     """The examples of a reader training file (raw JSON/JSONL or prepared ``.arrayrecord``) by index."""
-    if cache_dir is not None:
+    if cache_dir is not None or is_prepared(path):  # a prepared file is read as is
         convert = functools.partial(reader_record, max_negatives=max_negatives)
         return prepared_records(path, FORMAT, convert, cache_dir, "reader training data",
                                 key=f"max_negatives={max_negatives}", meta={"max_negatives": max_negatives})

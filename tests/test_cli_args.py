@@ -23,7 +23,7 @@ def minimal_argv(name: str, parser: argparse.ArgumentParser) -> list[str]:
     argv = [name]
     for action in parser._actions:
         if not action.option_strings:
-            argv.append("x")
+            argv.append(next(iter(action.choices)) if action.choices else "x")
         elif action.required:
             argv += [action.option_strings[0], "x"]
     return argv

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rdr_jax.commands.args import nonnegative_int
+
 HELP = """Convert a raw training file into a random-access dataset (NAME.arrayrecord + NAME.arrayrecord.json)
 that training reads by index, per process and per batch, instead of holding the whole file. The source is
 streamed (never read whole); only what training reads is kept. Point data.train_file (or data.dev_file) at
@@ -43,7 +45,7 @@ def add_arguments(p):
                    help="the source file's layout (see formats above)")
     p.add_argument("src", help="the raw training file (.json list or .jsonl; .gz also read)")
     p.add_argument("out", help="the dataset to write; must end in .arrayrecord")
-    p.add_argument("--max-negatives", type=int, default=None, metavar="N",
+    p.add_argument("--max-negatives", type=nonnegative_int, default=None, metavar="N",
                    help="reader: negatives kept per question (default 32, DPR's 24 passages and more); "
                         "training refuses a dataset with fewer than data.passages_per_question - 1")
     p.add_argument("--force", action="store_true", help="overwrite an existing OUT")
@@ -69,8 +71,6 @@ def run(args) -> int:
         from rdr_jax.data.reader_data import MAX_NEGATIVES
 
         cap = MAX_NEGATIVES if args.max_negatives is None else args.max_negatives
-        if cap < 0:
-            raise ValueError(f"--max-negatives {cap}: must be >= 0")
         convert, meta = functools.partial(convert, max_negatives=cap), {"max_negatives": cap}
     count = write_records(stream_converted(src, convert), out, args.format, str(src),
                           progress=not args.no_progress, meta=meta)

@@ -62,17 +62,6 @@ def iter_questions(path):
             yield raw.get("question", "")
 
 
-def _chunks(values, size: int = 10_000):
-    chunk = []
-    for v in values:
-        chunk.append(v)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
-
-
 class IndexingData:
     """Indexing (passage -> identifier) and retrieval (question -> gold identifier) examples."""
 
@@ -103,10 +92,11 @@ class IndexingData:
 
     def _longest_identifier(self) -> int:
         """Tokens of the longest identifier a target can be (EOS included); 1 when there are none."""
-        used = dict.fromkeys([self._index_identifier(i) for i in range(self.num_index)]
-                             + [self._query_identifier(i) for i in range(self.num_queries)])
-        return max((len(ids) for chunk in _chunks(used) for ids in tokenize_identifiers(self.tokenizer, chunk)),
-                   default=1)
+        used = list(dict.fromkeys([self._index_identifier(i) for i in range(self.num_index)]
+                                  + [self._query_identifier(i) for i in range(self.num_queries)]))
+        step = 10_000   # tokenised a slice at a time: the token lists are not all held
+        return max((len(ids) for s in range(0, len(used), step)
+                    for ids in tokenize_identifiers(self.tokenizer, used[s:s + step])), default=1)
 
     @property
     def num_index(self) -> int:

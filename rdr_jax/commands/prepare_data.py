@@ -13,6 +13,15 @@ formats:
   dpr         DPR's bi-encoder JSON list (or JSONL) of {question, positive_ctxs, hard_negative_ctxs,
               negative_ctxs}: keeps the question, the first positive and the negative pool (hard negatives,
               else negatives); questions without a positive are skipped, as DPR does
+  reader      DPR's retriever-results JSON ({question, answers, ctxs: [{title, text, has_answer}]}: the positive
+              is the first retrieved passage with the answer, the negatives the retrieved ones without it, as DPR
+              trains its reader) or its bi-encoder JSON: keeps the question, the answers, the positive and the
+              first --max-negatives negatives (hard ones first); questions without a positive or answers are
+              skipped
+  seq2seq_index
+              DPR's bi-encoder JSON whose positive_ctxs carry passage_id: keeps the question and its positive
+              passage ids (the retrieval examples of seq2seq_index training; the identifiers are looked up when
+              training); questions without a positive passage_id are skipped
   ce-lists    cross-encoder query lists, from teacher-score JSONL {qid, pids, scores} (MS MARCO ids: needs
               --queries and --collection, --qrels adds labels; each list sorted by the teacher, best first),
               DPR bi-encoder JSON ([positive, hard negatives, negatives], labels positive first) or retriever
@@ -34,19 +43,23 @@ formats:
 
 examples:
   rdr-jax prepare-data dpr biencoder-nq-train.json nq-train.arrayrecord
+  rdr-jax prepare-data reader retriever-results-nq-train.json nq-reader-train.arrayrecord
+  rdr-jax prepare-data seq2seq_index biencoder-nq-train.json nq-dsi-train.arrayrecord
   rdr-jax prepare-data dgr reranked-nq-train.json dgr-nq-train.arrayrecord --gold-file biencoder-nq-train.json
   rdr-jax prepare-data ce-triples triples.train.small.tsv --max-examples 1000000 marco-triples.arrayrecord
   rdr-jax prepare-data ce-lists teacher-top50.jsonl --queries queries.train.tsv --collection collection.tsv \\
       --list-size 32 marco-teacher.arrayrecord"""
 
-FORMAT_NAMES = ("dpr", "dgr", "ce-lists", "ce-triples")
+FORMAT_NAMES = ("dpr", "reader", "seq2seq_index", "dgr", "ce-lists", "ce-triples")
 
 
 def formats() -> dict:
     """{format: convert(raw JSON record, where) -> record | None}: formats made record by record."""
     from rdr_jax.data.dpr_data import FORMAT as DPR, dpr_record
+    from rdr_jax.data.indexing_data import FORMAT as SEQ2SEQ_INDEX, query_record
+    from rdr_jax.data.reader_data import FORMAT as READER, reader_record
 
-    return {DPR: dpr_record}
+    return {DPR: dpr_record, READER: reader_record, SEQ2SEQ_INDEX: query_record}
 
 
 def streams() -> dict:
@@ -64,7 +77,16 @@ def streams() -> dict:
         return dgr_stream(src, stand_in_teacher=args.stand_in_teacher, gold_file=args.gold_file,
                           passages_file=args.passages, pseudo_queries_file=args.pseudo_queries)
 
-    return {CE_LISTS: cross_encoder, CE_TRIPLES: cross_encoder, "dgr": dgr}
+    def reader(src, args, meta):   # its cap, saved in the description: training checks it is enough
+        import functools
+
+        from rdr_jax.data.reader_data import MAX_NEGATIVES, reader_record
+        from rdr_jax.data.records import stream_converted
+
+        meta["max_negatives"] = cap = MAX_NEGATIVES if args.max_negatives is None else args.max_negatives
+        return stream_converted(src, functools.partial(reader_record, max_negatives=cap))
+
+    return {CE_LISTS: cross_encoder, CE_TRIPLES: cross_encoder, "dgr": dgr, "reader": reader}
 
 
 def add_arguments(p):
@@ -73,6 +95,9 @@ def add_arguments(p):
     p.add_argument("format", choices=FORMAT_NAMES, help="the source file's layout (see formats above)")
     p.add_argument("src", help="the raw training file (.json list, .jsonl or .tsv; .gz also read)")
     p.add_argument("out", help="the dataset to write; must end in .arrayrecord")
+    p.add_argument("--max-negatives", type=nonnegative_int, default=None, metavar="N",
+                   help="reader: negatives kept per question (default 32, DPR's 24 passages and more); "
+                        "training refuses a dataset with fewer than data.passages_per_question - 1")
     p.add_argument("--force", action="store_true", help="overwrite an existing OUT")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     dgr = p.add_argument_group("dgr")
@@ -113,6 +138,8 @@ def run(args) -> int:
                                  or args.stand_in_teacher != "none"):
         raise ValueError(f"--gold-file, --passages, --pseudo-queries and --stand-in-teacher are dgr options, "
                          f"not {args.format}'s")
+    if args.max_negatives is not None and args.format != "reader":
+        raise ValueError(f"--max-negatives is a reader option, not {args.format}'s")
     meta: dict = {}
     stream = streams().get(args.format)
     records = stream(src, args, meta) if stream else stream_converted(src, formats()[args.format])

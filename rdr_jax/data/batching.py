@@ -55,6 +55,18 @@ class BatchPlan:
             idx = idx[self.shard_index * per:(self.shard_index + 1) * per]
         return idx, np.random.default_rng([self.seed, epoch, position, 1])
 
+    def state(self, step: int) -> dict:
+        """The resumable state after ``step`` batches: (epoch, position)."""
+        epoch, position = self.locate(step)
+        if step and position == 0:   # as before: the last batch's epoch, rolled over at the next batch
+            epoch, position = epoch - 1, self.per_epoch * self.batch_size
+        return {"epoch": epoch, "position": position}
+
+    def step_of(self, state: dict) -> int:
+        """The batches handed out at ``state`` (inverse of :meth:`state`)."""
+        epoch, position = int(state["epoch"]), int(state["position"])
+        return epoch * self.per_epoch + -(-position // self.batch_size)
+
 
 def example_rngs(rng: np.random.Generator, idx) -> list[np.random.Generator]:
     """One generator per example from a batch generator that every process shares: a function of (the batch's
@@ -76,11 +88,14 @@ class EpochIterator:
     ``workers``: 0 builds each batch when asked for (on the calling thread); N > 0 builds them ahead in N
     grain worker processes (spawned: ``make_batch`` must pickle), ``prefetch`` batches per worker. The
     batches are the same either way; the state counts the batches handed out, not those built ahead, so a
-    checkpoint resumes exactly."""
+    checkpoint resumes exactly.
+
+    ``plan``: another plan of global batches (``batch(step)`` -> ``make_batch``'s arguments, ``set_shard``,
+    ``state(step)``, ``step_of(state)``), e.g. one mixing two example streams; default a :class:`BatchPlan`."""
 
     def __init__(self, num_examples: int, batch_size: int, seed: int, make_batch, shuffle: bool = True,
-                 workers: int = 0, prefetch: int = 2):
-        self.plan = BatchPlan(num_examples, batch_size, seed, shuffle)
+                 workers: int = 0, prefetch: int = 2, plan=None):
+        self.plan = plan if plan is not None else BatchPlan(num_examples, batch_size, seed, shuffle)
         self.n, self.batch_size, self.seed, self.shuffle = num_examples, batch_size, seed, shuffle
         self.make_batch = make_batch
         self.workers, self.prefetch = workers, prefetch
@@ -125,14 +140,10 @@ class EpochIterator:
         return batch
 
     def get_state(self) -> dict:
-        epoch, position = self.plan.locate(self.step)
-        if self.step and position == 0:   # as before: the last batch's epoch, rolled over at the next batch
-            epoch, position = epoch - 1, self.plan.per_epoch * self.batch_size
-        return {"epoch": epoch, "position": position}
+        return self.plan.state(self.step)
 
     def set_state(self, state: dict) -> None:
-        epoch, position = int(state["epoch"]), int(state["position"])
-        self.step = epoch * self.plan.per_epoch + -(-position // self.batch_size)
+        self.step = self.plan.step_of(state)
         self._stream = None
 
     def close(self) -> None:
@@ -143,7 +154,7 @@ class EpochIterator:
 class _MakeBatch:
     """grain's map function: global batch number -> this process's block of it (picklable)."""
 
-    def __init__(self, plan: BatchPlan, make_batch):
+    def __init__(self, plan, make_batch):
         self.plan, self.make_batch = plan, make_batch
 
     def __call__(self, step: int) -> dict[str, np.ndarray]:

@@ -123,12 +123,14 @@ def cache_name(path: Path, fmt: str, options: str = "") -> str:
 
 def prepared_records(path: str | Path, fmt: str | tuple[str, ...],
                      convert: Callable[[object, str], dict | None] | None, cache_dir: str | Path, what: str, *,
-                     stream: Callable[[Path, dict], Iterable[dict]] | None = None, options: str = "") -> RecordFile:
+                     stream: Callable[[Path, dict], Iterable[dict]] | None = None, options: str = "",
+                     meta: dict | None = None) -> RecordFile:
     """The prepared dataset of ``path``: itself when it is one, else its conversion in ``cache_dir`` (built
     here the first time, with a log line). ``fmt``: the format written (a prepared file may be any of a tuple's;
     the first is written). Records come from ``convert`` per JSON record, or from ``stream(path, meta)`` for
     sources that are not JSON records or need other files (``meta``: extra keys it fills in for the ``.json``);
-    ``options`` names what else they depend on, so a change converts again."""
+    ``options`` names what else they depend on, so a change converts again; ``meta``: the conversion's own
+    settings saved in the ``.json`` (e.g. how many negatives a record keeps)."""
     path = resolve_data_path(path)
     if is_prepared(path):
         return RecordFile(path, fmt)
@@ -139,9 +141,9 @@ def prepared_records(path: str | Path, fmt: str | tuple[str, ...],
     if not (out.is_file() and meta_path(out).is_file()):
         log.info("%s: converting to a random-access dataset %s (once; `rdr-jax prepare-data` builds it ahead)",
                  path, out)
-        meta: dict = {}
-        records = stream(path, meta) if stream is not None else stream_converted(path, convert)
-        write_records(records, out, written, str(path), meta=meta)
+        info: dict = dict(meta or {})
+        records = stream(path, info) if stream is not None else stream_converted(path, convert)
+        write_records(records, out, written, str(path), meta=info)
     return RecordFile(out, fmt)
 
 

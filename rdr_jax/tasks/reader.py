@@ -15,6 +15,11 @@ Batch (``B`` questions, ``M`` passages each, ``S`` gold-span slots)::
     text_mask                       [B * M, L]   1 on passage-text tokens
     span_starts, span_ends          [B, S]       token positions of the answer in the positive row
     span_mask                       [B, S]
+
+Data: DPR's retriever-results JSON (the positive is the first retrieved passage with the answer, the negatives
+the retrieved ones without it, as DPR trains its reader) or its bi-encoder JSON, or their prepared
+``.arrayrecord`` dataset (``rdr-jax prepare-data reader``; a raw file is converted once into
+``WORKDIR/data_cache``), read per batch by index (``data.workers`` grain processes build the batches ahead).
 """
 
 from __future__ import annotations
@@ -107,5 +112,5 @@ class ReaderTask(FileDataTask):
     def _data(self, path) -> ReaderData:
         d = self.config.data
         return ReaderData(path, self.tokenizer, passages=d.passages_per_question, max_length=d.max_length,
-                          max_spans=d.max_spans)
+                          max_spans=d.max_spans, cache_dir=self.data_cache)
 

@@ -17,7 +17,10 @@ Batch (``B`` examples)::
     is_query                    [B]       1 = retrieval example, 0 = indexing example (for the split metrics)
 
 Data: the passages TSV (DPR layout ``id<TAB>text<TAB>title``) and DPR's bi-encoder training JSON whose
-positive contexts carry ``passage_id`` (the embedded data does). Identifiers: ``data.identifiers_file`` (a
+positive contexts carry ``passage_id`` (the embedded data does), or its prepared ``.arrayrecord`` dataset
+(``rdr-jax prepare-data seq2seq_index``; a raw file is converted once into ``WORKDIR/data_cache``), whose
+questions are read per batch by index. A process's share of a batch is its contiguous block of the batch's
+rows (indexing rows first), so 2 processes train on the 1-process batches. Identifiers: ``data.identifiers_file`` (a
 ``passage_id<TAB>identifier`` TSV, :func:`~rdr_jax.decoding.identifiers.read_identifier_tsv`), else built
 from the passages by ``data.identifier_kind`` (``atomic`` or ``title``) and written to
 ``WORKDIR/identifiers.tsv``. The export (``WORKDIR/final/retriever/``) holds the model, its tokenizer and
@@ -34,8 +37,7 @@ import numpy as np
 
 from rdr_jax import losses
 from rdr_jax.data.batching import DevBatches
-from rdr_jax.data.files import read_json_records
-from rdr_jax.data.indexing_data import IndexingData, MixedIterator, QueryDevSet
+from rdr_jax.data.indexing_data import IndexingData, MixedIterator, QueryDevSet, iter_questions
 from rdr_jax.decoding.scoring import identifier_token_log_probs
 from rdr_jax.tasks.generative import RETRIEVER, GenerativeTask, GeneratorModel, IdentifierData, identifier_mapping
 from rdr_jax.training.config import ConfigError, TaskSection, option
@@ -45,7 +47,8 @@ from rdr_jax.training.task import register_task
 @dataclasses.dataclass(frozen=True)
 class IndexingDataConfig(IdentifierData):
     passages_file: str = option(doc="DPR passages TSV (id, text, title): the passages to index")
-    train_file: str | None = option(None, doc="DPR bi-encoder JSON: questions with positive passage ids")
+    train_file: str | None = option(None, doc="DPR bi-encoder JSON (or its `rdr-jax prepare-data seq2seq_index` "
+                                              "dataset): questions with positive passage ids")
     dev_file: str | None = option(None)
     indexing_ratio: float = option(0.5, min=0.0, max=1.0, doc="share of indexing examples in a batch")
     max_input_length: int = option(128, min=4)
@@ -73,7 +76,7 @@ class Seq2SeqIndexTask(GenerativeTask):
     def tokenizer_texts(self):
         texts = super().tokenizer_texts()
         if self.config.data.train_file:
-            texts += [r.get("question", "") for r in read_json_records(self.config.data.train_file, "training data")]
+            texts += list(iter_questions(self.config.data.train_file))
         return texts
 
     def _data(self, questions_file) -> IndexingData:
@@ -82,7 +85,7 @@ class Seq2SeqIndexTask(GenerativeTask):
         self.identifiers_tsv()
         return IndexingData(self.passages, questions_file, mapping, self.tokenizer,
                             max_input_length=d.max_input_length, max_identifier_length=d.max_identifier_length,
-                            index_with_title=d.index_with_title)
+                            index_with_title=d.index_with_title, cache_dir=self.data_cache)
 
     def split(self, batch_size: int) -> tuple[int, int]:
         n_index = int(round(batch_size * self.config.data.indexing_ratio))
@@ -91,9 +94,9 @@ class Seq2SeqIndexTask(GenerativeTask):
     def train_iterator(self, batch_size: int, seed: int) -> Iterator[dict[str, np.ndarray]]:
         n_index, n_query = self.split(batch_size)
         data = self._data(self.config.data.train_file if n_query else None)
-        if not data.index_texts:
+        if not data.num_index:
             raise ValueError(f"{self.config.data.passages_file}: no passage has an identifier")
-        if n_query and not data.questions:
+        if n_query and not data.num_queries:
             raise ValueError(f"{self.config.data.train_file}: no question has a positive passage with an identifier")
         return MixedIterator(data, n_index, n_query, seed, self.config.data.shuffle)
 

@@ -106,10 +106,17 @@ class CorpusNgrams:
 
     def save(self, out_dir) -> Path:
         out = self.index.save(out_dir)
-        tmp = out / f".{self.PASSAGE_IDS}.tmp"
-        tmp.write_text(json.dumps(self.passage_ids))
-        os.replace(tmp, out / self.PASSAGE_IDS)
+        self.save_passage_ids(out, self.passage_ids)
         return out
+
+    @classmethod
+    def save_passage_ids(cls, out_dir, passage_ids: Sequence[str]) -> None:
+        """``passage_ids.json`` (row -> id), alone: a streamed build writes it before its parts."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / f".{cls.PASSAGE_IDS}.tmp"
+        tmp.write_text(json.dumps(list(passage_ids)))
+        os.replace(tmp, out / cls.PASSAGE_IDS)
 
     @classmethod
     def load(cls, index_dir, **kwargs) -> "CorpusNgrams":

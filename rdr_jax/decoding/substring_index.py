@@ -225,7 +225,8 @@ class SubstringIndex:
         meta = {"kind": "substring_index", "vocab_size": self.vocab_size, "eos_token_id": self.eos_token_id,
                 "max_ngram": self.max_ngram, "min_ngram": self.min_ngram, "num_tokens": int(len(self.tokens)),
                 "num_suffixes": int(len(self.suffixes)), "num_views": int(len(self.view_passage)),
-                "num_passages": int(self.view_passage.max(initial=-1)) + 1, "build_seconds": self.build_seconds, **(extra_meta or {})}
+                "num_passages": int(self.view_passage.max(initial=-1)) + 1, "build_seconds": self.build_seconds,
+                **(extra_meta or {})}
         tmp = out / ".meta.json.tmp"
         tmp.write_text(json.dumps(meta, indent=1))
         os.replace(tmp, out / "meta.json")

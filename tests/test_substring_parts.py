@@ -133,6 +133,10 @@ def test_streamed_build_saves_loads_and_resumes(tmp_path):
     ids = [f"p{r}" for r in range(max(rows) + 1)]
     (tmp_path / CorpusNgrams.PASSAGE_IDS).write_text(json.dumps(ids))
     assert isinstance(CorpusNgrams.load(tmp_path).index, PartitionedSubstringIndex)
+    # a corpus that fits one part: one ordinary index directory, as before parts existed
+    one = build_parts(zip(rows, views), tmp_path / "one", **dict(settings, max_part_positions=10 ** 6))
+    assert isinstance(one, SubstringIndex) and (tmp_path / "one" / "suffixes.npy").is_file()
+    np.testing.assert_array_equal(load_substring_index(tmp_path / "one").suffixes, single.suffixes)
 
 
 def test_global_positions_past_int32():

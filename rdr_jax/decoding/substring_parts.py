@@ -20,7 +20,8 @@ of its occurrences in the parts: counts add up, allowed next tokens are the unio
 part ``p``'s local position plus the tokens of the parts before it (int64).
 
 On disk: ``DIR/meta.json`` (``kind: substring_index_parts``, written last) and ``DIR/part-00000/`` ... each an
-ordinary index directory whose ``meta.json`` also names its passage rows ``[first_row, end_row)``.
+ordinary index directory whose ``meta.json`` also names its passage rows ``[first_row, end_row)``; a corpus
+that fits one part is one ordinary index directory, as before parts existed.
 """
 
 from __future__ import annotations
@@ -134,11 +135,12 @@ def load_substring_index(index_dir) -> SubstringIndex | PartitionedSubstringInde
 
 def build_parts(passage_views: Iterable[tuple[int, Sequence[int]]], out_dir, *, vocab_size: int,
                 eos_token_id: int, max_ngram: int = 10, min_ngram: int = 1,
-                max_part_positions: int = DEFAULT_PART_POSITIONS) -> PartitionedSubstringIndex:
+                max_part_positions: int = DEFAULT_PART_POSITIONS) -> SubstringIndex | PartitionedSubstringIndex:
     """Streams ``(passage row, view tokens)`` pairs (rows non-decreasing) into parts of at most
     ``max_part_positions`` positions, each built and saved before the next is read: host memory is one part's.
     Resumable: a part already on disk with the same passage rows, token count and settings is loaded (memory
-    mapped), not rebuilt; ``DIR/meta.json`` is written after the last part."""
+    mapped), not rebuilt; ``DIR/meta.json`` is written after the last part. A corpus that fits one part is saved
+    as one index (``DIR`` itself, no part directories)."""
     out = Path(out_dir)
     settings = dict(vocab_size=vocab_size, eos_token_id=eos_token_id, max_ngram=max_ngram, min_ngram=min_ngram)
     parts, end = [], 0
@@ -156,6 +158,13 @@ def build_parts(passage_views: Iterable[tuple[int, Sequence[int]]], out_dir, *, 
     bar.close()
     if not parts:
         raise ValueError("build_parts: no views to index")
+    if len(parts) == 1:   # a corpus that fits one index keeps that index's layout: DIR is the index
+        part = out / _part_name(0)
+        for name in SubstringIndex.ARRAYS:
+            os.replace(part / f"{name}.npy", out / f"{name}.npy")
+        os.replace(part / "meta.json", out / "meta.json")   # last: DIR is complete
+        part.rmdir()
+        return SubstringIndex.load(out)
     _write_meta(out, len(parts), end)
     return PartitionedSubstringIndex(parts)
 

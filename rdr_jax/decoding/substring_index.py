@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from rdr_jax.decoding.corpus_views import passage_views, token_ids
 from rdr_jax.decoding.trie import top_k_padded
 
 SEPARATOR = -1
@@ -116,7 +117,7 @@ class SubstringIndex:
         if not 1 <= min_ngram <= max_ngram:
             raise ValueError(f"need 1 <= min_ngram ({min_ngram}) <= max_ngram ({max_ngram})")
         t0 = time.perf_counter()
-        views = [np.asarray(v, np.int64).reshape(-1) for v in views]
+        views = [token_ids(v) for v in views]
         view_passage = np.asarray(view_passage, np.int32)
         if len(views) != len(view_passage):
             raise ValueError(f"{len(views)} views but {len(view_passage)} passage rows")
@@ -377,24 +378,3 @@ class DeviceSubstringIndex:
         pick = lambda a: jnp.take_along_axis(a.reshape(B, K * width), flat, axis=1)
         return top_scores, flat // width, pick(tokens), (pick(child_lo), pick(child_hi))
 
-
-def passage_views(passages: Iterable[dict], tokenizer, *, views: Sequence[str] = ("title", "body"),
-                  pseudo_queries: dict[str, list[str]] | None = None, batch_size: int = 10_000):
-    """``(passage row, token ids)`` of MINDER's views of each passage, tokenised ``batch_size`` texts at a time
-    (a stream: the 21M-passage build never holds every view's tokens as Python lists)."""
-    texts, rows = [], []
-    for row, p in enumerate(passages):
-        for view in views:
-            if view == "title" and (p.get("title") or "").strip():
-                texts.append(p["title"]), rows.append(row)
-            elif view == "body":
-                texts.append(p["text"]), rows.append(row)
-            elif view not in ("title", "body"):
-                raise ValueError(f"unknown view {view!r}: title, body (and pseudo-queries as a mapping)")
-        for q in (pseudo_queries or {}).get(str(p["id"]), ()):
-            texts.append(q), rows.append(row)
-        if len(texts) >= batch_size:
-            yield from zip(rows, tokenizer(texts, add_special_tokens=False)["input_ids"])
-            texts, rows = [], []
-    if texts:
-        yield from zip(rows, tokenizer(texts, add_special_tokens=False)["input_ids"])

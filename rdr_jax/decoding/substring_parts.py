@@ -35,6 +35,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 from tqdm import tqdm
 
+from rdr_jax.decoding.corpus_views import token_ids
 from rdr_jax.decoding.substring_index import DEFAULT_SHORT_RANGE, DEVICE_POSITION_LIMIT, SubstringIndex
 from rdr_jax.decoding.substring_union import DeviceSubstringUnion
 
@@ -197,7 +198,7 @@ def _split(passage_views, max_part_positions: int) -> Iterator[tuple[list, list,
                 raise ValueError(f"passage rows must not decrease: {row} after {previous}")
             yield from close_passage()
             passage, passage_size = [], 0
-        passage.append((row, np.asarray(view, np.int64).reshape(-1)))
+        passage.append((row, token_ids(view)))
         passage_size += len(passage[-1][1]) + 1
         previous = row
     if passage:

@@ -9,12 +9,11 @@ path; vocabulary order on the other), the search returns the same beams.
 
 Cost per step: the vocabulary path searches each part (``P x beams x vocab x log2(S / P)`` gathers, about ``P``
 times one index's); the short-range path reads ``P x short_range`` tokens per beam, sorts them to merge the
-parts' runs and finds each distinct token's run in every part with a binary search over the short range.
+parts' columns (carrying each entry's part) and reads each distinct token's run in every part from per-part
+cumulative counts.
 """
 
 from __future__ import annotations
-
-import math
 
 import jax
 import jax.numpy as jnp
@@ -103,13 +102,22 @@ class DeviceSubstringUnion:
             last = part.suffixes.shape[0] - 1
             token = part.tokens[part.suffixes[jnp.clip(index, 0, last)] + depth]
             columns.append(jnp.where(index < hi[..., p, None], token, _PAST))
-        columns = jnp.stack(columns, axis=2)                               # [B, K, P, R], each row sorted
-        merged = jnp.sort(columns.reshape(B, K, P * R), axis=-1)
+        columns = jnp.stack(columns, axis=2).reshape(B, K, P * R)       # part p's sorted column at p * R
+        labels = jnp.broadcast_to(jnp.repeat(jnp.arange(P, dtype=jnp.int32), R), columns.shape)
+        merged, labels = jax.lax.sort((columns, labels), dimension=-1, num_keys=1)
+        M = P * R
         previous = jnp.concatenate([jnp.full((B, K, 1), -2, merged.dtype), merged[..., :-1]], axis=-1)
+        following = jnp.concatenate([merged[..., 1:], jnp.full((B, K, 1), -2, merged.dtype)], axis=-1)
         allowed = (merged != previous) & (merged >= 0) & (merged != _PAST) & (depth < self.max_ngram)
         tokens = jnp.where(allowed, merged, 0)                             # [B, K, M]
-        child_lo = lo[..., None, :] + _count_below(columns, tokens)       # [B, K, M, P]
-        child_hi = lo[..., None, :] + _count_below(columns, tokens + 1)
+        # A run of token t starting at merged slot i: part p's entries before i are its entries < t, so its
+        # child range starts there; the run's end closes it. Counts per part by a cumulative sum, no search.
+        inclusive = jnp.cumsum(labels[..., None] == jnp.arange(P), axis=2, dtype=jnp.int32)   # [B, K, M, P]
+        before = inclusive - (labels[..., None] == jnp.arange(P))
+        end_at = jax.lax.cummin(jnp.where(merged != following, jnp.arange(M), M), axis=2, reverse=True)
+        through = jnp.take_along_axis(inclusive, jnp.minimum(end_at, M - 1)[..., None], axis=2)
+        child_lo = lo[..., None, :] + before                               # [B, K, M, P]
+        child_hi = lo[..., None, :] + through
         scores = jnp.where(allowed, log_probs(tokens) + alive_scores[..., None], -jnp.inf)
         eos = jnp.full((B, K, 1), self.eos_token_id, jnp.int32)
         eos_ok = jnp.any(hi > lo, axis=-1)[..., None] & (depth >= self.min_ngram)
@@ -125,22 +133,3 @@ class DeviceSubstringUnion:
         return (top_scores, flat // width, jnp.take_along_axis(tokens.reshape(B, K * width), flat, axis=1),
                 (pick(child_lo), pick(child_hi)))
 
-
-def _count_below(columns, targets):
-    """``columns [B, K, P, R]`` (rows sorted), ``targets [B, K, M]`` -> ``[B, K, M, P]``: how many entries of
-    each part's row are ``< target`` (its lower bound), by a fixed number of halvings."""
-    B, K, P, R = columns.shape
-    M = targets.shape[-1]
-    flat = columns.reshape(B, K, P * R)
-    row_start = jnp.arange(P, dtype=jnp.int32) * R                          # part p's row in ``flat``
-    target = targets[..., None]                                             # [B, K, M, 1]
-    low = jnp.zeros((B, K, M, P), jnp.int32)
-    high = jnp.full((B, K, M, P), R, jnp.int32)
-    for _ in range(max(1, math.ceil(math.log2(R + 1)))):
-        mid = (low + high) // 2
-        at = (row_start + jnp.minimum(mid, R - 1)).reshape(B, K, M * P)
-        value = jnp.take_along_axis(flat, at, axis=-1).reshape(B, K, M, P)
-        smaller = (mid < high) & (value < target)
-        low = jnp.where(smaller, mid + 1, low)
-        high = jnp.where(smaller | (mid >= high), high, mid)
-    return low

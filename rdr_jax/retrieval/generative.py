@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from rdr_jax.decoding.identifiers import PassageIdentifiers, read_identifier_tsv
 from rdr_jax.decoding.ngram_passages import CorpusNgrams
-from rdr_jax.decoding.substring_index import passage_views
+from rdr_jax.decoding.corpus_views import passage_views
 from rdr_jax.decoding.substring_parts import DEFAULT_PART_POSITIONS, build_parts
 
 IDENTIFIERS_TSV = "identifiers.tsv"

@@ -7,9 +7,10 @@
   index on the device; PyTorch: ``generate(num_beams=10, length_penalty=0.0, early_stopping=True,
   prefix_allowed_tokens_fn=index.allowed_tokens)`` (the host side of the same index: a binary search and a
   ``np.unique`` per call). Top-1 agreement of the two is reported.
-- Scale: build time, host bytes and device bytes for the embedded corpus and a synthetic one (1M passages of
-  64 Zipf-distributed tokens plus an 8-token title; ``--quick``: 20k), and the extrapolation to 21M passages
-  x (100 + 10) tokens at the measured rate.
+- Scale: build time and peak RSS of a synthetic corpus (1M passages of 64 Zipf-distributed tokens plus an
+  8-token title; ``--quick``: 20k) as one index and streamed into 4 sub-indexes (each build in a fresh
+  process), and the extrapolation to 21M passages x (100 + 10) tokens: parts, device bytes, build time.
+- Step cost: the constraint's ms per beam-search step with the corpus in 1, 2 and 4 sub-indexes.
 """
 
 from __future__ import annotations
@@ -102,33 +103,129 @@ def search(opts: C.Options) -> C.Result:
                     jax_ms, torch_ms, note, extra)
 
 
-def scale(opts: C.Options) -> C.Result:
-    from rdr_jax.decoding.substring_index import SubstringIndex
-
-    passages = 20_000 if opts.quick else 1_000_000
-    body, title, vocab = 64, 8, 30522
-    rng = np.random.default_rng(0)
-    # Zipf-like token frequencies, as text has: many repeated n-grams make the sort's ties realistic
+def _synthetic_views(passages: int, body: int = 64, title: int = 8, vocab: int = 30522, seed: int = 0):
+    """``(rows, views)``: an 8-token title and a 64-token body per passage, Zipf-distributed tokens (as text has:
+    many repeated n-grams make the sort's ties realistic)."""
+    rng = np.random.default_rng(seed)
     tokens = (rng.zipf(1.3, size=passages * (body + title)) % (vocab - 2) + 2).astype(np.int32)
     views = np.split(tokens, np.cumsum([title, body] * passages)[:-1])   # title, body, title, body, ...
-    rows = np.repeat(np.arange(passages), 2)
+    return np.repeat(np.arange(passages), 2), views
+
+
+def build_worker(passages: int, parts: int, workdir: str) -> dict:
+    """One build in this (fresh) process: ``parts`` 0 = one in-memory ``SubstringIndex``; else ``build_parts``
+    streamed to ``workdir`` with the part size forced to a ``1/parts`` share. Peak RSS is this process's."""
+    from rdr_jax.decoding.substring_index import SubstringIndex
+    from rdr_jax.decoding.substring_parts import build_parts
+
+    rows, views = _synthetic_views(passages)
+    positions = sum(len(v) + 1 for v in views)
     before = C.peak_rss_mb()
     t0 = time.perf_counter()
-    index = SubstringIndex.build(views, rows, vocab_size=32128, eos_token_id=1, max_ngram=10)
-    build_s = time.perf_counter() - t0
-    peak = C.peak_rss_mb()
-    per_token_s = build_s / len(index.suffixes)
-    full_tokens = 21_000_000 * 110
-    extra = {"passages": passages, "suffixes": int(len(index.suffixes)), "build_s": build_s,
-             "host_bytes": index.nbytes, "device_bytes": int(index.tokens.nbytes + index.suffixes.nbytes),
-             "peak_rss_mb": peak, "rss_before_mb": before,
-             "extrapolated_21m_build_s": per_token_s * full_tokens * np.log2(full_tokens) / np.log2(len(index.suffixes)),
-             "extrapolated_21m_device_gb": full_tokens * 8 / 1e9}
-    note = (f"{passages:,} synthetic passages ({len(index.suffixes):,} suffixes): build {build_s:.1f}s, "
-            f"{index.nbytes / 2 ** 20:.0f} MiB host, peak RSS {peak:.0f} MB; 21M x 110 tokens: ~"
-            f"{extra['extrapolated_21m_build_s'] / 60:.0f} min, {extra['extrapolated_21m_device_gb']:.1f} GB device")
-    return C.Result(f"ngram_index: build {passages:,} passages", 1000 * build_s, None, note, extra)
+    settings = dict(vocab_size=32128, eos_token_id=1, max_ngram=10)
+    if parts:
+        index = build_parts(zip(rows, views), workdir, max_part_positions=-(-positions // parts) + 200, **settings)
+        made = len(getattr(index, "parts", [index]))   # one part is saved as one index
+    else:
+        index, made = SubstringIndex.build(views, rows, **settings), 1
+    return {"passages": passages, "parts": made, "positions": positions, "suffixes": index.num_suffixes,
+            "build_s": time.perf_counter() - t0, "host_bytes": index.nbytes, "peak_rss_mb": C.peak_rss_mb(),
+            "rss_before_mb": before}
+
+
+def scale(opts: C.Options) -> C.Result:
+    """Single index vs 4 streamed parts at the same synthetic corpus, each built in a fresh process."""
+    passages = 20_000 if opts.quick else 1_000_000
+    workdir = Path(opts.workdir) / "ngram_parts"
+    single = C.run_worker("benchmarks.ngram_index", ["build", str(passages), "0", str(workdir)], opts.threads)
+    split = C.run_worker("benchmarks.ngram_index", ["build", str(passages), "4", str(workdir)], opts.threads)
+    full = 21_000_000 * (110 + 2)   # title + body tokens and their two separators per passage
+    from rdr_jax.decoding.substring_parts import DEFAULT_PART_POSITIONS
+
+    parts_21m = -(-full // DEFAULT_PART_POSITIONS)
+    extra = {"single": single, "four_parts": split, "positions_21m": full, "parts_21m": parts_21m,
+             # int32 tokens + int32 suffixes per position, a root-bounds row per part
+             "device_bytes_21m": full * 8 + parts_21m * 32129 * 4, "device_bytes_21m_int64_suffixes": full * 12,
+             "extrapolated_21m_build_s": split["build_s"] / split["positions"] * full
+             * np.log2(DEFAULT_PART_POSITIONS) / np.log2(split["positions"] / split["parts"])}
+    note = (f"{passages:,} passages ({single['positions']:,} positions): one index {single['build_s']:.1f}s, peak "
+            f"RSS {single['peak_rss_mb']:.0f} MB; 4 streamed parts {split['build_s']:.1f}s, peak RSS "
+            f"{split['peak_rss_mb']:.0f} MB; 21M x 110 tokens: {parts_21m} parts, "
+            f"{extra['device_bytes_21m'] / 1e9:.1f} GB device (int64 suffixes: "
+            f"{extra['device_bytes_21m_int64_suffixes'] / 1e9:.1f} GB), ~{extra['extrapolated_21m_build_s'] / 60:.0f}"
+            " min build")
+    return C.Result(f"ngram_index: one vs 4 parts, {passages:,} passages", 1000 * split["build_s"], None, note,
+                    extra)
+
+
+def step_cost(opts: C.Options) -> C.Result:
+    """The constraint's cost per beam-search step with the corpus in 1, 2 and 4 parts (100k synthetic passages;
+    ``--quick``: smaller): ``next_candidates`` jit-compiled, 10 beams x 4 questions, vocabulary 32128, each path
+    timed on its own. Vocabulary search (``short_range=1`` forces it): step 1 after log-probabilities that
+    follow frequent tokens (long ranges). Short-range reads (default ``short_range``): step 3 after uniform
+    random log-probabilities (rare tokens; the row says whether every range was short, i.e. that path ran)."""
+    import jax
+    import jax.numpy as jnp
+
+    from rdr_jax.decoding.substring_index import DEFAULT_SHORT_RANGE
+    from rdr_jax.decoding.substring_parts import PartitionedSubstringIndex
+
+    # --quick: a smoke run (2k passages, vocabulary 1024, 1 and 2 parts), not a measurement
+    passages, (B, K, V), counts = (2_000, (2, 4, 1024), (1, 2)) if opts.quick else (100_000, (4, 10, 32128), (1, 2, 4))
+    rows, views = _synthetic_views(passages, vocab=min(30522, V - 2))
+    positions = sum(len(v) + 1 for v in views)
+    rng = np.random.default_rng(1)
+    noise = rng.normal(size=(4, B, K, V)).astype(np.float32)
+    frequent, uniform = jnp.asarray(-3.0 * np.log(np.arange(V) + 2.0) + noise), jnp.asarray(noise)
+
+    def log_probs(x):
+        full = jax.nn.log_softmax(x)
+        return lambda t: full if t is None else jnp.take_along_axis(full, t, axis=-1)
+
+    first = jax.jit(lambda index, x: index.first_candidates(log_probs(x[:, 0]), K, V))
+    step = jax.jit(lambda index, x, s, state, d: index.next_candidates(log_probs(x), s, state, K, d))
+
+    def timed(index, x, scores, state, depth):
+        args = (index, x, scores, state, jnp.int32(depth))
+        C.block(step(*args))   # compiles
+        return C.median_ms(C.interleaved({"step": lambda: C.block(step(*args))}, max(opts.repeats, 2))["step"])
+
+    def states(index, x, depth):
+        scores, _, _, state = first(index, x[0])
+        for d in range(1, depth):
+            scores, _, _, state = step(index, x[d], scores, state, jnp.int32(d))
+        return scores, state
+
+    extra, notes = {"passages": passages, "positions": positions, "batch": B, "num_beams": K}, []
+    for parts in counts:
+        split = PartitionedSubstringIndex.build(views, rows, vocab_size=V, eos_token_id=1, max_ngram=10,
+                                                max_part_positions=-(-positions // parts) + 200)
+        by_vocabulary = split.to_device(V, short_range=1)
+        vocab_ms = timed(by_vocabulary, frequent[1], *states(by_vocabulary, frequent, 1), 1)
+        default = split.to_device(V)
+        scores, state = states(default, uniform, 3)
+        lo, hi = (np.asarray(a) for a in state)
+        alive = np.isfinite(np.asarray(scores)).reshape(lo.shape[:2] + (1,) * (lo.ndim - 2))
+        short = bool(np.all(((hi - lo) <= DEFAULT_SHORT_RANGE) | ~alive))
+        short_ms = timed(default, uniform[3], scores, state, 3)
+        extra[f"vocabulary_path_{parts}_parts_ms"], extra[f"short_path_{parts}_parts_ms"] = vocab_ms, short_ms
+        extra[f"short_path_ran_{parts}_parts"] = short
+        notes.append(f"{parts} part(s): vocabulary {vocab_ms:.0f}, short {short_ms:.1f}" + ("" if short else "*"))
+    ratio = extra[f"vocabulary_path_{counts[-1]}_parts_ms"] / extra["vocabulary_path_1_parts_ms"]
+    return C.Result(f"ngram_index: constraint ms/step vs parts, {passages:,} passages",
+                    extra["vocabulary_path_1_parts_ms"], None,
+                    "ms per step: " + "; ".join(notes) + f"; vocabulary path {counts[-1]} parts / 1: {ratio:.1f}x"
+                    + (" (*: some range long, the vocabulary path ran)" if "*" in "".join(notes) else ""), extra)
 
 
 def run(opts: C.Options) -> list[C.Result]:
-    return [search(opts), scale(opts)]
+    return [search(opts), scale(opts), step_cost(opts)]
+
+
+if __name__ == "__main__":   # worker: python -m benchmarks.ngram_index build PASSAGES PARTS WORKDIR
+    import json
+    import sys
+
+    if len(sys.argv) != 5 or sys.argv[1] != "build":
+        raise SystemExit("usage: python -m benchmarks.ngram_index build PASSAGES PARTS WORKDIR")
+    print(json.dumps(build_worker(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])))

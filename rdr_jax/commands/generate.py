@@ -24,7 +24,9 @@ examples:
 
 With --ngram-index every n-gram (up to --max-ngram tokens) of every passage's title and text (and of its
 --pseudo-queries) is an identifier (MINDER): the beams are corpus n-grams and passages are ranked by SEAL's
-intersective score of the n-grams they contain. The index is built into that directory on first use."""
+intersective score of the n-grams they contain. The index is built into that directory on first use, in
+sub-indexes of at most --ngram-part-positions token positions each (one for a small corpus; two for 21M
+passages), each saved when done: a stopped build rerun keeps the finished ones."""
 
 
 def add_arguments(p):
@@ -50,6 +52,10 @@ def add_arguments(p):
                    help="corpus n-gram identifiers (MINDER): the index in DIR, built there from --passages if absent")
     p.add_argument("--max-ngram", type=positive_int, default=10,
                    help="longest n-gram in tokens when building --ngram-index (default 10)")
+    p.add_argument("--ngram-part-positions", type=int_at_least(64), default=None, metavar="N",
+                   help="most token positions per sub-index when building --ngram-index (default and maximum: "
+                        "2**31 - 2**20 - 1, what int32 offsets hold); smaller parts bound the build's host memory "
+                        "and cost beam-search time per part")
     p.add_argument("--pseudo-queries", default=None,
                    help="JSONL {id, queries: [...]}: extra identifier views when building --ngram-index")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
@@ -86,7 +92,8 @@ def run(args) -> int:
         args.model, args.identifiers, dtype=args.dtype, num_beams=args.num_beams, max_length=args.max_length,
         batch_size=args.batch_size, max_question_length=args.max_question_length, ngram_index=args.ngram_index,
         passages=corpus, max_ngram=args.max_ngram, pseudo_queries=_pseudo_queries(args.pseudo_queries),
-        ngram_top_k=max(args.k))
+        ngram_top_k=max(args.k), **({"ngram_part_positions": args.ngram_part_positions}
+                                    if args.ngram_part_positions else {}))
     corpus = corpus if corpus is not None else read_dpr_passages(args.passages)
     if args.gold:
         results = candidates_for_distillation(retriever, questions, corpus, match_type=args.match)

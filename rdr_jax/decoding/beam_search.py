@@ -34,6 +34,8 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from rdr_jax.decoding.substring_index import DeviceSubstringIndex, SubstringIndex
+from rdr_jax.decoding.substring_parts import PartitionedSubstringIndex
+from rdr_jax.decoding.substring_union import DeviceSubstringUnion
 from rdr_jax.decoding.trie import DeviceTrie, PrefixTrie
 from rdr_jax.models.seq2seq import DecoderCache, reorder_cache
 
@@ -96,7 +98,9 @@ def _advance(state: _SearchState, candidates, cache: DecoderCache, *, num_beams:
     # Alive: the best K candidates that did not end.
     alive_scores, keep = jax.lax.top_k(jnp.where(is_eos, -jnp.inf, top_scores), K)
     alive_parent = _take(parent, keep)
-    alive_nodes = jax.tree.map(lambda c: jnp.where(jnp.isfinite(alive_scores), _take(c, keep), -1), child)
+    alive = jnp.isfinite(alive_scores)   # [B, K]; a node may have trailing axes (one suffix range per index part)
+    alive_nodes = jax.tree.map(lambda c: jnp.where(alive.reshape(alive.shape + (1,) * (c.ndim - 2)),
+                                                   _take(c, keep), -1), child)
     rows = (jnp.arange(B)[:, None] * rows_per_question + alive_parent).reshape(-1)
 
     done = (state.done | (jnp.sum(jnp.isfinite(finished_scores), axis=1) >= K)
@@ -170,7 +174,8 @@ def _compiled_search(model, graphdef):
 
 
 def constrained_beam_search(model, input_ids, attention_mask,
-                            trie: PrefixTrie | DeviceTrie | SubstringIndex | DeviceSubstringIndex, num_beams: int,
+                            trie: PrefixTrie | DeviceTrie | SubstringIndex | DeviceSubstringIndex
+                            | PartitionedSubstringIndex | DeviceSubstringUnion, num_beams: int,
                             max_length: int | None = None) -> tuple[jax.Array, jax.Array]:
     """The ``num_beams`` best identifiers of ``trie`` for each input row, by beam search.
 
@@ -178,8 +183,9 @@ def constrained_beam_search(model, input_ids, attention_mask,
       model: a seq2seq model with the ``encode`` / ``init_cache`` / ``decode`` interface (T5, BART).
       input_ids, attention_mask: ``[batch, source_length]``.
       trie: the identifiers: a :class:`PrefixTrie` of whole identifiers, or a
-        :class:`~rdr_jax.decoding.substring_index.SubstringIndex` whose every corpus n-gram is one (MINDER), or
-        either's ``to_device()`` arrays.
+        :class:`~rdr_jax.decoding.substring_index.SubstringIndex` whose every corpus n-gram is one (MINDER) or
+        its :class:`~rdr_jax.decoding.substring_parts.PartitionedSubstringIndex` (past 2**31 positions), or
+        any of these's ``to_device()`` arrays.
       num_beams: beams kept per row, and identifiers returned per row.
       max_length: most tokens generated, EOS included (default: the trie's longest identifier, or the index's
         longest n-gram plus EOS). transformers' ``generate`` counts the decoder start token too: its
@@ -198,12 +204,12 @@ def constrained_beam_search(model, input_ids, attention_mask,
                              f"of {vocab_size}")
         max_length = max_length or trie.max_length
         trie = trie.to_device()
-    elif isinstance(trie, SubstringIndex):
+    elif isinstance(trie, (SubstringIndex, PartitionedSubstringIndex)):
         if trie.vocab_size > vocab_size:
             raise ValueError(f"the n-gram index was built for a vocabulary of {trie.vocab_size} tokens, more than "
                              f"the model's {vocab_size}")
         trie = trie.to_device(vocab_size)
-    if isinstance(trie, DeviceSubstringIndex):
+    if isinstance(trie, (DeviceSubstringIndex, DeviceSubstringUnion)):
         max_length = max_length or trie.max_length
         if trie.vocab_size != vocab_size:  # the candidates span the index's vocabulary: pad it to the model's
             raise ValueError(f"the n-gram index's vocabulary ({trie.vocab_size}) must be the model's ({vocab_size}): "

@@ -13,6 +13,10 @@ from typing import Sequence
 import numpy as np
 
 from rdr_jax.decoding.substring_index import DeviceSubstringIndex, SubstringIndex
+from rdr_jax.decoding.substring_parts import PartitionedSubstringIndex, load_substring_index
+from rdr_jax.decoding.substring_union import DeviceSubstringUnion
+
+NgramIndex = SubstringIndex | PartitionedSubstringIndex   # one index, or parts past 2**31 positions
 
 
 def ngram_weight(log_prob: float, count: int, total: int) -> float:
@@ -24,32 +28,33 @@ def ngram_weight(log_prob: float, count: int, total: int) -> float:
     return max(0.0, math.log(p_q * (1.0 - p)) - math.log(p * (1.0 - p_q)))
 
 
-def score_passages(index: SubstringIndex, ngrams: Sequence[Sequence[int]], log_probs: Sequence[float],
+def score_passages(index: NgramIndex, ngrams: Sequence[Sequence[int]], log_probs: Sequence[float],
                    top_k: int | None = None, max_occurrences: int = 10_000) -> list[tuple[int, float]]:
     """SEAL's intersective scoring of one question: ``(passage row, score)``, best first. A passage's score is
     the sum of the weights (:func:`ngram_weight`) of the distinct generated n-grams it contains, taking n-grams
     from the heaviest down and skipping one whose every occurrence in the passage overlaps an occurrence of an
     n-gram already counted there (so "new york" does not also count "york"). N-grams occurring more than
-    ``max_occurrences`` times are too common to name passages and are left out."""
-    total = len(index.suffixes)
+    ``max_occurrences`` times are too common to name passages and are left out. Counts and positions are the
+    whole corpus's whether ``index`` is one index or parts (summed over them)."""
+    total = index.num_suffixes
     weighted = []
     for ngram, lp in zip(ngrams, log_probs):
         ngram = list(ngram)
         ngram = ngram[:ngram.index(index.eos_token_id)] if index.eos_token_id in ngram else ngram
         if not ngram or not np.isfinite(lp) or len(ngram) > index.max_ngram:
             continue
-        lo, hi = index.range_of(ngram)
-        if lo < hi <= lo + max_occurrences:
-            weighted.append((ngram_weight(float(lp), hi - lo, total), tuple(ngram), lo, hi))
+        count = index.count(ngram)
+        if 0 < count <= max_occurrences:
+            weighted.append((ngram_weight(float(lp), count, total), tuple(ngram)))
     weighted.sort(key=lambda w: -w[0])
     scores: dict[int, float] = {}
     covered: dict[int, list[tuple[int, int]]] = {}
     seen: set[tuple[int, ...]] = set()
-    for weight, ngram, lo, hi in weighted:
+    for weight, ngram in weighted:
         if ngram in seen or weight <= 0:
             continue
         seen.add(ngram)
-        starts = np.sort(index.suffixes[lo:hi].astype(np.int64))
+        starts = index.occurrences(ngram)
         rows = index.passages_of_positions(starts)
         for row in np.unique(rows):
             spans = covered.setdefault(int(row), [])
@@ -70,7 +75,7 @@ class CorpusNgrams:
 
     PASSAGE_IDS = "passage_ids.json"
 
-    def __init__(self, index: SubstringIndex, passage_ids: Sequence[str], *, top_k: int = 100,
+    def __init__(self, index: NgramIndex, passage_ids: Sequence[str], *, top_k: int = 100,
                  max_occurrences: int = 10_000):
         self.index, self.passage_ids = index, list(passage_ids)
         self.top_k, self.max_occurrences = top_k, max_occurrences
@@ -82,7 +87,7 @@ class CorpusNgrams:
     def max_length(self) -> int:
         return self.index.max_ngram + 1
 
-    def constraint(self, vocab_size: int) -> DeviceSubstringIndex:
+    def constraint(self, vocab_size: int) -> DeviceSubstringIndex | DeviceSubstringUnion:
         return self.index.to_device(vocab_size)
 
     def check_vocabulary(self, vocab_size: int) -> None:
@@ -101,14 +106,21 @@ class CorpusNgrams:
 
     def save(self, out_dir) -> Path:
         out = self.index.save(out_dir)
-        tmp = out / f".{self.PASSAGE_IDS}.tmp"
-        tmp.write_text(json.dumps(self.passage_ids))
-        os.replace(tmp, out / self.PASSAGE_IDS)
+        self.save_passage_ids(out, self.passage_ids)
         return out
 
     @classmethod
+    def save_passage_ids(cls, out_dir, passage_ids: Sequence[str]) -> None:
+        """``passage_ids.json`` (row -> id), alone: a streamed build writes it before its parts."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / f".{cls.PASSAGE_IDS}.tmp"
+        tmp.write_text(json.dumps(list(passage_ids)))
+        os.replace(tmp, out / cls.PASSAGE_IDS)
+
+    @classmethod
     def load(cls, index_dir, **kwargs) -> "CorpusNgrams":
-        index = SubstringIndex.load(index_dir)
+        index = load_substring_index(index_dir)
         ids_path = Path(index_dir) / cls.PASSAGE_IDS
         if not ids_path.is_file():
             raise FileNotFoundError(f"{index_dir}: no {cls.PASSAGE_IDS} (the passage ids of the index rows)")

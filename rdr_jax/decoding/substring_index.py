@@ -18,9 +18,9 @@ does: one step of the beam search finds, for every beam and every vocabulary tok
 bound of ``v`` in the beam's range (``log2 S`` gathers each), and token ``v`` is allowed exactly when the bounds
 of ``v`` and ``v + 1`` differ; those two bounds are also the child range. That is exact (every substring of
 length ``<= max_ngram`` is reachable, nothing else is), costs ``beams x vocab x log2 S`` gathers per step, which
-an accelerator does in well under a millisecond, and stores 4 bytes per token for ``suffixes`` plus the tokens
-(2 or 4 bytes): ~8.4 GB + 5.5 GB at 21M passages x 130 tokens of views (an FM-index with sampled suffix array
-would be smaller on the host; device memory is the constraint here, and this fits one 80 GB GPU).
+an accelerator does in well under a millisecond, and stores 4 bytes per token for ``suffixes`` plus 4 for the
+tokens. Offsets are int32, so one index holds < 2**31 positions; 21M passages (~2.35B positions) are split into
+such indexes by passage range, searched as their union (:mod:`rdr_jax.decoding.substring_parts`): ~19 GB.
 
 A beam state is its range ``(lo, hi)``; the generated n-gram may end (EOS) after ``min_ngram`` tokens, and must
 after ``max_ngram``. Passages are scored from the generated n-grams as SEAL does
@@ -29,6 +29,7 @@ after ``max_ngram``. Passages are scored from the generated n-grams as SEAL does
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import json
 import math
@@ -42,9 +43,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from rdr_jax.decoding.corpus_views import passage_views, token_ids
 from rdr_jax.decoding.trie import top_k_padded
 
 SEPARATOR = -1
+# Positions (plus the n-gram depth and a short range) a device index addresses with int32; larger corpora are
+# split into parts of fewer positions (rdr_jax.decoding.substring_parts).
+DEVICE_POSITION_LIMIT = 2 ** 31 - 1
 # Ranges of at most this many suffixes are read directly instead of searched per vocabulary token.
 DEFAULT_SHORT_RANGE = 256
 
@@ -112,7 +117,7 @@ class SubstringIndex:
         if not 1 <= min_ngram <= max_ngram:
             raise ValueError(f"need 1 <= min_ngram ({min_ngram}) <= max_ngram ({max_ngram})")
         t0 = time.perf_counter()
-        views = [np.asarray(v, np.int64).reshape(-1) for v in views]
+        views = [token_ids(v) for v in views]
         view_passage = np.asarray(view_passage, np.int32)
         if len(views) != len(view_passage):
             raise ValueError(f"{len(views)} views but {len(view_passage)} passage rows")
@@ -142,20 +147,10 @@ class SubstringIndex:
                       max_ngram: int = 10, min_ngram: int = 1, batch_size: int = 10_000) -> "SubstringIndex":
         """MINDER's views of each passage (``{id, title, text}``): ``title``, ``body`` (the text) and, with
         ``pseudo_queries`` (passage id -> queries), ``query`` views, tokenised without special tokens."""
-        texts, rows = [], []
-        for row, p in enumerate(passages):
-            for view in views:
-                if view == "title" and (p.get("title") or "").strip():
-                    texts.append(p["title"]), rows.append(row)
-                elif view == "body":
-                    texts.append(p["text"]), rows.append(row)
-                elif view not in ("title", "body"):
-                    raise ValueError(f"unknown view {view!r}: title, body (and pseudo-queries as a mapping)")
-            for q in (pseudo_queries or {}).get(str(p["id"]), ()):
-                texts.append(q), rows.append(row)
-        ids = []
-        for start in range(0, len(texts), batch_size):
-            ids += tokenizer(texts[start:start + batch_size], add_special_tokens=False)["input_ids"]
+        rows, ids = [], []
+        for row, view in passage_views(passages, tokenizer, views=views, pseudo_queries=pseudo_queries,
+                                       batch_size=batch_size):
+            rows.append(row), ids.append(view)
         eos = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
         return cls.build(ids, rows, vocab_size=len(tokenizer), eos_token_id=eos, max_ngram=max_ngram,
                          min_ngram=min_ngram)
@@ -166,14 +161,24 @@ class SubstringIndex:
         return np.where(positions < len(self.tokens), self.tokens[np.minimum(positions, len(self.tokens) - 1)],
                         SEPARATOR)
 
+    def _token_at(self, depth: int):
+        """Suffix ``i`` -> its token at ``depth`` (SEPARATOR past the end): a key for :func:`bisect.bisect_left`."""
+        def at(i: int) -> int:
+            position = int(self.suffixes[i]) + depth
+            return int(self.tokens[position]) if position < len(self.tokens) else SEPARATOR
+        return at
+
     def range_of(self, ngram: Sequence[int]) -> tuple[int, int]:
-        """``[lo, hi)`` of the suffixes starting with ``ngram`` (empty when it occurs nowhere)."""
+        """``[lo, hi)`` of the suffixes starting with ``ngram`` (empty when it occurs nowhere). Scalar binary
+        searches (``log2 S`` reads per token) rather than a gathered column: at depth 0 the column would be the
+        whole corpus (gigabytes per query at 21M passages)."""
         if len(ngram) > self.max_ngram:
             raise ValueError(f"n-gram of {len(ngram)} tokens is longer than the index's max_ngram {self.max_ngram}")
         lo, hi = 0, len(self.suffixes)
         for depth, token in enumerate(ngram):
-            column = self._column(depth, lo, hi)
-            lo, hi = lo + int(np.searchsorted(column, token, "left")), lo + int(np.searchsorted(column, token, "right"))
+            key, suffixes = self._token_at(depth), range(lo, hi)
+            lo, hi = (lo + bisect.bisect_left(suffixes, int(token), key=key),
+                      lo + bisect.bisect_right(suffixes, int(token), key=key))
             if lo >= hi:
                 return lo, lo
         return lo, hi
@@ -209,9 +214,9 @@ class SubstringIndex:
     # ---- on disk: built once (21M passages), memory-mapped when loaded -----------------------------------
     ARRAYS = ("tokens", "suffixes", "view_starts", "view_passage")
 
-    def save(self, out_dir) -> Path:
-        """``out_dir/{tokens,suffixes,view_starts,view_passage}.npy`` + ``meta.json``, written to temporary names
-        and renamed, meta last (a directory with ``meta.json`` is complete)."""
+    def save(self, out_dir, extra_meta: dict | None = None) -> Path:
+        """``out_dir/{tokens,suffixes,view_starts,view_passage}.npy`` + ``meta.json`` (plus ``extra_meta``),
+        written to temporary names and renamed, meta last (a directory with ``meta.json`` is complete)."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         for name in self.ARRAYS:
@@ -221,7 +226,8 @@ class SubstringIndex:
         meta = {"kind": "substring_index", "vocab_size": self.vocab_size, "eos_token_id": self.eos_token_id,
                 "max_ngram": self.max_ngram, "min_ngram": self.min_ngram, "num_tokens": int(len(self.tokens)),
                 "num_suffixes": int(len(self.suffixes)), "num_views": int(len(self.view_passage)),
-                "num_passages": int(self.view_passage.max(initial=-1)) + 1, "build_seconds": self.build_seconds}
+                "num_passages": int(self.view_passage.max(initial=-1)) + 1, "build_seconds": self.build_seconds,
+                **(extra_meta or {})}
         tmp = out / ".meta.json.tmp"
         tmp.write_text(json.dumps(meta, indent=1))
         os.replace(tmp, out / "meta.json")
@@ -241,6 +247,11 @@ class SubstringIndex:
                    max_ngram=meta["max_ngram"], min_ngram=meta["min_ngram"], build_seconds=meta["build_seconds"])
 
     @property
+    def num_suffixes(self) -> int:
+        """Indexed positions: the corpus size SEAL's n-gram frequencies divide by."""
+        return int(len(self.suffixes))
+
+    @property
     def nbytes(self) -> int:
         return int(self.tokens.nbytes + self.suffixes.nbytes + self.view_starts.nbytes + self.view_passage.nbytes)
 
@@ -251,8 +262,12 @@ class SubstringIndex:
         vocab_size = self.vocab_size if vocab_size is None else vocab_size
         if vocab_size < self.vocab_size:
             raise ValueError(f"vocab_size {vocab_size} is smaller than the index's {self.vocab_size}")
-        column0 = self._column(0, 0, len(self.suffixes))
-        root = np.searchsorted(column0, np.arange(vocab_size + 1), "left").astype(np.int32)
+        if len(self.tokens) + self.max_ngram + short_range + 2 > DEVICE_POSITION_LIMIT:
+            raise ValueError(f"SubstringIndex of {len(self.tokens):,} tokens: past the int32 positions of the device "
+                             f"index; build it in parts (substring_parts.PartitionedSubstringIndex)")
+        # the first column's lower bounds are the first tokens' cumulative counts (no [S] column gathered)
+        counts = np.bincount(self.tokens[self.tokens >= 0], minlength=vocab_size + 1)[:vocab_size + 1]
+        root = np.concatenate([[0], np.cumsum(counts)[:vocab_size]]).astype(np.int32)
         padded = np.concatenate([self.tokens, np.full(self.max_ngram + 1, SEPARATOR, np.int32)])
         return DeviceSubstringIndex(
             tokens=jnp.asarray(padded), suffixes=jnp.asarray(self.suffixes), root_bounds=jnp.asarray(root),
@@ -290,7 +305,7 @@ class DeviceSubstringIndex:
         high = jnp.broadcast_to(hi[..., None], hi.shape + targets.shape)
         last = self.suffixes.shape[0] - 1
         for _ in range(self.search_iterations):
-            mid = (low + high) // 2
+            mid = low + (high - low) // 2   # not (low + high) // 2: that overflows int32 past 2**30
             token = self.tokens[self.suffixes[jnp.minimum(mid, last)] + depth]
             smaller = (mid < high) & (token < targets)
             low = jnp.where(smaller, mid + 1, low)
@@ -362,3 +377,4 @@ class DeviceSubstringIndex:
         flat = jnp.minimum(flat, K * width - 1)
         pick = lambda a: jnp.take_along_axis(a.reshape(B, K * width), flat, axis=1)
         return top_scores, flat // width, pick(tokens), (pick(child_lo), pick(child_hi))
+

@@ -32,14 +32,15 @@ from tqdm import tqdm
 
 from rdr_jax.decoding.identifiers import PassageIdentifiers, read_identifier_tsv
 from rdr_jax.decoding.ngram_passages import CorpusNgrams
-from rdr_jax.decoding.substring_index import SubstringIndex
+from rdr_jax.decoding.corpus_views import passage_views
+from rdr_jax.decoding.substring_parts import DEFAULT_PART_POSITIONS, build_parts
 
 IDENTIFIERS_TSV = "identifiers.tsv"
 
 
 class GenerativeRetriever:
     """A seq2seq model, its tokenizer and the passage identifiers (whole identifiers in a trie, or every corpus
-    n-gram: :class:`~rdr_jax.decoding.substring_index.CorpusNgrams`), searched in fixed-shape batches (the last
+    n-gram: :class:`~rdr_jax.decoding.ngram_passages.CorpusNgrams`), searched in fixed-shape batches (the last
     batch is padded, so one compiled search serves every batch)."""
 
     def __init__(self, model, tokenizer, identifiers: PassageIdentifiers | CorpusNgrams, *, num_beams: int = 10,
@@ -75,7 +76,7 @@ def load_generative_retriever(model_dir: str | os.PathLike, identifiers: str | o
                               dtype: str = "float32", tokenizer_dir: str | os.PathLike | None = None,
                               ngram_index: str | os.PathLike | None = None, passages=None, ngram_top_k: int = 100,
                               max_ngram: int = 10, pseudo_queries: dict | None = None,
-                              **kwargs) -> GenerativeRetriever:
+                              ngram_part_positions: int = DEFAULT_PART_POSITIONS, **kwargs) -> GenerativeRetriever:
     """A trained retriever directory (model + tokenizer, as the generative tasks export it); identifiers from
     the TSV given, else ``MODEL_DIR/identifiers.tsv``. With ``ngram_index`` (a directory) every corpus n-gram is
     an identifier: the index there is loaded, or built from ``passages`` (title and body views, plus
@@ -95,7 +96,8 @@ def load_generative_retriever(model_dir: str | os.PathLike, identifiers: str | o
         raise ValueError(f"--model {model_dir}: is a {type(model).__name__}, not a T5/BART generation model")
     if ngram_index is not None:
         ngrams = load_or_build_ngrams(ngram_index, tokenizer, passages, max_ngram=max_ngram,
-                                      pseudo_queries=pseudo_queries, top_k=ngram_top_k)
+                                      pseudo_queries=pseudo_queries, top_k=ngram_top_k,
+                                      part_positions=ngram_part_positions)
         return GenerativeRetriever(model, tokenizer, ngrams, **kwargs)
     if identifiers is None:
         identifiers = Path(model_dir) / IDENTIFIERS_TSV
@@ -109,9 +111,12 @@ def load_generative_retriever(model_dir: str | os.PathLike, identifiers: str | o
 
 
 def load_or_build_ngrams(index_dir: str | os.PathLike, tokenizer, passages=None, *, max_ngram: int = 10,
-                         pseudo_queries: dict | None = None, top_k: int = 100) -> CorpusNgrams:
+                         pseudo_queries: dict | None = None, top_k: int = 100,
+                         part_positions: int = DEFAULT_PART_POSITIONS) -> CorpusNgrams:
     """The corpus n-gram index in ``index_dir``, built there from ``passages`` (``{id, title, text}``) when the
-    directory holds none yet (logged: at 21M passages this is the long step, done once)."""
+    directory holds none yet (logged: at 21M passages this is the long step, done once), streamed into parts
+    of at most ``part_positions`` token positions (:mod:`rdr_jax.decoding.substring_parts`); a stopped build
+    rerun keeps the parts it finished."""
     import logging
 
     index_dir = Path(index_dir)
@@ -125,10 +130,12 @@ def load_or_build_ngrams(index_dir: str | os.PathLike, tokenizer, passages=None,
         raise ValueError(f"--ngram-index {index_dir}: no index there yet, and no passages to build it from")
     passages = list(passages.values()) if isinstance(passages, Mapping) else list(passages)
     logging.getLogger(__name__).info("building the n-gram index of %d passages into %s", len(passages), index_dir)
-    index = SubstringIndex.from_passages(passages, tokenizer, pseudo_queries=pseudo_queries, max_ngram=max_ngram)
-    ngrams = CorpusNgrams(index, [p["id"] for p in passages], top_k=top_k)
-    ngrams.save(index_dir)
-    return ngrams
+    ids = [p["id"] for p in passages]
+    CorpusNgrams.save_passage_ids(index_dir, ids)   # before the parts: meta.json, written last, marks it complete
+    views = passage_views(passages, tokenizer, pseudo_queries=pseudo_queries)
+    index = build_parts(views, index_dir, vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
+                        max_ngram=max_ngram, max_part_positions=part_positions)
+    return CorpusNgrams(index, ids, top_k=top_k)
 
 
 def _passages_of(ranked: Sequence[Sequence[tuple[str, float]]], passages: Iterable[dict] | Mapping[str, dict],

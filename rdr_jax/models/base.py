@@ -262,7 +262,7 @@ def _load_parameter(rules: list[mapping.Rule], sources, shape: tuple[int, ...], 
     slice read and copied on its own."""
     handles: dict = {}
     try:
-        if sharding is None and plain_transpose(rules, sources):
+        if sharding is None and plain_transpose(rules, sources, param_dtype):
             return jnp.asarray(parameter_region(rules, sources, shape, None, handles), dtype=param_dtype)
         if sharding is None:
             return jax.device_put(read_parameter(rules, sources, shape, param_dtype))

@@ -284,7 +284,7 @@ def owned_copy(region: np.ndarray, dtype) -> np.ndarray:
 
 
 # Bytes of a tensor read per step into a thread's scratch buffer when it is transposed or cast; and rows of a
-# kernel transposed per block (64 rows of a bert-base kernel: 3x faster than numpy's whole-array transposed copy).
+# kernel transposed per block (64 rows of a bert-base kernel: 2.6x faster than numpy's whole-array transposed copy).
 READ_BLOCK_BYTES = 4 << 20
 TRANSPOSE_ROWS = 64
 
@@ -351,7 +351,7 @@ _THREAD = threading.local()
 
 def _scratch(name: str, size: int, dtype) -> np.ndarray:
     """This thread's scratch block ``name``, at least ``size`` elements of ``dtype``: mapped once per thread and
-    reused for every tensor it reads (a fresh map per tensor faulted its pages in again: +40% CPU time on a
+    reused for every tensor it reads (a fresh map per tensor faulted its pages in again: +50% CPU time on a
     bert-base bf16 load), apart from the heap (from malloc, blocks freed between the parameters' buffers leave
     holes that the process keeps resident: +30 MB measured with rdr_jax's malloc settings and 2 threads).
     Released with the thread (the loader's pool threads end with the load)."""

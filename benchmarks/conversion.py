@@ -91,12 +91,17 @@ def run(opts: C.Options) -> list[C.Result]:
     summary = {f"{side}_{key}": med(side, key) for side in runs for key in runs[side][0]}
     summary.update(checkpoint_mb=size_mb, runs=repeats)
     what = "tiny" if opts.quick else "bert-base"
+    for side in runs:  # the load's own memory: the peak over the process's resident size after its imports
+        base = summary[f"{side}_rss_after_import_mb"]
+        summary[f"{side}_load_rss_mb"] = summary[f"{side}_peak_rss_after_load_mb"] - base
+        summary[f"{side}_touched_rss_mb"] = summary[f"{side}_peak_rss_after_touch_mb"] - base
     load_notes = (f"{what} {size_mb:.0f} MB safetensors; peak RSS {summary['jax_peak_rss_after_load_mb']:.0f} vs "
                   f"{summary['torch_peak_rss_after_load_mb']:.0f} MB (after import "
-                  f"{summary['jax_rss_after_import_mb']:.0f} vs {summary['torch_rss_after_import_mb']:.0f}); "
+                  f"{summary['jax_rss_after_import_mb']:.0f} vs {summary['torch_rss_after_import_mb']:.0f}: the load "
+                  f"adds {summary['jax_load_rss_mb']:.0f} vs {summary['torch_load_rss_mb']:.0f}); "
                   f"transformers' load maps the file without reading it: reading every weight once more takes "
                   f"{1000 * summary['torch_touch_s']:.0f} ms, peak RSS then "
-                  f"{summary['torch_peak_rss_after_touch_mb']:.0f} MB")
+                  f"{summary['torch_peak_rss_after_touch_mb']:.0f} MB (+{summary['torch_touched_rss_mb']:.0f})")
     save_notes = (f"peak RSS {summary['jax_peak_rss_after_save_mb']:.0f} vs "
                   f"{summary['torch_peak_rss_after_save_mb']:.0f} MB (load + save process)")
     return [C.Result(f"conversion: load {what} HF checkpoint", 1000 * summary["jax_load_s"],

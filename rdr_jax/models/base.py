@@ -25,7 +25,8 @@ from tqdm.auto import tqdm
 from rdr_jax.convert import mapping
 from rdr_jax.convert.hf_io import (VOCABULARY_FILES, CheckpointError, copy_tokenizer_files, has_tokenizer_files,
                                    resolve_model_dir, write_safetensors)
-from rdr_jax.convert.slices import as_source, close_handles, open_checkpoint, owned_copy, parameter_region
+from rdr_jax.convert.slices import (as_source, close_handles, open_checkpoint, owned_copy, parameter_region,
+                                    plain_transpose, read_parameter)
 from rdr_jax.models.config import ModelConfig, read_config_json
 from rdr_jax.models.layers import CHECKPOINTED
 from rdr_jax.models.sharding import LOGICAL_AXIS_RULES, variable_sharding
@@ -255,13 +256,16 @@ def _save_orbax(model: nnx.Module, path: Path) -> None:
 
 def _load_parameter(rules: list[mapping.Rule], sources, shape: tuple[int, ...], param_dtype,
                     sharding: NamedSharding | None) -> jax.Array:
-    """One parameter from its checkpoint tensor(s): whole onto the default device (``jnp.asarray`` copies and
-    transposes straight from the file's memory map), or with ``sharding`` each addressable device's slice read
-    and copied on its own."""
+    """One parameter from its checkpoint tensor(s), one copy each: whole onto the default device (a kernel
+    transposed by ``jnp.asarray`` from the file's memory map; anything else read into its own aligned host
+    buffer, which the CPU backend adopts as the device buffer), or with ``sharding`` each addressable device's
+    slice read and copied on its own."""
     handles: dict = {}
     try:
-        if sharding is None:
+        if sharding is None and plain_transpose(rules, sources, param_dtype):
             return jnp.asarray(parameter_region(rules, sources, shape, None, handles), dtype=param_dtype)
+        if sharding is None:
+            return jax.device_put(read_parameter(rules, sources, shape, param_dtype))
         return jax.make_array_from_callback(
             shape, sharding, lambda index: owned_copy(parameter_region(rules, sources, shape, index, handles),
                                                       param_dtype))

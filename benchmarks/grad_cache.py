@@ -94,7 +94,7 @@ def run(opts: C.Options) -> list[C.Result]:
     """``python -m benchmarks grad_cache``: MiniLM-size (or, with --quick, tiny) encoders; the step times are of
     one call each on this machine's devices."""
     if opts.quick:
-        init, batch, factor, lq, lp = model_init(32, 1, 4), 2, 8, 8, 16
+        init, batch, factor, lq, lp = model_init(32, 1, 4), 2, 4, 8, 16   # a smoke run of the code path
     else:
         init, batch, factor, lq, lp = model_init(384, 6, 12), 8, 8, 32, 128
     rows = compare(opts.workdir, batch, factor, init, "float32", lq, lp, time_it=True)

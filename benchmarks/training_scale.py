@@ -360,7 +360,8 @@ def run(opts):
     """``python -m benchmarks training_scale``: a small run (``--quick``: smaller still); rows in MiB."""
     from benchmarks import common as C
 
-    quick = ["--questions", "2000", "--passages", "200000", "--steps", "1"] if opts.quick else \
+    # --quick: a smoke run of every leg's code path (the test suite runs it), sizes too small to extrapolate from
+    quick = ["--questions", "1000", "--passages", "100000", "--steps", "1", "--triples", "20000"] if opts.quick else \
         ["--questions", "20000", "--passages", "1000000"]
     report = main(quick + ["--workdir", str(opts.workdir / "training_scale"), "--skip", "dpr"])
     r = report["rdr"]

@@ -24,7 +24,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from benchmarks.training_scale import NQ_PASSAGES, PROCESSES_PER_NODE, write_encoding
+from benchmarks.training_scale import NQ_PASSAGES, PROCESSES_PER_NODE, emit, write_encoding
 
 CHILD = textwrap.dedent("""
     import json, sys, time
@@ -84,10 +84,7 @@ def main(argv=None) -> dict:
               "nq_host_s": round(r["host_s"] * scale, 1),
               "nq_device_per_evaluation_s_8_processes": round(r["device_s"] * scale / PROCESSES_PER_NODE, 1),
               "nq_device_load_once_s_8_processes": round(r["device_load_s"] * scale / PROCESSES_PER_NODE, 1)}
-    print(json.dumps(report, indent=1))
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=1) + "\n")
-    return report
+    return emit(report, args.json)
 
 
 if __name__ == "__main__":

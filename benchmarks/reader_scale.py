@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -24,9 +23,9 @@ from pathlib import Path
 import numpy as np
 
 try:
-    from benchmarks.training_scale import NQ_QUESTIONS, PROCESSES_PER_NODE, WORDS, gib, measure
+    from benchmarks.training_scale import NQ_QUESTIONS, PROCESSES_PER_NODE, WORDS, code_and_env, emit, gib, measure
 except ImportError:   # run as a script from another checkout (a "before"): its own directory is on sys.path
-    from training_scale import NQ_QUESTIONS, PROCESSES_PER_NODE, WORDS, gib, measure
+    from training_scale import NQ_QUESTIONS, PROCESSES_PER_NODE, WORDS, code_and_env, emit, gib, measure
 
 
 def write_results(path: Path, questions: int, ctxs: int, words: int, seed: int = 3) -> Path:
@@ -62,9 +61,7 @@ def main(argv=None) -> dict:
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     work = args.workdir
-    work.mkdir(parents=True, exist_ok=True)
-    code = os.environ.get("PYTHONPATH", "").split(os.pathsep)[0] or str(Path(__file__).resolve().parents[1])
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=code)
+    code, env = code_and_env(work)
     config = Path(code) / "rdr_jax" / "configs" / "tiny" / "reader.yaml"
     few = max(100, args.questions // 4)
     report = {"code": code, "questions": args.questions, "ctxs": args.ctxs, "words": args.words}
@@ -89,10 +86,7 @@ def main(argv=None) -> dict:
         report[leg] = {"setup_bytes_per_question": round(per_question, 1),
                        "nq_setup_over_baseline_per_process_gib": gib(nq),
                        "nq_setup_over_baseline_per_node_gib": gib(nq * PROCESSES_PER_NODE)}
-    print(json.dumps(report, indent=1))
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=1) + "\n")
-    return report
+    return emit(report, args.json)
 
 
 if __name__ == "__main__":

@@ -238,6 +238,22 @@ def gib(n: float) -> float:
     return round(n / 2**30, 3)
 
 
+def code_and_env(workdir: Path) -> tuple[str, dict]:
+    """(the checkout measured: the first PYTHONPATH entry, else this one; the environment its subprocesses get),
+    with ``workdir`` created. A "before" run points PYTHONPATH at another checkout."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    code = os.environ.get("PYTHONPATH", "").split(os.pathsep)[0] or str(Path(__file__).resolve().parents[1])
+    return code, dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=code)
+
+
+def emit(report: dict, json_path: Path | None) -> dict:
+    """Print the report (and write it to ``json_path``); returns it."""
+    print(json.dumps(report, indent=1))
+    if json_path:
+        json_path.write_text(json.dumps(report, indent=1) + "\n")
+    return report
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--questions", type=int, default=60_000)
@@ -254,9 +270,7 @@ def main(argv=None) -> dict:
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     work = args.workdir
-    work.mkdir(parents=True, exist_ok=True)
-    code = os.environ.get("PYTHONPATH", "").split(os.pathsep)[0] or str(Path(__file__).resolve().parents[1])
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=code)
+    code, env = code_and_env(work)
     report = {"code": code, "questions": args.questions, "passages": args.passages, "dim": args.dim,
               "top_k": args.top_k}
     t0 = time.perf_counter()
@@ -320,7 +334,7 @@ def main(argv=None) -> dict:
             prepared = sum(f.stat().st_size for f in (run_dir / "data_cache").rglob("*") if f.is_file())
             dpr_runs[q] = (r, dpr.stat().st_size, prepared)
             print(f"[training_scale] dpr {q} questions: {json.dumps(r)}", file=sys.stderr)
-        (r, size, prepared), (r_few, _, prepared_few) = dpr_runs[args.questions], dpr_runs[few]
+        (r, size, prepared), (_, _, prepared_few) = dpr_runs[args.questions], dpr_runs[few]
         own = {q: x[0]["setup"]["VmHWM"] - x[0]["baseline"]["VmHWM"] for q, x in dpr_runs.items()}
         per_question = max(0.0, (own[args.questions] - own[few]) / (args.questions - few))
         prepared_per_question = prepared / args.questions
@@ -350,10 +364,7 @@ def main(argv=None) -> dict:
         report["dev_search"] = {"peak_gib": gib(r["search"]["VmHWM"]), "baseline_gib": gib(r["baseline"]["VmHWM"]),
                                 "rss_file_gib": gib(r["search"].get("RssFile", 0)),
                                 "seconds": round(r["search_s"], 1), "queries": args.dev_queries}
-    print(json.dumps(report, indent=1))
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=1) + "\n")
-    return report
+    return emit(report, args.json)
 
 
 def run(opts):

@@ -221,6 +221,25 @@ def packing_collectives(mesh) -> dict[str, int]:
     return counts
 
 
+def process_shards(make_iterator, count: int) -> list:
+    """``count`` iterators from ``make_iterator()``, iterator ``i`` set to process shard ``i`` of ``count``."""
+    parts = [make_iterator() for _ in range(count)]
+    for i, it in enumerate(parts):
+        it.set_shard(i, count)
+    return parts
+
+
+def assert_blocks_are_batches(parts: list, batches: list[dict]) -> list[dict]:
+    """For each of ``batches`` (the 1-process ones, in order): the next block of every process shard in
+    ``parts``, put together in process order, equals it, every field. Returns the last blocks."""
+    blocks = []
+    for want in batches:
+        blocks = [next(it) for it in parts]
+        for key in want:
+            np.testing.assert_array_equal(np.concatenate([b[key] for b in blocks]), want[key], err_msg=key)
+    return blocks
+
+
 def assert_resumes(iterator, state: dict, batches: list[dict], end_state: dict) -> None:
     """``iterator`` set to ``state`` hands out exactly ``batches`` (every field, array-equal), then is at
     ``end_state``; closed afterwards (it may run grain workers)."""

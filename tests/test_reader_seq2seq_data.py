@@ -111,13 +111,8 @@ def test_reader_prepared_batches_resume_and_split_like_the_whole_read(results_fi
     assert isinstance(d.examples, RecordFile) and len(d) == len(whole_read) == 22
     ref = EpochIterator(len(d), 6, 2, whole_read.make_batch)
     batches = [next(ref) for _ in range(5)]                    # crosses an epoch (22 examples, batches of 6)
-    parts = [EpochIterator(len(d), 6, 2, d.make_batch) for _ in range(2)]
-    for i, it in enumerate(parts):
-        it.set_shard(i, 2)
-    for expected in batches:
-        blocks = [next(it) for it in parts]
-        for key in expected:
-            np.testing.assert_array_equal(np.concatenate([b[key] for b in blocks]), expected[key], err_msg=key)
+    harness.assert_blocks_are_batches(harness.process_shards(lambda: EpochIterator(len(d), 6, 2, d.make_batch), 2),
+                                      batches)
     resumed = EpochIterator(len(d), 6, 2, d.make_batch, workers=2)     # batches built by 2 grain processes
     resumed.set_state({"epoch": 0, "position": 12})
     for want in batches[2:]:
@@ -158,15 +153,9 @@ def test_seq2seq_index_holds_rows_not_the_corpus_and_reads_questions_by_index(in
 def test_seq2seq_index_process_blocks_are_the_one_process_batch_and_resume(indexing, count):
     whole, prepared = indexing
     ref = MixedIterator(whole, 4, 2, 5, True)        # blocks of 3 (2 processes): indexing rows, then mixed
-    parts = [MixedIterator(prepared, 4, 2, 5, True) for _ in range(count)]
-    for i, it in enumerate(parts):
-        it.set_shard(i, count)
-    batches = []
-    for _ in range(4):
-        batches.append(next(ref))
-        blocks = [next(it) for it in parts]
-        for key in batches[-1]:
-            np.testing.assert_array_equal(np.concatenate([b[key] for b in blocks]), batches[-1][key], err_msg=key)
+    parts = harness.process_shards(lambda: MixedIterator(prepared, 4, 2, 5, True), count)
+    batches = [next(ref) for _ in range(4)]
+    blocks = harness.assert_blocks_are_batches(parts, batches)
     assert [b["is_query"].sum() for b in blocks] == ([0, 2] if count == 2 else [0, 0, 2])
     state = ref.get_state()
     assert set(state) == {"index", "query"} and parts[-1].get_state() == state

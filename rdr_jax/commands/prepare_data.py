@@ -57,9 +57,8 @@ def formats() -> dict:
     """{format: convert(raw JSON record, where) -> record | None}: formats made record by record."""
     from rdr_jax.data.dpr_data import FORMAT as DPR, dpr_record
     from rdr_jax.data.indexing_data import FORMAT as SEQ2SEQ_INDEX, query_record
-    from rdr_jax.data.reader_data import FORMAT as READER, reader_record
 
-    return {DPR: dpr_record, READER: reader_record, SEQ2SEQ_INDEX: query_record}
+    return {DPR: dpr_record, SEQ2SEQ_INDEX: query_record}   # the reader's, with its cap, is in streams()
 
 
 def streams() -> dict:

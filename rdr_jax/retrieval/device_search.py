@@ -71,6 +71,24 @@ def merge_top_k(scores: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarra
     return np.take_along_axis(scores, order, -1), np.take_along_axis(rows, order, -1)
 
 
+def merge_across_processes(scores: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every process's ``(scores, rows) [n, k]`` of the same ``n`` queries gathered and merged into the best ``k``
+    (:func:`merge_top_k`); the same on every process. A collective: every process must call it."""
+    from jax.experimental import multihost_utils
+
+    gathered_s, gathered_r = multihost_utils.process_allgather((scores, rows))  # [processes, n, k]
+    scores = np.moveaxis(np.asarray(gathered_s), 0, 1).reshape(len(scores), -1)
+    rows = np.moveaxis(np.asarray(gathered_r), 0, 1).reshape(len(rows), -1)
+    return merge_top_k(scores, rows, k)
+
+
+def concatenate_results(parts: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """``iter_search``'s blocks as one ``(scores, rows)``, ``[0, k]`` arrays when there were no queries."""
+    if not parts:
+        return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
+    return np.concatenate([s for s, _ in parts]), np.concatenate([r for _, r in parts])
+
+
 class DeviceSearch:
     """Exact top-k inner-product search over an encoding directory, held on the local devices.
 
@@ -216,21 +234,13 @@ class DeviceSearch:
             scores, rows = fn(self.embeddings, jax.device_put(padded, replicated))
             scores, rows = np.asarray(scores)[:len(chunk)], np.asarray(rows)[:len(chunk)].astype(np.int64)
             if self.process_count > 1 and merge_processes:
-                from jax.experimental import multihost_utils
-
-                scores, rows = multihost_utils.process_allgather((scores, rows))  # [processes, n, k]
-                scores = np.moveaxis(scores, 0, 1).reshape(len(chunk), -1)
-                rows = np.moveaxis(rows, 0, 1).reshape(len(chunk), -1)
-                scores, rows = merge_top_k(scores, rows, k)
+                scores, rows = merge_across_processes(scores, rows, k)
             yield scores, rows
 
     def search(self, queries: np.ndarray, k: int, *, progress: bool = False, merge_processes: bool = True
                ) -> tuple[np.ndarray, np.ndarray]:
         parts = list(self.iter_search(queries, k, progress=progress, merge_processes=merge_processes))
-        k = min(k, self.num_rows)
-        if not parts:
-            return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
-        return np.concatenate([s for s, _ in parts]), np.concatenate([r for _, r in parts])
+        return concatenate_results(parts, min(k, self.num_rows))
 
 
 def _read_rows(files, first: int, out: np.ndarray) -> None:

@@ -24,7 +24,8 @@ import numpy as np
 from tqdm import tqdm
 
 from rdr_jax.retrieval.dev_recall import exact_top_k_scores
-from rdr_jax.retrieval.device_search import DeviceSearch, merge_top_k, process_rows
+from rdr_jax.retrieval.device_search import (DeviceSearch, concatenate_results, merge_across_processes,
+                                             process_rows)
 
 
 class ProcessRows:
@@ -138,17 +139,9 @@ class SplitSearch:
                        disable=not progress):
             scores, rows = self._local_top_k(queries[q0:q0 + self.query_block], k)
             if jax.process_count() > 1:
-                from jax.experimental import multihost_utils
-
-                gathered_s, gathered_r = multihost_utils.process_allgather((scores, rows))  # [processes, n, k]
-                scores = np.moveaxis(np.asarray(gathered_s), 0, 1).reshape(len(scores), -1)
-                rows = np.moveaxis(np.asarray(gathered_r), 0, 1).reshape(len(rows), -1)
-                scores, rows = merge_top_k(scores, rows, k)
+                scores, rows = merge_across_processes(scores, rows, k)
             yield scores, rows
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         k = min(k, self.num_rows)
-        parts = list(self.iter_search(queries, k))
-        if not parts:
-            return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
-        return np.concatenate([s for s, _ in parts]), np.concatenate([r for _, r in parts])
+        return concatenate_results(list(self.iter_search(queries, k)), k)
